@@ -1,0 +1,1 @@
+//! The root package holds only the workspace's end-to-end tests and benchmarks.
