@@ -1,0 +1,1086 @@
+//! The per-shard CoAP endpoint: message layer (RFC 7252), deduplication, Block1 reassembly
+//! (RFC 7959), No-Response (RFC 7967), routing and payload decoding.
+//!
+//! Sans-IO: [`Endpoint::handle`] takes one datagram, the peer and the current time, appends
+//! readings to the caller's buffer, writes the datagram to send into the caller's buffer and says
+//! what to do with them ([`Outcome`]).
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use ahash::RandomState;
+use coap_lite::{CoapOption, MessageClass, MessageType, Packet, ResponseType};
+
+use crate::batch::BatchDecoder;
+use crate::{senml, DecodeError, Reading};
+use crate::{CONTENT_FORMAT_RKYV_BATCH, CONTENT_FORMAT_SENML_CBOR, CONTENT_FORMAT_SENML_JSON};
+
+/// Link-format description of the resources (RFC 6690), the `/.well-known/core` payload.
+pub const WELL_KNOWN_CORE: &str = "</t>;rt=\"sluice.ingest\";ct=\"110 112 65362\"";
+
+/// Content-Format of application/link-format.
+const CONTENT_FORMAT_LINK_FORMAT: u16 = 40;
+
+/// Longest device id, in bytes.
+pub const DEVICE_ID_BYTES_MAX: usize = 64;
+
+/// Longest diagnostic payload, in bytes: keeps error responses well inside one small datagram.
+pub const DIAGNOSTIC_BYTES_MAX: usize = 127;
+
+/// Max-Age of the 5.03 sent when every Block1 reassembly slot is busy: slots free up as transfers
+/// finish, so a short back-off is enough.
+pub const BLOCK1_BUSY_MAX_AGE_S: u32 = 5;
+
+/// No-Response (RFC 7967) bits.
+const NO_RESPONSE_2XX: u8 = 0x02;
+const NO_RESPONSE_4XX: u8 = 0x08;
+const NO_RESPONSE_5XX: u8 = 0x10;
+
+/// Option numbers (RFC 7252 §12.2, RFC 7959, RFC 7967).
+mod option {
+    pub const URI_HOST: u16 = 3;
+    pub const OBSERVE: u16 = 6;
+    pub const URI_PORT: u16 = 7;
+    pub const URI_PATH: u16 = 11;
+    pub const CONTENT_FORMAT: u16 = 12;
+    pub const MAX_AGE: u16 = 14;
+    pub const URI_QUERY: u16 = 15;
+    pub const ACCEPT: u16 = 17;
+    pub const BLOCK2: u16 = 23;
+    pub const BLOCK1: u16 = 27;
+    pub const SIZE2: u16 = 28;
+    pub const PROXY_URI: u16 = 35;
+    pub const PROXY_SCHEME: u16 = 39;
+    pub const SIZE1: u16 = 60;
+    pub const NO_RESPONSE: u16 = 258;
+}
+
+const CODE_GET: u8 = 0x01;
+const CODE_POST: u8 = 0x02;
+
+/// Limits and lifetimes of one endpoint (one shard).
+#[derive(Clone, Debug)]
+pub struct EndpointConfig {
+    /// Bound of the (peer, Message ID) table: 65 536 entries of ~100 bytes is a few MiB per shard
+    /// and covers 265 requests/s per shard for a full EXCHANGE_LIFETIME.
+    pub dedup_entries_max: usize,
+    /// How long a CON exchange is remembered (RFC 7252 EXCHANGE_LIFETIME, 247 s).
+    pub exchange_lifetime: Duration,
+    /// How long a NON exchange is remembered (RFC 7252 NON_LIFETIME, 145 s).
+    pub non_lifetime: Duration,
+    /// Largest payload of a single datagram (16 KiB); above gets 4.13 with Size1.
+    pub datagram_payload_bytes_max: usize,
+    /// Largest Block1-reassembled body (1 MiB); above gets 4.13 with Size1.
+    pub body_bytes_max: usize,
+    /// Concurrent Block1 reassemblies (1024): bounds memory at 1024 × body_bytes_max worst case.
+    pub block1_transfers_max: usize,
+    /// Inactivity after which a Block1 reassembly is dropped (60 s).
+    pub block1_timeout: Duration,
+    /// Most readings one request may carry (10 000); above gets 4.13.
+    pub readings_per_request_max: usize,
+}
+
+impl Default for EndpointConfig {
+    fn default() -> Self {
+        Self {
+            dedup_entries_max: 65_536,
+            exchange_lifetime: Duration::from_secs(247),
+            non_lifetime: Duration::from_secs(145),
+            datagram_payload_bytes_max: 16 * 1024,
+            body_bytes_max: 1024 * 1024,
+            block1_transfers_max: 1024,
+            block1_timeout: Duration::from_secs(60),
+            readings_per_request_max: 10_000,
+        }
+    }
+}
+
+/// An exchange whose readings await their commit.
+#[derive(Debug, Clone)]
+pub struct Exchange {
+    pub peer: SocketAddr,
+    pub message_id: u16,
+    pub device: String,
+}
+
+/// What the caller does with a handled datagram.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Nothing to send (e.g. an ACK/RST from the peer, a silently rejected malformed datagram, a
+    /// duplicate of an exchange whose commit is still pending). `response` is empty.
+    Ignore,
+    /// Send `response` now; nothing to store.
+    Reply,
+    /// Readings were appended to `readings` for `exchange.device`; `response` holds the 2.04 to
+    /// send once the commit covering them succeeded (then call [`Endpoint::committed`]). An empty
+    /// `response` (NON with No-Response) means nothing is sent.
+    Store(Exchange),
+}
+
+/// Monotonically increasing counters of one endpoint.
+#[derive(Debug, Default, Clone)]
+pub struct Counters {
+    pub datagrams: u64,
+    pub requests: u64,
+    pub readings: u64,
+    pub duplicates: u64,
+    /// Silently dropped or RST-rejected datagrams.
+    pub malformed: u64,
+    pub pings: u64,
+    pub resets_received: u64,
+    pub bad_request: u64,
+    pub unauthorized: u64,
+    /// 4.02 Bad Option.
+    pub bad_option: u64,
+    pub forbidden: u64,
+    pub not_found: u64,
+    pub method_not_allowed: u64,
+    pub incomplete: u64,
+    pub too_large: u64,
+    pub unsupported_format: u64,
+    pub unavailable: u64,
+    /// 5.05 Proxying Not Supported.
+    pub proxying_not_supported: u64,
+    pub block1_continues: u64,
+    pub block1_timeouts: u64,
+    pub dedup_evictions: u64,
+}
+
+type DedupKey = (SocketAddr, u16);
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum DedupState {
+    /// Stored, commit pending: duplicates are ignored.
+    Pending,
+    /// Answered: duplicate CONs get `response` again.
+    Done,
+}
+
+struct DedupEntry {
+    sequence: u64,
+    inserted: Instant,
+    confirmable: bool,
+    state: DedupState,
+    token: [u8; 8],
+    token_len: u8,
+    no_response: u8,
+    response: Vec<u8>,
+}
+
+/// Insertion-ordered expiry queue item; stale when the entry's sequence differs.
+struct QueueItem {
+    inserted: Instant,
+    key: DedupKey,
+    sequence: u64,
+}
+
+struct Transfer {
+    body: Vec<u8>,
+    content_format: Option<u16>,
+    last_activity: Instant,
+}
+
+/// The request fields the response depends on.
+struct Request<'a> {
+    confirmable: bool,
+    message_id: u16,
+    token: &'a [u8],
+    no_response: u8,
+}
+
+/// What processing a (non-duplicate) request decided.
+enum Answer {
+    /// RST for a CON, nothing for a NON (counted as malformed).
+    Reject,
+    Error {
+        code: ResponseType,
+        diagnostic: String,
+        size1: Option<u32>,
+        max_age_s: Option<u32>,
+    },
+    Continue {
+        block1: u32,
+    },
+    WellKnownCore,
+    Store {
+        device: String,
+        readings: usize,
+        block1: Option<u32>,
+    },
+}
+
+fn error(code: ResponseType, diagnostic: impl Into<String>) -> Answer {
+    Answer::Error {
+        code,
+        diagnostic: diagnostic.into(),
+        size1: None,
+        max_age_s: None,
+    }
+}
+
+fn too_large(diagnostic: impl Into<String>, size1: usize) -> Answer {
+    Answer::Error {
+        code: ResponseType::RequestEntityTooLarge,
+        diagnostic: diagnostic.into(),
+        size1: Some(u32::try_from(size1).unwrap_or(u32::MAX)),
+        max_age_s: None,
+    }
+}
+
+/// The sans-IO CoAP endpoint of one shard.
+pub struct Endpoint {
+    config: EndpointConfig,
+    counters: Counters,
+    dedup: HashMap<DedupKey, DedupEntry, RandomState>,
+    /// CON entries in insertion order (so also in expiry order).
+    con_queue: VecDeque<QueueItem>,
+    /// NON entries in insertion order.
+    non_queue: VecDeque<QueueItem>,
+    next_sequence: u64,
+    next_message_id: u16,
+    transfers: HashMap<(SocketAddr, String), Transfer, RandomState>,
+    /// No Block1 transfer times out before this instant.
+    transfers_next_check: Option<Instant>,
+    batch_decoder: BatchDecoder,
+}
+
+impl Endpoint {
+    pub fn new(config: EndpointConfig) -> Self {
+        let hasher = RandomState::new();
+        // RFC 7252 §4.4: start Message IDs at a random value.
+        let next_message_id = hasher.hash_one(0x5eed_u32) as u16;
+        Self {
+            config,
+            counters: Counters::default(),
+            dedup: HashMap::with_hasher(hasher.clone()),
+            con_queue: VecDeque::new(),
+            non_queue: VecDeque::new(),
+            next_sequence: 0,
+            next_message_id,
+            transfers: HashMap::with_hasher(hasher),
+            transfers_next_check: None,
+            batch_decoder: BatchDecoder::new(),
+        }
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    pub fn dedup_len(&self) -> usize {
+        self.dedup.len()
+    }
+
+    /// Block1 reassemblies in progress.
+    pub fn block1_transfers_len(&self) -> usize {
+        self.transfers.len()
+    }
+
+    /// Handles one datagram from `peer`. `identity`: the authenticated device id when the
+    /// datagram came over DTLS; None on plain CoAP. Clears `response` first. Never panics.
+    #[allow(clippy::too_many_arguments)]
+    pub fn handle(
+        &mut self,
+        now: Instant,
+        unix_now: f64,
+        peer: SocketAddr,
+        identity: Option<&str>,
+        datagram: &[u8],
+        readings: &mut Vec<Reading>,
+        response: &mut Vec<u8>,
+    ) -> Outcome {
+        response.clear();
+        self.counters.datagrams += 1;
+        if datagram.len() < 4 || datagram[0] >> 6 != 1 {
+            // Too short to answer, or a version we do not know: silently ignored (RFC 7252 §3).
+            self.counters.malformed += 1;
+            return Outcome::Ignore;
+        }
+        let message_type = (datagram[0] >> 4) & 0x3;
+        let token_length = usize::from(datagram[0] & 0x0f);
+        let code = datagram[1];
+        let message_id = u16::from_be_bytes([datagram[2], datagram[3]]);
+        let confirmable = message_type == 0;
+        match message_type {
+            2 => return Outcome::Ignore, // ACK: we have nothing outstanding
+            3 => {
+                self.counters.resets_received += 1;
+                return Outcome::Ignore;
+            }
+            _ => {}
+        }
+        if code == 0 {
+            if datagram.len() != 4 {
+                return self.reject(confirmable, message_id, response);
+            }
+            if confirmable {
+                self.counters.pings += 1;
+                write_reset(message_id, response);
+                return Outcome::Reply;
+            }
+            self.counters.malformed += 1;
+            return Outcome::Ignore;
+        }
+        if code >> 5 != 0 || token_length > 8 || !well_formed(datagram) {
+            // A response (we send no requests), a reserved class, or a message format error.
+            return self.reject(confirmable, message_id, response);
+        }
+        let Ok(packet) = Packet::from_bytes(datagram) else {
+            return self.reject(confirmable, message_id, response);
+        };
+        self.counters.requests += 1;
+
+        let key = (peer, message_id);
+        if let Some(entry) = self.dedup.get(&key) {
+            let lifetime = self.lifetime(entry.confirmable);
+            if now.saturating_duration_since(entry.inserted) < lifetime {
+                self.counters.duplicates += 1;
+                if confirmable && entry.state == DedupState::Done && !entry.response.is_empty() {
+                    response.extend_from_slice(&entry.response);
+                    return Outcome::Reply;
+                }
+                return Outcome::Ignore;
+            }
+        }
+
+        let no_response = packet
+            .get_first_option(CoapOption::NoResponse)
+            .and_then(|value| uint(value))
+            .map_or(0, |bits| bits as u8);
+        let request = Request {
+            confirmable,
+            message_id,
+            token: packet.get_token(),
+            no_response,
+        };
+        let readings_at_entry = readings.len();
+        let answer = self.process(now, unix_now, peer, identity, &packet, readings);
+        match answer {
+            Answer::Reject => self.reject(confirmable, message_id, response),
+            Answer::Error {
+                code,
+                diagnostic,
+                size1,
+                max_age_s,
+            } => {
+                readings.truncate(readings_at_entry);
+                self.count_error(code);
+                let mut options: Vec<(CoapOption, Vec<u8>)> = Vec::new();
+                if let Some(size1) = size1 {
+                    options.push((CoapOption::Size1, uint_bytes(size1)));
+                }
+                if let Some(max_age_s) = max_age_s {
+                    options.push((CoapOption::MaxAge, uint_bytes(max_age_s)));
+                }
+                self.respond(
+                    &request,
+                    code,
+                    &options,
+                    truncate(&diagnostic).as_bytes(),
+                    response,
+                );
+                self.remember(now, key, &request, DedupState::Done, response);
+                reply_if_any(response)
+            }
+            Answer::Continue { block1 } => {
+                self.counters.block1_continues += 1;
+                let options = [(CoapOption::Block1, uint_bytes(block1))];
+                self.respond(&request, ResponseType::Continue, &options, &[], response);
+                self.remember(now, key, &request, DedupState::Done, response);
+                reply_if_any(response)
+            }
+            Answer::WellKnownCore => {
+                let options = [(
+                    CoapOption::ContentFormat,
+                    uint_bytes(u32::from(CONTENT_FORMAT_LINK_FORMAT)),
+                )];
+                self.respond(
+                    &request,
+                    ResponseType::Content,
+                    &options,
+                    WELL_KNOWN_CORE.as_bytes(),
+                    response,
+                );
+                self.remember(now, key, &request, DedupState::Done, response);
+                reply_if_any(response)
+            }
+            Answer::Store {
+                device,
+                readings: count,
+                block1,
+            } => {
+                self.counters.readings += count as u64;
+                let options: Vec<(CoapOption, Vec<u8>)> = block1
+                    .map(|block1| (CoapOption::Block1, uint_bytes(block1)))
+                    .into_iter()
+                    .collect();
+                self.respond(&request, ResponseType::Changed, &options, &[], response);
+                self.remember(now, key, &request, DedupState::Pending, response);
+                Outcome::Store(Exchange {
+                    peer,
+                    message_id,
+                    device,
+                })
+            }
+        }
+    }
+
+    /// The commit covering a Store outcome succeeded: duplicates now get the stored response.
+    pub fn committed(&mut self, exchange: &Exchange) {
+        if let Some(entry) = self.dedup.get_mut(&(exchange.peer, exchange.message_id)) {
+            entry.state = DedupState::Done;
+        }
+    }
+
+    /// The commit failed: forget the exchange (a retransmission is processed as new) and write a
+    /// 5.03 Service Unavailable with Max-Age into `response` (cleared first). If the exchange was
+    /// already evicted from the dedup table, its token is unknown and `response` stays empty; the
+    /// device's retransmission is then processed as new.
+    pub fn unavailable(&mut self, exchange: &Exchange, max_age_s: u32, response: &mut Vec<u8>) {
+        response.clear();
+        self.counters.unavailable += 1;
+        let Some(entry) = self.dedup.remove(&(exchange.peer, exchange.message_id)) else {
+            return;
+        };
+        let request = Request {
+            confirmable: entry.confirmable,
+            message_id: exchange.message_id,
+            token: &entry.token[..usize::from(entry.token_len)],
+            no_response: entry.no_response,
+        };
+        let options = [(CoapOption::MaxAge, uint_bytes(max_age_s))];
+        self.respond(
+            &request,
+            ResponseType::ServiceUnavailable,
+            &options,
+            b"storage unavailable",
+            response,
+        );
+    }
+
+    /// Drops expired dedup entries and timed-out Block1 transfers. O(expired) for the dedup table;
+    /// the transfer table is scanned only when its earliest deadline has passed.
+    pub fn expire(&mut self, now: Instant) {
+        let lifetime = self.config.exchange_lifetime;
+        expire_queue(&mut self.con_queue, &mut self.dedup, now, lifetime);
+        let lifetime = self.config.non_lifetime;
+        expire_queue(&mut self.non_queue, &mut self.dedup, now, lifetime);
+
+        if self
+            .transfers_next_check
+            .is_some_and(|deadline| now >= deadline)
+        {
+            let timeout = self.config.block1_timeout;
+            let before = self.transfers.len();
+            self.transfers.retain(|_, transfer| {
+                now.saturating_duration_since(transfer.last_activity) < timeout
+            });
+            self.counters.block1_timeouts += (before - self.transfers.len()) as u64;
+            self.transfers_next_check = self
+                .transfers
+                .values()
+                .map(|transfer| transfer.last_activity + timeout)
+                .min();
+        }
+    }
+
+    fn lifetime(&self, confirmable: bool) -> Duration {
+        if confirmable {
+            self.config.exchange_lifetime
+        } else {
+            self.config.non_lifetime
+        }
+    }
+
+    fn reject(&mut self, confirmable: bool, message_id: u16, response: &mut Vec<u8>) -> Outcome {
+        self.counters.malformed += 1;
+        if confirmable {
+            write_reset(message_id, response);
+            Outcome::Reply
+        } else {
+            Outcome::Ignore
+        }
+    }
+
+    fn count_error(&mut self, code: ResponseType) {
+        let counter = match code {
+            ResponseType::BadRequest => &mut self.counters.bad_request,
+            ResponseType::Unauthorized => &mut self.counters.unauthorized,
+            ResponseType::BadOption => &mut self.counters.bad_option,
+            ResponseType::Forbidden => &mut self.counters.forbidden,
+            ResponseType::NotFound => &mut self.counters.not_found,
+            ResponseType::MethodNotAllowed => &mut self.counters.method_not_allowed,
+            ResponseType::RequestEntityIncomplete => &mut self.counters.incomplete,
+            ResponseType::RequestEntityTooLarge => &mut self.counters.too_large,
+            ResponseType::UnsupportedContentFormat => &mut self.counters.unsupported_format,
+            ResponseType::ServiceUnavailable => &mut self.counters.unavailable,
+            ResponseType::ProxyingNotSupported => &mut self.counters.proxying_not_supported,
+            _ => return,
+        };
+        *counter += 1;
+    }
+
+    /// Writes a piggybacked ACK (CON) or a NON response with a fresh Message ID (NON), honouring
+    /// No-Response on NON requests.
+    fn respond(
+        &mut self,
+        request: &Request<'_>,
+        code: ResponseType,
+        options: &[(CoapOption, Vec<u8>)],
+        payload: &[u8],
+        response: &mut Vec<u8>,
+    ) {
+        response.clear();
+        let message_id = if request.confirmable {
+            request.message_id
+        } else {
+            let class = u8::from(MessageClass::Response(code)) >> 5;
+            let suppress = match class {
+                2 => NO_RESPONSE_2XX,
+                4 => NO_RESPONSE_4XX,
+                _ => NO_RESPONSE_5XX,
+            };
+            if request.no_response & suppress != 0 {
+                return;
+            }
+            let message_id = self.next_message_id;
+            self.next_message_id = self.next_message_id.wrapping_add(1);
+            message_id
+        };
+        let mut packet = Packet::new();
+        packet.header.set_version(1);
+        packet.header.set_type(if request.confirmable {
+            MessageType::Acknowledgement
+        } else {
+            MessageType::NonConfirmable
+        });
+        packet.header.code = MessageClass::Response(code);
+        packet.header.message_id = message_id;
+        packet.set_token(request.token.to_vec());
+        for (number, value) in options {
+            packet.add_option(*number, value.clone());
+        }
+        packet.payload = payload.to_vec();
+        if let Ok(bytes) = packet.to_bytes_unlimited() {
+            response.extend_from_slice(&bytes);
+        }
+    }
+
+    /// Records an answered or pending exchange in the dedup table, evicting the oldest entry when
+    /// the table is full.
+    fn remember(
+        &mut self,
+        now: Instant,
+        key: DedupKey,
+        request: &Request<'_>,
+        state: DedupState,
+        response: &[u8],
+    ) {
+        let entries_max = self.config.dedup_entries_max;
+        if entries_max == 0 {
+            return;
+        }
+        if !self.dedup.contains_key(&key) {
+            while self.dedup.len() >= entries_max {
+                if !self.evict_oldest() {
+                    break;
+                }
+            }
+        }
+        let sequence = self.next_sequence;
+        self.next_sequence += 1;
+        let mut token = [0u8; 8];
+        let token_len = request.token.len().min(8);
+        token[..token_len].copy_from_slice(&request.token[..token_len]);
+        self.dedup.insert(
+            key,
+            DedupEntry {
+                sequence,
+                inserted: now,
+                confirmable: request.confirmable,
+                state,
+                token,
+                token_len: token_len as u8,
+                no_response: request.no_response,
+                response: response.to_vec(),
+            },
+        );
+        let queue = if request.confirmable {
+            &mut self.con_queue
+        } else {
+            &mut self.non_queue
+        };
+        queue.push_back(QueueItem {
+            inserted: now,
+            key,
+            sequence,
+        });
+        // Forgotten and replaced entries leave stale items behind; keep the queues bounded.
+        let stale_bound = 2 * entries_max + 64;
+        if self.con_queue.len() + self.non_queue.len() > stale_bound {
+            let dedup = &self.dedup;
+            let live = |item: &QueueItem| {
+                dedup
+                    .get(&item.key)
+                    .is_some_and(|e| e.sequence == item.sequence)
+            };
+            self.con_queue.retain(live);
+            self.non_queue.retain(live);
+        }
+    }
+
+    /// Evicts the oldest live entry; false when there is none.
+    fn evict_oldest(&mut self) -> bool {
+        loop {
+            let from_con = match (self.con_queue.front(), self.non_queue.front()) {
+                (None, None) => return false,
+                (Some(_), None) => true,
+                (None, Some(_)) => false,
+                (Some(con), Some(non)) => con.sequence < non.sequence,
+            };
+            let queue = if from_con {
+                &mut self.con_queue
+            } else {
+                &mut self.non_queue
+            };
+            let Some(item) = queue.pop_front() else {
+                return false;
+            };
+            if self
+                .dedup
+                .get(&item.key)
+                .is_some_and(|entry| entry.sequence == item.sequence)
+            {
+                self.dedup.remove(&item.key);
+                self.counters.dedup_evictions += 1;
+                return true;
+            }
+        }
+    }
+
+    /// Routes and processes a well-formed, non-duplicate request.
+    fn process(
+        &mut self,
+        now: Instant,
+        unix_now: f64,
+        peer: SocketAddr,
+        identity: Option<&str>,
+        packet: &Packet,
+        readings: &mut Vec<Reading>,
+    ) -> Answer {
+        let confirmable = packet.header.get_type() == MessageType::Confirmable;
+        for (&number, values) in packet.options() {
+            match number {
+                option::PROXY_URI | option::PROXY_SCHEME => {
+                    return error(ResponseType::ProxyingNotSupported, "not a proxy");
+                }
+                option::CONTENT_FORMAT | option::BLOCK1 if values.len() > 1 => {
+                    return if confirmable {
+                        error(ResponseType::BadOption, format!("repeated option {number}"))
+                    } else {
+                        Answer::Reject
+                    };
+                }
+                option::URI_HOST
+                | option::OBSERVE
+                | option::URI_PORT
+                | option::URI_PATH
+                | option::CONTENT_FORMAT
+                | option::MAX_AGE
+                | option::URI_QUERY
+                | option::ACCEPT
+                | option::BLOCK2
+                | option::BLOCK1
+                | option::SIZE2
+                | option::SIZE1
+                | option::NO_RESPONSE => {}
+                critical if critical & 1 == 1 => {
+                    // RFC 7252 §5.4.1: 4.02 for a CON, reject a NON.
+                    return if confirmable {
+                        error(
+                            ResponseType::BadOption,
+                            format!("unsupported critical option {critical}"),
+                        )
+                    } else {
+                        Answer::Reject
+                    };
+                }
+                _ => {} // unknown elective options are ignored
+            }
+        }
+
+        let method = u8::from(packet.header.code);
+        let empty = std::collections::LinkedList::new();
+        let path = packet.get_option(CoapOption::UriPath).unwrap_or(&empty);
+        let mut segments = path.iter().map(Vec::as_slice);
+        let first = segments.next();
+        let second = segments.next();
+        let third = segments.next();
+        let path_device = match (first, second, third) {
+            (Some(b".well-known"), Some(b"core"), None) => {
+                return if method == CODE_GET {
+                    Answer::WellKnownCore
+                } else {
+                    error(ResponseType::MethodNotAllowed, "use GET")
+                };
+            }
+            (Some(b"t"), device, None) => device,
+            _ => return error(ResponseType::NotFound, "no such resource; POST to /t"),
+        };
+        if method != CODE_POST {
+            return error(ResponseType::MethodNotAllowed, "use POST");
+        }
+
+        let device = match (identity, path_device) {
+            (Some(identity), None) => identity.to_owned(),
+            (Some(identity), Some(device)) if device == identity.as_bytes() => identity.to_owned(),
+            (Some(_), Some(_)) => {
+                return error(ResponseType::Forbidden, "a device may only write as itself")
+            }
+            (None, Some(device)) => match device_id(device) {
+                Some(device) => device.to_owned(),
+                None => {
+                    return error(
+                        ResponseType::BadRequest,
+                        "bad device id: 1-64 bytes of A-Z a-z 0-9 . _ : -",
+                    )
+                }
+            },
+            (None, None) => {
+                return error(
+                    ResponseType::Unauthorized,
+                    "no identity: use DTLS or /t/{device}",
+                )
+            }
+        };
+
+        let content_format = match packet.get_first_option(CoapOption::ContentFormat) {
+            None => None,
+            Some(value) => match uint(value).filter(|_| value.len() <= 2) {
+                Some(format) => Some(format as u16),
+                None => return error(ResponseType::BadRequest, "bad Content-Format option"),
+            },
+        };
+        if let Some(format) = content_format {
+            if !matches!(
+                format,
+                CONTENT_FORMAT_SENML_JSON | CONTENT_FORMAT_SENML_CBOR | CONTENT_FORMAT_RKYV_BATCH
+            ) {
+                return error(
+                    ResponseType::UnsupportedContentFormat,
+                    "use Content-Format 110, 112 or 65362",
+                );
+            }
+        }
+
+        let block1 = match packet.get_first_option(CoapOption::Block1) {
+            None => None,
+            Some(value) => match uint(value).filter(|_| value.len() <= 3) {
+                Some(block1) => Some(block1),
+                None => return error(ResponseType::BadRequest, "bad Block1 option"),
+            },
+        };
+        let payload = packet.payload.as_slice();
+        let Some(block1) = block1 else {
+            if payload.len() > self.config.datagram_payload_bytes_max {
+                return too_large("payload too large", self.config.datagram_payload_bytes_max);
+            }
+            return self.decode(device, content_format, payload, unix_now, readings, None);
+        };
+
+        // Block1 (RFC 7959).
+        let num = block1 >> 4;
+        let more = block1 & 0x8 != 0;
+        let szx = block1 & 0x7;
+        if szx == 7 {
+            return error(ResponseType::BadRequest, "Block1 SZX 7 is reserved");
+        }
+        let block_size = 1usize << (szx + 4);
+        if let Some(size1) = packet
+            .get_first_option(CoapOption::Size1)
+            .and_then(|v| uint(v))
+        {
+            if size1 as usize > self.config.body_bytes_max {
+                return too_large("body too large", self.config.body_bytes_max);
+            }
+        }
+        if (more && payload.len() != block_size) || payload.len() > block_size {
+            return error(
+                ResponseType::BadRequest,
+                "Block1 payload does not match its SZX",
+            );
+        }
+        if num == 0 && !more {
+            // A single block: no reassembly needed.
+            return self.decode(
+                device,
+                content_format,
+                payload,
+                unix_now,
+                readings,
+                Some(block1),
+            );
+        }
+
+        let key = (peer, device);
+        let timeout = self.config.block1_timeout;
+        if num == 0 {
+            if !self.transfers.contains_key(&key)
+                && self.transfers.len() >= self.config.block1_transfers_max
+            {
+                self.expire(now);
+                if self.transfers.len() >= self.config.block1_transfers_max {
+                    return Answer::Error {
+                        code: ResponseType::ServiceUnavailable,
+                        diagnostic: "too many Block1 transfers".into(),
+                        size1: None,
+                        max_age_s: Some(BLOCK1_BUSY_MAX_AGE_S),
+                    };
+                }
+            }
+            let transfer = self
+                .transfers
+                .entry(key.clone())
+                .or_insert_with(|| Transfer {
+                    body: Vec::new(),
+                    content_format: None,
+                    last_activity: now,
+                });
+            transfer.body.clear();
+            transfer.content_format = None;
+            if self.transfers_next_check.is_none() {
+                self.transfers_next_check = Some(now + timeout);
+            }
+        } else {
+            let offset = (num as usize) << (szx + 4);
+            let in_sequence = self.transfers.get(&key).is_some_and(|transfer| {
+                transfer.body.len() == offset
+                    && now.saturating_duration_since(transfer.last_activity) < timeout
+            });
+            if !in_sequence {
+                self.transfers.remove(&key);
+                return error(
+                    ResponseType::RequestEntityIncomplete,
+                    "Block1 block out of sequence",
+                );
+            }
+        }
+        let body_bytes_max = self.config.body_bytes_max;
+        let Some(transfer) = self.transfers.get_mut(&key) else {
+            return error(
+                ResponseType::RequestEntityIncomplete,
+                "Block1 block out of sequence",
+            );
+        };
+        if transfer.body.len() + payload.len() > body_bytes_max {
+            self.transfers.remove(&key);
+            return too_large("body too large", body_bytes_max);
+        }
+        transfer.body.extend_from_slice(payload);
+        transfer.last_activity = now;
+        if content_format.is_some() {
+            transfer.content_format = content_format;
+        }
+        if more {
+            return Answer::Continue { block1 };
+        }
+        let Some(transfer) = self.transfers.remove(&key) else {
+            return error(
+                ResponseType::RequestEntityIncomplete,
+                "Block1 block out of sequence",
+            );
+        };
+        let (_, device) = key;
+        self.decode(
+            device,
+            transfer.content_format,
+            &transfer.body,
+            unix_now,
+            readings,
+            Some(block1),
+        )
+    }
+
+    /// Decodes a complete body for `device`.
+    fn decode(
+        &mut self,
+        device: String,
+        content_format: Option<u16>,
+        body: &[u8],
+        unix_now: f64,
+        readings: &mut Vec<Reading>,
+        block1: Option<u32>,
+    ) -> Answer {
+        let start = readings.len();
+        let format = content_format.unwrap_or_else(|| sniff(body));
+        let result = match format {
+            CONTENT_FORMAT_SENML_JSON => senml::decode_json(body, unix_now, readings),
+            CONTENT_FORMAT_SENML_CBOR => senml::decode_cbor(body, unix_now, readings),
+            _ => self.batch_decoder.decode(body, unix_now, readings),
+        };
+        if let Err(decode_error) = result {
+            return error(ResponseType::BadRequest, decode_error.to_string());
+        }
+        let count = readings.len() - start;
+        if count == 0 {
+            return error(
+                ResponseType::BadRequest,
+                DecodeError::NoReadings.to_string(),
+            );
+        }
+        let max = self.config.readings_per_request_max;
+        if count > max {
+            readings.truncate(start);
+            return Answer::Error {
+                code: ResponseType::RequestEntityTooLarge,
+                diagnostic: DecodeError::TooManyReadings { max }.to_string(),
+                size1: None,
+                max_age_s: None,
+            };
+        }
+        Answer::Store {
+            device,
+            readings: count,
+            block1,
+        }
+    }
+}
+
+fn expire_queue(
+    queue: &mut VecDeque<QueueItem>,
+    dedup: &mut HashMap<DedupKey, DedupEntry, RandomState>,
+    now: Instant,
+    lifetime: Duration,
+) {
+    while let Some(item) = queue.front() {
+        if now.saturating_duration_since(item.inserted) < lifetime {
+            break;
+        }
+        if dedup
+            .get(&item.key)
+            .is_some_and(|entry| entry.sequence == item.sequence)
+        {
+            dedup.remove(&item.key);
+        }
+        queue.pop_front();
+    }
+}
+
+fn reply_if_any(response: &[u8]) -> Outcome {
+    if response.is_empty() {
+        Outcome::Ignore
+    } else {
+        Outcome::Reply
+    }
+}
+
+/// An Empty RST matching `message_id`.
+fn write_reset(message_id: u16, response: &mut Vec<u8>) {
+    response.clear();
+    let [high, low] = message_id.to_be_bytes();
+    response.extend_from_slice(&[0x70, 0x00, high, low]);
+}
+
+/// SenML JSON when the first non-whitespace byte is `[`, else SenML CBOR.
+fn sniff(body: &[u8]) -> u16 {
+    match body
+        .iter()
+        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+    {
+        Some(b'[') => CONTENT_FORMAT_SENML_JSON,
+        _ => CONTENT_FORMAT_SENML_CBOR,
+    }
+}
+
+/// A device id: 1..=64 bytes of [A-Za-z0-9._:-].
+fn device_id(bytes: &[u8]) -> Option<&str> {
+    let valid = !bytes.is_empty()
+        && bytes.len() <= DEVICE_ID_BYTES_MAX
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
+    if valid {
+        std::str::from_utf8(bytes).ok()
+    } else {
+        None
+    }
+}
+
+/// An option's uint value (RFC 7252 §3.2), up to 4 bytes.
+fn uint(bytes: &[u8]) -> Option<u32> {
+    if bytes.len() > 4 {
+        return None;
+    }
+    Some(bytes.iter().fold(0u32, |acc, b| (acc << 8) | u32::from(*b)))
+}
+
+/// The shortest encoding of a uint option value.
+fn uint_bytes(value: u32) -> Vec<u8> {
+    let bytes = value.to_be_bytes();
+    let skip = bytes.iter().take_while(|b| **b == 0).count();
+    bytes[skip..].to_vec()
+}
+
+/// Truncates a diagnostic to [`DIAGNOSTIC_BYTES_MAX`] on a char boundary.
+fn truncate(diagnostic: &str) -> &str {
+    if diagnostic.len() <= DIAGNOSTIC_BYTES_MAX {
+        return diagnostic;
+    }
+    let mut end = DIAGNOSTIC_BYTES_MAX;
+    while !diagnostic.is_char_boundary(end) {
+        end -= 1;
+    }
+    &diagnostic[..end]
+}
+
+/// Checks the option and payload-marker encoding of a message (RFC 7252 §3): option delta and
+/// length nibbles 15 only as the payload marker, options within the datagram, and a payload
+/// marker followed by a non-empty payload.
+fn well_formed(datagram: &[u8]) -> bool {
+    let token_length = usize::from(datagram[0] & 0x0f);
+    let mut index = 4 + token_length;
+    if index > datagram.len() {
+        return false;
+    }
+    let mut number: u32 = 0;
+    while index < datagram.len() {
+        let byte = datagram[index];
+        index += 1;
+        if byte == 0xff {
+            return index < datagram.len();
+        }
+        let mut extended = |nibble: u8| -> Option<usize> {
+            match nibble {
+                0..=12 => Some(usize::from(nibble)),
+                13 => {
+                    let value = usize::from(*datagram.get(index)?) + 13;
+                    index += 1;
+                    Some(value)
+                }
+                14 => {
+                    let high = usize::from(*datagram.get(index)?);
+                    let low = usize::from(*datagram.get(index + 1)?);
+                    index += 2;
+                    Some((high << 8 | low) + 269)
+                }
+                _ => None,
+            }
+        };
+        let Some(delta) = extended(byte >> 4) else {
+            return false;
+        };
+        let Some(length) = extended(byte & 0x0f) else {
+            return false;
+        };
+        number += delta as u32;
+        if number > u32::from(u16::MAX) {
+            return false;
+        }
+        index += length;
+        if index > datagram.len() {
+            return false;
+        }
+    }
+    true
+}
