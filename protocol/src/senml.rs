@@ -66,7 +66,7 @@ fn resolve(
     out: &mut Vec<Reading>,
 ) -> Result<(), DecodeError> {
     if let Some(version) = record.base_version {
-        if !(version <= SENML_VERSION_MAX) {
+        if version.is_nan() || version > SENML_VERSION_MAX {
             return Err(DecodeError::UnsupportedVersion { index, version });
         }
     }

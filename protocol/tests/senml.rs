@@ -122,9 +122,12 @@ fn string_bool_and_data_values() {
     assert_eq!(out[3], reading("d/y", NOW, Value::Data(vec![0xff, 0xef])));
 }
 
+/// Whether an error is the expected one.
+type Expected = fn(&DecodeError) -> bool;
+
 #[test]
 fn json_bad_inputs_are_rejected_and_leave_out_untouched() {
-    let cases: &[(&str, fn(&DecodeError) -> bool)] = &[
+    let cases: &[(&str, Expected)] = &[
         ("not json", |e| matches!(e, DecodeError::Json(_))),
         (r#"{"n":"a","v":1}"#, |e| {
             matches!(e, DecodeError::NotAnArray)
