@@ -1,1 +1,157 @@
+//! sluice-storage: the partitioned append-only telemetry store of sluice.
+//!
+//! The on-disk format, the commit order and the crash-recovery argument are in
+//! `docs/storage-format.md`; `format` mirrors its byte layouts.
+//!
+//! - [`Store::open`] takes the data directory's lock and recovers every shard found.
+//! - [`ShardWriter`] (one per shard, on the shard's thread) buffers readings and commits them
+//!   as a group under the configured [`Durability`].
+//! - [`Reader`] (cheap to clone, Send + Sync) answers queries from committed data only: the
+//!   device/latest summary from memory, series points through mmap.
+//! - [`inspect`] and [`verify`] are offline tools.
 
+mod format;
+mod store;
+mod tools;
+mod writer;
+
+use std::path::PathBuf;
+
+pub use store::{DeviceSummary, Reader, Store};
+pub use tools::{inspect, verify, Inspection, SegmentInspection, VerifyProblem, VerifyReport};
+pub use writer::{CommitStats, ShardWriter};
+
+/// Segments are rolled when the next frame would take them past this size.
+pub const SEGMENT_BYTES_MAX: u64 = 64 << 20;
+/// A shard writer keeps at most this many segment files open, closing the least recently used:
+/// readings with wildly different times cannot exhaust file descriptors.
+pub const OPEN_SEGMENTS_MAX: usize = 64;
+pub use format::{BLOCK_RECORDS_MAX, NAME_BYTES_MAX, VALUE_BYTES_MAX};
+
+/// When `commit` returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// After `fdatasync` of every file the commit wrote: survives power loss.
+    Fsync,
+    /// After `write(2)`: survives a process crash, not a power loss.
+    Os,
+}
+
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    pub dir: PathBuf,
+    /// Width of a time partition in seconds (> 0).
+    pub partition_secs: u64,
+    pub durability: Durability,
+}
+
+/// A reading's value as the caller has it (borrowed).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ValueRef<'a> {
+    Number(f64),
+    Bool(bool),
+    String(&'a str),
+    Data(&'a [u8]),
+}
+
+/// A stored value.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    Number(f64),
+    Bool(bool),
+    String(String),
+    Data(Vec<u8>),
+}
+
+impl ValueRef<'_> {
+    pub fn to_value(&self) -> Value {
+        match *self {
+            ValueRef::Number(number) => Value::Number(number),
+            ValueRef::Bool(boolean) => Value::Bool(boolean),
+            ValueRef::String(text) => Value::String(text.to_string()),
+            ValueRef::Data(data) => Value::Data(data.to_vec()),
+        }
+    }
+}
+
+impl Value {
+    pub fn as_ref(&self) -> ValueRef<'_> {
+        match self {
+            Value::Number(number) => ValueRef::Number(*number),
+            Value::Bool(boolean) => ValueRef::Bool(*boolean),
+            Value::String(text) => ValueRef::String(text),
+            Value::Data(data) => ValueRef::Data(data),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("data directory {} is locked: another sluiced (pid {pid}) owns it", dir.display())]
+    Locked { dir: PathBuf, pid: String },
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("corrupt {} at byte {offset}: {reason}", path.display())]
+    Corrupt {
+        path: PathBuf,
+        offset: u64,
+        reason: String,
+    },
+    #[error("invalid store configuration: {0}")]
+    Config(String),
+    #[error("invalid reading: {0}")]
+    InvalidReading(String),
+    #[error("shard {shard} already has a live writer")]
+    WriterTaken { shard: u32 },
+}
+
+impl StoreError {
+    pub(crate) fn io(
+        op: &'static str,
+        path: impl Into<PathBuf>,
+        source: std::io::Error,
+    ) -> StoreError {
+        StoreError::Io {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// What `Store::open` found and did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    pub segments: usize,
+    pub blocks: u64,
+    pub points: u64,
+    pub bytes_truncated: u64,
+    pub files_truncated: usize,
+    /// Invalid regions followed by valid frames (skipped, left in place; see `sluice verify`).
+    pub corrupt_regions: u64,
+    /// Records referring to a series id the dictionary does not hold (skipped).
+    pub unknown_series_points: u64,
+}
+
+impl std::fmt::Display for RecoveryReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "recovered {} segments, {} blocks, {} points; cut {} torn bytes from {} files",
+            self.segments, self.blocks, self.points, self.bytes_truncated, self.files_truncated
+        )?;
+        if self.corrupt_regions > 0 || self.unknown_series_points > 0 {
+            write!(
+                f,
+                "; skipped {} corrupt regions and {} points of unknown series (run `sluice verify`)",
+                self.corrupt_regions, self.unknown_series_points
+            )?;
+        }
+        Ok(())
+    }
+}

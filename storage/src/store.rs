@@ -1,0 +1,848 @@
+//! The data directory: lock, recovery, the shared catalog and summary, and readers.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use memmap2::Mmap;
+use rkyv::util::AlignedVec;
+
+use crate::format::{self, ArchivedStoredValue, FileHeader, FileKind, Scan, FILE_HEADER_BYTES};
+use crate::writer::ShardWriter;
+use crate::{Durability, RecoveryReport, StoreConfig, StoreError, Value};
+
+pub(crate) type HashMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
+
+pub(crate) const LOCK_FILE: &str = "LOCK";
+pub(crate) const DICTIONARY_FILE: &str = "dictionary.log";
+
+pub(crate) fn shard_dir(dir: &Path, shard: u32) -> PathBuf {
+    dir.join(format!("shard-{shard}"))
+}
+
+pub(crate) fn segment_path(shard_dir: &Path, window_start: i64, seq: u64) -> PathBuf {
+    shard_dir
+        .join(window_start.to_string())
+        .join(format!("segment-{seq}.seg"))
+}
+
+/// Locks a mutex, recovering the data if a thread panicked while holding it (the summary and
+/// catalog are only changed by complete, non-panicking updates).
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn read_lock<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+pub(crate) fn write_lock<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// One published block of a segment (the reader's index).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct BlockMeta {
+    pub payload_offset: u64,
+    pub payload_len: u32,
+    pub count: u32,
+    pub min_time: f64,
+    pub max_time: f64,
+}
+
+/// A segment as the catalog knows it, shared by the writer and readers.
+pub(crate) struct SegmentShared {
+    pub path: PathBuf,
+    pub window_start: i64,
+    pub partition_secs: u64,
+    pub seq: u64,
+    /// Bytes of the file readers may look at (end of the last published frame).
+    pub published_len: AtomicU64,
+    pub blocks: RwLock<Vec<BlockMeta>>,
+    map: Mutex<Option<Arc<Mmap>>>,
+}
+
+impl SegmentShared {
+    pub fn new(
+        path: PathBuf,
+        window_start: i64,
+        partition_secs: u64,
+        seq: u64,
+        len: u64,
+        blocks: Vec<BlockMeta>,
+    ) -> Self {
+        SegmentShared {
+            path,
+            window_start,
+            partition_secs,
+            seq,
+            published_len: AtomicU64::new(len),
+            blocks: RwLock::new(blocks),
+            map: Mutex::new(None),
+        }
+    }
+
+    /// A map covering at least `needed` bytes (remapped when the file has grown).
+    fn map(&self, needed: u64) -> Result<Arc<Mmap>, StoreError> {
+        let mut slot = lock(&self.map);
+        if let Some(map) = slot.as_ref() {
+            if map.len() as u64 >= needed {
+                return Ok(map.clone());
+            }
+        }
+        let file = File::open(&self.path)
+            .map_err(|error| StoreError::io("open segment", &self.path, error))?;
+        // SAFETY: segments are append-only; the writer only truncates bytes past the published
+        // length, and readers only touch bytes below the published length, so the mapped bytes
+        // we read are never changed or cut while mapped.
+        let map = unsafe { Mmap::map(&file) }
+            .map_err(|error| StoreError::io("mmap segment", &self.path, error))?;
+        if (map.len() as u64) < needed {
+            return Err(StoreError::Corrupt {
+                path: self.path.clone(),
+                offset: map.len() as u64,
+                reason: format!("segment is shorter than its published length {needed}"),
+            });
+        }
+        let map = Arc::new(map);
+        *slot = Some(map.clone());
+        Ok(map)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct Latest {
+    pub time: f64,
+    /// (commit_seq, position in the commit): ties on time go to the later write.
+    pub order: (u64, u64),
+    pub value: Value,
+}
+
+pub(crate) struct SeriesState {
+    pub id: u32,
+    pub latest: Option<Latest>,
+}
+
+#[derive(Default)]
+pub(crate) struct DeviceState {
+    pub last_seen: f64,
+    pub points: u64,
+    pub series: BTreeMap<String, SeriesState>,
+}
+
+/// A shard's published dictionary and device/latest summary.
+#[derive(Default)]
+pub(crate) struct Summary {
+    /// Series id -> (device, name); None where a dictionary frame was lost.
+    pub names: Vec<Option<(String, String)>>,
+    pub devices: HashMap<String, DeviceState>,
+    /// One more than the greatest series id any recovered block refers to: a writer never
+    /// hands out an id that orphaned records (after a lost dictionary frame) already use.
+    pub id_floor: u32,
+}
+
+impl Summary {
+    pub fn intern(&mut self, id: u32, device: &str, name: &str) {
+        let index = id as usize;
+        if self.names.len() <= index {
+            self.names.resize(index + 1, None);
+        }
+        self.names[index] = Some((device.to_string(), name.to_string()));
+        let state = self
+            .devices
+            .entry(device.to_string())
+            .or_insert_with(|| DeviceState {
+                last_seen: f64::NEG_INFINITY,
+                ..DeviceState::default()
+            });
+        state
+            .series
+            .entry(name.to_string())
+            .or_insert(SeriesState { id, latest: None });
+    }
+
+    /// Adds `count` points of series `id` with greatest time `latest.0`; returns false for an
+    /// unknown id.
+    pub fn apply(
+        &mut self,
+        id: u32,
+        count: u64,
+        time: f64,
+        order: (u64, u64),
+        value: impl FnOnce() -> Value,
+    ) -> bool {
+        let Some(Some((device, name))) = self.names.get(id as usize) else {
+            return false;
+        };
+        let Some(state) = self.devices.get_mut(device.as_str()) else {
+            return false;
+        };
+        let Some(series) = state.series.get_mut(name.as_str()) else {
+            return false;
+        };
+        state.points += count;
+        if time > state.last_seen {
+            state.last_seen = time;
+        }
+        let newer = match &series.latest {
+            None => true,
+            Some(latest) => time > latest.time || (time == latest.time && order >= latest.order),
+        };
+        if newer {
+            series.latest = Some(Latest {
+                time,
+                order,
+                value: value(),
+            });
+        }
+        true
+    }
+}
+
+pub(crate) struct ShardShared {
+    pub shard: u32,
+    pub dir: PathBuf,
+    pub summary: Mutex<Summary>,
+    pub segments: RwLock<Vec<Arc<SegmentShared>>>,
+    /// Published length of the dictionary (0: the file does not exist yet).
+    pub dictionary_len: AtomicU64,
+    pub next_commit_seq: AtomicU64,
+}
+
+pub(crate) fn read_segments(
+    shard: &ShardShared,
+) -> std::sync::RwLockReadGuard<'_, Vec<Arc<SegmentShared>>> {
+    read_lock(&shard.segments)
+}
+
+pub(crate) struct Inner {
+    pub config: StoreConfig,
+    pub generation: AtomicU64,
+    pub shards: RwLock<BTreeMap<u32, Arc<ShardShared>>>,
+    pub writers: Mutex<HashSet<u32>>,
+    _lock: File,
+}
+
+/// The whole data directory. The lock is released when the store and every writer and reader
+/// made from it are dropped.
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+impl Store {
+    pub fn open(config: StoreConfig) -> Result<(Store, RecoveryReport), StoreError> {
+        if config.partition_secs == 0 {
+            return Err(StoreError::Config(
+                "partition_secs must be at least 1".to_string(),
+            ));
+        }
+        std::fs::create_dir_all(&config.dir)
+            .map_err(|error| StoreError::io("create data directory", &config.dir, error))?;
+        let lock_file = take_lock(&config.dir)?;
+        let mut report = RecoveryReport::default();
+        let mut shards = BTreeMap::new();
+        for (shard, path) in list_shards(&config.dir)? {
+            let recovered = recover_shard(shard, &path, true, &mut report)?;
+            shards.insert(shard, Arc::new(recovered));
+        }
+        let inner = Inner {
+            config,
+            generation: AtomicU64::new(0),
+            shards: RwLock::new(shards),
+            writers: Mutex::new(HashSet::new()),
+            _lock: lock_file,
+        };
+        Ok((
+            Store {
+                inner: Arc::new(inner),
+            },
+            report,
+        ))
+    }
+
+    pub fn writer(&self, shard: u32) -> Result<ShardWriter, StoreError> {
+        {
+            let mut writers = lock(&self.inner.writers);
+            if !writers.insert(shard) {
+                return Err(StoreError::WriterTaken { shard });
+            }
+        }
+        let shared = {
+            let mut shards = write_lock(&self.inner.shards);
+            shards
+                .entry(shard)
+                .or_insert_with(|| {
+                    Arc::new(ShardShared {
+                        shard,
+                        dir: shard_dir(&self.inner.config.dir, shard),
+                        summary: Mutex::new(Summary::default()),
+                        segments: RwLock::new(Vec::new()),
+                        dictionary_len: AtomicU64::new(0),
+                        next_commit_seq: AtomicU64::new(0),
+                    })
+                })
+                .clone()
+        };
+        ShardWriter::new(self.inner.clone(), shared).inspect_err(|_| {
+            lock(&self.inner.writers).remove(&shard);
+        })
+    }
+
+    pub fn reader(&self) -> Reader {
+        Reader {
+            inner: self.inner.clone(),
+        }
+    }
+
+    pub fn config(&self) -> &StoreConfig {
+        &self.inner.config
+    }
+}
+
+fn take_lock(dir: &Path) -> Result<File, StoreError> {
+    let path = dir.join(LOCK_FILE);
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|error| StoreError::io("open lock file", &path, error))?;
+    // SAFETY: flock on a valid, owned descriptor.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let error = std::io::Error::last_os_error();
+        if error.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            let pid = pid.trim();
+            let pid = if pid.is_empty() {
+                "unknown".to_string()
+            } else {
+                pid.to_string()
+            };
+            return Err(StoreError::Locked {
+                dir: dir.to_path_buf(),
+                pid,
+            });
+        }
+        return Err(StoreError::io("lock", &path, error));
+    }
+    file.set_len(0)
+        .map_err(|error| StoreError::io("truncate lock file", &path, error))?;
+    writeln!(file, "{}", std::process::id())
+        .map_err(|error| StoreError::io("write lock file", &path, error))?;
+    Ok(file)
+}
+
+/// Takes the lock for offline repair (`verify --repair`).
+pub(crate) fn take_lock_for_repair(dir: &Path) -> Result<File, StoreError> {
+    take_lock(dir)
+}
+
+/// `shard-<n>` directories of a data directory, sorted by n.
+pub(crate) fn list_shards(dir: &Path) -> Result<Vec<(u32, PathBuf)>, StoreError> {
+    let mut shards = Vec::new();
+    let entries =
+        std::fs::read_dir(dir).map_err(|error| StoreError::io("read directory", dir, error))?;
+    for entry in entries {
+        let entry = entry.map_err(|error| StoreError::io("read directory", dir, error))?;
+        let name = entry.file_name();
+        let Some(number) = name.to_str().and_then(|name| name.strip_prefix("shard-")) else {
+            continue;
+        };
+        let Ok(shard) = number.parse::<u32>() else {
+            continue;
+        };
+        if entry.path().is_dir() {
+            shards.push((shard, entry.path()));
+        }
+    }
+    shards.sort();
+    Ok(shards)
+}
+
+/// Segments of a shard directory as (window_start, seq, path), sorted.
+pub(crate) fn list_segments(shard_dir: &Path) -> Result<Vec<(i64, u64, PathBuf)>, StoreError> {
+    let mut segments = Vec::new();
+    let entries = std::fs::read_dir(shard_dir)
+        .map_err(|error| StoreError::io("read directory", shard_dir, error))?;
+    for entry in entries {
+        let entry = entry.map_err(|error| StoreError::io("read directory", shard_dir, error))?;
+        let Some(window) = entry
+            .file_name()
+            .to_str()
+            .and_then(|name| name.parse::<i64>().ok())
+        else {
+            continue;
+        };
+        let window_dir = entry.path();
+        if !window_dir.is_dir() {
+            continue;
+        }
+        let files = std::fs::read_dir(&window_dir)
+            .map_err(|error| StoreError::io("read directory", &window_dir, error))?;
+        for file in files {
+            let file =
+                file.map_err(|error| StoreError::io("read directory", &window_dir, error))?;
+            let name = file.file_name();
+            let Some(seq) = name
+                .to_str()
+                .and_then(|name| name.strip_prefix("segment-"))
+                .and_then(|rest| rest.strip_suffix(".seg"))
+                .and_then(|seq| seq.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            segments.push((window, seq, file.path()));
+        }
+    }
+    segments.sort();
+    Ok(segments)
+}
+
+/// A file read for recovery, inspection or verification.
+pub(crate) enum LoadedFile {
+    /// Shorter than a header, or exactly a header that does not validate: a torn creation.
+    TornCreation { len: u64, reason: String },
+    Valid {
+        header: FileHeader,
+        bytes: AlignedVec<16>,
+        scan: Scan,
+    },
+}
+
+pub(crate) fn read_aligned(path: &Path) -> Result<AlignedVec<16>, StoreError> {
+    let mut file = File::open(path).map_err(|error| StoreError::io("open", path, error))?;
+    let len = file
+        .metadata()
+        .map_err(|error| StoreError::io("stat", path, error))?
+        .len();
+    let mut bytes = AlignedVec::<16>::with_capacity(len as usize);
+    bytes
+        .extend_from_reader(&mut file)
+        .map_err(|error| StoreError::io("read", path, error))?;
+    Ok(bytes)
+}
+
+/// Reads and scans a file. A header that does not validate on a file longer than a header is
+/// corruption (headers are synced before any frame is written).
+pub(crate) fn load_file(path: &Path, kind: FileKind) -> Result<LoadedFile, StoreError> {
+    let bytes = read_aligned(path)?;
+    let header = match FileHeader::decode(&bytes, kind) {
+        Ok(header) => header,
+        Err(reason) if bytes.len() <= FILE_HEADER_BYTES => {
+            return Ok(LoadedFile::TornCreation {
+                len: bytes.len() as u64,
+                reason,
+            })
+        }
+        Err(reason) => {
+            return Err(StoreError::Corrupt {
+                path: path.to_path_buf(),
+                offset: 0,
+                reason,
+            })
+        }
+    };
+    let scan = match kind {
+        FileKind::Segment => format::scan(&bytes, kind, &mut format::validate_block),
+        FileKind::Dictionary => format::scan(&bytes, kind, &mut |header, payload| {
+            format::decode_dictionary(header, payload).map(|_| ())
+        }),
+    };
+    Ok(LoadedFile::Valid {
+        header,
+        bytes,
+        scan,
+    })
+}
+
+/// Cuts a torn tail (or removes a torn creation), syncing the result.
+pub(crate) fn cut_file(path: &Path, len: Option<u64>) -> Result<(), StoreError> {
+    match len {
+        None => std::fs::remove_file(path)
+            .map_err(|error| StoreError::io("remove torn file", path, error))?,
+        Some(len) => {
+            let file = OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(|error| StoreError::io("open", path, error))?;
+            file.set_len(len)
+                .map_err(|error| StoreError::io("truncate torn tail of", path, error))?;
+            file.sync_data()
+                .map_err(|error| StoreError::io("fdatasync", path, error))?;
+        }
+    }
+    if let Some(parent) = path.parent() {
+        sync_dir(parent)?;
+    }
+    Ok(())
+}
+
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    let handle = File::open(dir).map_err(|error| StoreError::io("open directory", dir, error))?;
+    handle
+        .sync_all()
+        .map_err(|error| StoreError::io("fsync directory", dir, error))
+}
+
+/// Recovers one shard directory: dictionary, then segments in (window, seq) order; rebuilds the
+/// summary. With `cut`, torn tails are cut and torn creations removed.
+pub(crate) fn recover_shard(
+    shard: u32,
+    dir: &Path,
+    cut: bool,
+    report: &mut RecoveryReport,
+) -> Result<ShardShared, StoreError> {
+    let mut summary = Summary::default();
+    let mut next_commit_seq = 0u64;
+    let mut dictionary_len = 0u64;
+    let dictionary_path = dir.join(DICTIONARY_FILE);
+    if dictionary_path.exists() {
+        match load_file(&dictionary_path, FileKind::Dictionary)? {
+            LoadedFile::TornCreation { len, .. } => {
+                report.bytes_truncated += len;
+                report.files_truncated += 1;
+                if cut {
+                    cut_file(&dictionary_path, None)?;
+                }
+            }
+            LoadedFile::Valid {
+                header,
+                bytes,
+                scan,
+            } => {
+                check_header(&dictionary_path, &header, shard, None)?;
+                account_cut(&dictionary_path, bytes.len() as u64, &scan, cut, report)?;
+                for frame in &scan.frames {
+                    next_commit_seq = next_commit_seq.max(frame.header.commit_seq + 1);
+                    let start = frame.payload_offset() as usize;
+                    let payload = &bytes[start..start + frame.header.payload_len as usize];
+                    let entries =
+                        format::decode_dictionary(&frame.header, payload).map_err(|reason| {
+                            StoreError::Corrupt {
+                                path: dictionary_path.clone(),
+                                offset: frame.offset,
+                                reason,
+                            }
+                        })?;
+                    for entry in entries {
+                        if matches!(summary.names.get(entry.id as usize), Some(Some(_))) {
+                            return Err(StoreError::Corrupt {
+                                path: dictionary_path.clone(),
+                                offset: frame.offset,
+                                reason: format!("series id {} is defined twice", entry.id),
+                            });
+                        }
+                        summary.intern(entry.id, &entry.device, &entry.name);
+                    }
+                }
+                dictionary_len = scan.valid_end;
+            }
+        }
+    }
+    let mut segments = Vec::new();
+    let mut running_index = 0u64;
+    for (window, seq, path) in list_segments(dir)? {
+        let (header, bytes, scan) = match load_file(&path, FileKind::Segment)? {
+            LoadedFile::TornCreation { len, .. } => {
+                report.bytes_truncated += len;
+                report.files_truncated += 1;
+                if cut {
+                    cut_file(&path, None)?;
+                }
+                continue;
+            }
+            LoadedFile::Valid {
+                header,
+                bytes,
+                scan,
+            } => (header, bytes, scan),
+        };
+        check_header(&path, &header, shard, Some((window, seq)))?;
+        account_cut(&path, bytes.len() as u64, &scan, cut, report)?;
+        let mut blocks = Vec::with_capacity(scan.frames.len());
+        for frame in &scan.frames {
+            let commit_seq = frame.header.commit_seq;
+            next_commit_seq = next_commit_seq.max(commit_seq + 1);
+            let start = frame.payload_offset() as usize;
+            let payload = &bytes[start..start + frame.header.payload_len as usize];
+            let block = format::access_block(payload).map_err(|reason| StoreError::Corrupt {
+                path: path.clone(),
+                offset: frame.offset,
+                reason,
+            })?;
+            for ((id, time), value) in block
+                .series
+                .iter()
+                .zip(block.times.iter())
+                .zip(block.values.iter())
+            {
+                // Files are walked in write order, so a running index orders a commit's records
+                // as their positions in the commit did.
+                running_index += 1;
+                summary.id_floor = summary.id_floor.max(id.to_native().saturating_add(1));
+                let known = summary.apply(
+                    id.to_native(),
+                    1,
+                    time.to_native(),
+                    (commit_seq, running_index),
+                    || archived_value(value),
+                );
+                if !known {
+                    report.unknown_series_points += 1;
+                }
+            }
+            report.blocks += 1;
+            report.points += frame.header.count as u64;
+            blocks.push(BlockMeta {
+                payload_offset: frame.payload_offset(),
+                payload_len: frame.header.payload_len,
+                count: frame.header.count,
+                min_time: frame.header.min_time,
+                max_time: frame.header.max_time,
+            });
+        }
+        report.segments += 1;
+        segments.push(Arc::new(SegmentShared::new(
+            path,
+            window,
+            header.partition_secs,
+            seq,
+            scan.valid_end,
+            blocks,
+        )));
+    }
+    Ok(ShardShared {
+        shard,
+        dir: dir.to_path_buf(),
+        summary: Mutex::new(summary),
+        segments: RwLock::new(segments),
+        dictionary_len: AtomicU64::new(dictionary_len),
+        next_commit_seq: AtomicU64::new(next_commit_seq),
+    })
+}
+
+fn check_header(
+    path: &Path,
+    header: &FileHeader,
+    shard: u32,
+    place: Option<(i64, u64)>,
+) -> Result<(), StoreError> {
+    let mut problem = None;
+    if header.shard != shard {
+        problem = Some(format!(
+            "header says shard {}, directory is shard {shard}",
+            header.shard
+        ));
+    }
+    if let Some((window, seq)) = place {
+        if header.window_start != window || header.seq != seq {
+            problem = Some(format!(
+                "header says window {} seq {}, path says window {window} seq {seq}",
+                header.window_start, header.seq
+            ));
+        }
+        if header.partition_secs == 0 {
+            problem = Some("header has partition_secs 0".to_string());
+        }
+    }
+    match problem {
+        Some(reason) => Err(StoreError::Corrupt {
+            path: path.to_path_buf(),
+            offset: 0,
+            reason,
+        }),
+        None => Ok(()),
+    }
+}
+
+fn account_cut(
+    path: &Path,
+    len: u64,
+    scan: &Scan,
+    cut: bool,
+    report: &mut RecoveryReport,
+) -> Result<(), StoreError> {
+    report.corrupt_regions += scan.holes.len() as u64;
+    if scan.valid_end < len {
+        report.bytes_truncated += len - scan.valid_end;
+        report.files_truncated += 1;
+        if cut {
+            cut_file(path, Some(scan.valid_end))?;
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn archived_value(value: &ArchivedStoredValue) -> Value {
+    match value {
+        ArchivedStoredValue::Number(number) => Value::Number(number.to_native()),
+        ArchivedStoredValue::Bool(boolean) => Value::Bool(*boolean),
+        ArchivedStoredValue::String(text) => Value::String(text.as_str().to_string()),
+        ArchivedStoredValue::Data(data) => Value::Data(data.as_slice().to_vec()),
+    }
+}
+
+/// A device as the summary knows it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeviceSummary {
+    pub device: String,
+    /// Greatest reading time seen (unix seconds).
+    pub last_seen: f64,
+    pub points: u64,
+}
+
+/// Query handle: sees only published commits.
+#[derive(Clone)]
+pub struct Reader {
+    inner: Arc<Inner>,
+}
+
+impl Reader {
+    fn shards(&self) -> Vec<Arc<ShardShared>> {
+        read_lock(&self.inner.shards).values().cloned().collect()
+    }
+
+    pub fn devices(&self) -> Vec<DeviceSummary> {
+        let mut merged: BTreeMap<String, DeviceSummary> = BTreeMap::new();
+        for shard in self.shards() {
+            let summary = lock(&shard.summary);
+            for (device, state) in &summary.devices {
+                if state.points == 0 {
+                    continue;
+                }
+                let entry = merged
+                    .entry(device.clone())
+                    .or_insert_with(|| DeviceSummary {
+                        device: device.clone(),
+                        last_seen: f64::NEG_INFINITY,
+                        points: 0,
+                    });
+                entry.points += state.points;
+                if state.last_seen > entry.last_seen {
+                    entry.last_seen = state.last_seen;
+                }
+            }
+        }
+        merged.into_values().collect()
+    }
+
+    pub fn latest(&self, device: &str) -> Option<Vec<(String, f64, Value)>> {
+        let mut merged: BTreeMap<String, (f64, Value)> = BTreeMap::new();
+        for shard in self.shards() {
+            let summary = lock(&shard.summary);
+            let Some(state) = summary.devices.get(device) else {
+                continue;
+            };
+            for (name, series) in &state.series {
+                let Some(latest) = &series.latest else {
+                    continue;
+                };
+                let newer = match merged.get(name) {
+                    None => true,
+                    Some((time, _)) => latest.time >= *time,
+                };
+                if newer {
+                    merged.insert(name.clone(), (latest.time, latest.value.clone()));
+                }
+            }
+        }
+        if merged.is_empty() {
+            return None;
+        }
+        Some(
+            merged
+                .into_iter()
+                .map(|(name, (time, value))| (name, time, value))
+                .collect(),
+        )
+    }
+
+    pub fn series(
+        &self,
+        device: &str,
+        name: &str,
+        from: f64,
+        to: f64,
+    ) -> Result<Option<Vec<(f64, Value)>>, StoreError> {
+        let mut seen = false;
+        let mut points = Vec::new();
+        for shard in self.shards() {
+            let id = {
+                let summary = lock(&shard.summary);
+                summary
+                    .devices
+                    .get(device)
+                    .and_then(|state| state.series.get(name))
+                    .map(|series| series.id)
+            };
+            let Some(id) = id else { continue };
+            seen = true;
+            let segments: Vec<Arc<SegmentShared>> = read_lock(&shard.segments).clone();
+            for segment in segments {
+                let window_start = segment.window_start as f64;
+                let window_end = window_start + segment.partition_secs as f64;
+                if !(window_start < to && window_end > from) {
+                    continue;
+                }
+                let blocks: Vec<BlockMeta> = read_lock(&segment.blocks)
+                    .iter()
+                    .filter(|block| block.min_time < to && block.max_time >= from)
+                    .copied()
+                    .collect();
+                let Some(last) = blocks
+                    .iter()
+                    .map(|block| block.payload_offset + block.payload_len as u64)
+                    .max()
+                else {
+                    continue;
+                };
+                let map = segment.map(last)?;
+                for block in blocks {
+                    points.reserve(block.count as usize);
+                    let start = block.payload_offset as usize;
+                    let payload = &map[start..start + block.payload_len as usize];
+                    let records =
+                        format::access_block(payload).map_err(|reason| StoreError::Corrupt {
+                            path: segment.path.clone(),
+                            offset: block.payload_offset,
+                            reason,
+                        })?;
+                    for ((series, time), value) in records
+                        .series
+                        .iter()
+                        .zip(records.times.iter())
+                        .zip(records.values.iter())
+                    {
+                        let time = time.to_native();
+                        if series.to_native() == id && time >= from && time < to {
+                            points.push((time, archived_value(value)));
+                        }
+                    }
+                }
+            }
+        }
+        if !seen {
+            return Ok(None);
+        }
+        points.sort_by(|a, b| a.0.total_cmp(&b.0));
+        Ok(Some(points))
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.inner.generation.load(Ordering::Acquire)
+    }
+
+    pub fn durability(&self) -> Durability {
+        self.inner.config.durability
+    }
+}

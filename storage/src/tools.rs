@@ -1,0 +1,481 @@
+//! Offline inspection and verification (`sluice inspect`, `sluice verify`).
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use crate::format::{self, FileKind};
+use crate::store::{self, LoadedFile, DICTIONARY_FILE};
+use crate::StoreError;
+
+/// One segment as `inspect` sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SegmentInspection {
+    pub shard: u32,
+    pub window_start: i64,
+    /// Partition width recorded in the segment header (0 if the header is unreadable).
+    pub partition_secs: u64,
+    pub seq: u64,
+    pub path: PathBuf,
+    pub file_bytes: u64,
+    pub blocks: u64,
+    pub points: u64,
+    pub min_time: Option<f64>,
+    pub max_time: Option<f64>,
+    /// Bytes after the last valid frame (a torn tail, or a live writer's in-flight commit).
+    pub torn_bytes: u64,
+    /// Invalid regions followed by valid frames.
+    pub corrupt_regions: u64,
+}
+
+impl SegmentInspection {
+    pub fn bytes_per_point(&self) -> Option<f64> {
+        (self.points > 0).then(|| self.file_bytes as f64 / self.points as f64)
+    }
+}
+
+/// What `inspect` found in a data directory.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Inspection {
+    pub dir: PathBuf,
+    /// (shard, series in its dictionary, dictionary bytes).
+    pub dictionaries: Vec<(u32, u64, u64)>,
+    /// Sorted by shard, window, seq.
+    pub segments: Vec<SegmentInspection>,
+    /// Files that could not be read as what their name says.
+    pub problems: Vec<String>,
+}
+
+impl Inspection {
+    pub fn blocks(&self) -> u64 {
+        self.segments.iter().map(|segment| segment.blocks).sum()
+    }
+    pub fn points(&self) -> u64 {
+        self.segments.iter().map(|segment| segment.points).sum()
+    }
+    pub fn bytes(&self) -> u64 {
+        self.segments.iter().map(|segment| segment.file_bytes).sum()
+    }
+    pub fn partitions(&self) -> usize {
+        let mut windows: Vec<(u32, i64)> = self
+            .segments
+            .iter()
+            .map(|segment| (segment.shard, segment.window_start))
+            .collect();
+        windows.dedup();
+        windows.len()
+    }
+}
+
+fn time_text(time: Option<f64>) -> String {
+    time.map_or_else(|| "-".to_string(), |time| format!("{time:.3}"))
+}
+
+impl fmt::Display for Inspection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "data directory {}", self.dir.display())?;
+        for (shard, series, bytes) in &self.dictionaries {
+            writeln!(
+                f,
+                "shard {shard}: {series} series in the dictionary ({bytes} bytes)"
+            )?;
+        }
+        writeln!(
+            f,
+            "{:>5} {:>12} {:>6} {:>4} {:>12} {:>8} {:>10} {:>12} {:>16} {:>16} {:>8}",
+            "shard",
+            "window",
+            "width",
+            "seq",
+            "bytes",
+            "blocks",
+            "points",
+            "bytes/point",
+            "min time",
+            "max time",
+            "torn"
+        )?;
+        for segment in &self.segments {
+            let per_point = segment
+                .bytes_per_point()
+                .map_or_else(|| "-".to_string(), |value| format!("{value:.1}"));
+            writeln!(
+                f,
+                "{:>5} {:>12} {:>6} {:>4} {:>12} {:>8} {:>10} {:>12} {:>16} {:>16} {:>8}{}",
+                segment.shard,
+                segment.window_start,
+                segment.partition_secs,
+                segment.seq,
+                segment.file_bytes,
+                segment.blocks,
+                segment.points,
+                per_point,
+                time_text(segment.min_time),
+                time_text(segment.max_time),
+                segment.torn_bytes,
+                if segment.corrupt_regions > 0 {
+                    format!("  {} corrupt regions", segment.corrupt_regions)
+                } else {
+                    String::new()
+                }
+            )?;
+        }
+        let per_point = if self.points() > 0 {
+            format!("{:.1}", self.bytes() as f64 / self.points() as f64)
+        } else {
+            "-".to_string()
+        };
+        writeln!(
+            f,
+            "total: {} partitions, {} segments, {} blocks, {} points, {} bytes, {} bytes per point",
+            self.partitions(),
+            self.segments.len(),
+            self.blocks(),
+            self.points(),
+            self.bytes(),
+            per_point
+        )?;
+        for problem in &self.problems {
+            writeln!(f, "problem: {problem}")?;
+        }
+        Ok(())
+    }
+}
+
+/// One thing `verify` found wrong.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VerifyProblem {
+    pub path: PathBuf,
+    pub offset: u64,
+    pub what: String,
+    /// True when `--repair` fixed it (a torn tail cut, a torn creation removed).
+    pub repaired: bool,
+}
+
+/// What `verify` checked and found.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct VerifyReport {
+    pub files: usize,
+    pub frames: u64,
+    pub points: u64,
+    pub problems: Vec<VerifyProblem>,
+}
+
+impl VerifyReport {
+    /// No problem is left (problems fixed by repair do not count).
+    pub fn is_clean(&self) -> bool {
+        self.problems.iter().all(|problem| problem.repaired)
+    }
+}
+
+impl fmt::Display for VerifyReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for problem in &self.problems {
+            writeln!(
+                f,
+                "{}{} at byte {}: {}",
+                if problem.repaired { "repaired: " } else { "" },
+                problem.path.display(),
+                problem.offset,
+                problem.what
+            )?;
+        }
+        write!(
+            f,
+            "checked {} files, {} frames, {} points: {}",
+            self.files,
+            self.frames,
+            self.points,
+            if self.is_clean() {
+                "clean".to_string()
+            } else {
+                format!(
+                    "{} problems",
+                    self.problems
+                        .iter()
+                        .filter(|problem| !problem.repaired)
+                        .count()
+                )
+            }
+        )
+    }
+}
+
+/// Reads every file of a data directory without taking the lock (works on a live directory or
+/// a copy); with `repair`, cuts torn tails as recovery does.
+fn walk(dir: &Path, repair: bool) -> Result<(Inspection, VerifyReport), StoreError> {
+    let mut inspection = Inspection {
+        dir: dir.to_path_buf(),
+        ..Inspection::default()
+    };
+    let mut report = VerifyReport::default();
+    for (shard, shard_dir) in store::list_shards(dir)? {
+        // Dictionary: ids known to this shard.
+        let mut known: Vec<bool> = Vec::new();
+        let dictionary_path = shard_dir.join(DICTIONARY_FILE);
+        if dictionary_path.exists() {
+            report.files += 1;
+            match store::load_file(&dictionary_path, FileKind::Dictionary) {
+                Err(error) => add_problem(
+                    &mut report,
+                    &mut inspection,
+                    &dictionary_path,
+                    0,
+                    error.to_string(),
+                    false,
+                ),
+                Ok(LoadedFile::TornCreation { len, reason }) => {
+                    if repair {
+                        store::cut_file(&dictionary_path, None)?;
+                    }
+                    add_problem(
+                        &mut report,
+                        &mut inspection,
+                        &dictionary_path,
+                        0,
+                        format!("torn creation ({len} bytes): {reason}"),
+                        repair,
+                    );
+                }
+                Ok(LoadedFile::Valid {
+                    header,
+                    bytes,
+                    scan,
+                }) => {
+                    if header.shard != shard {
+                        add_problem(
+                            &mut report,
+                            &mut inspection,
+                            &dictionary_path,
+                            0,
+                            format!("header says shard {}", header.shard),
+                            false,
+                        );
+                    }
+                    check_scan(
+                        &mut report,
+                        &dictionary_path,
+                        bytes.len() as u64,
+                        &scan,
+                        repair,
+                    )?;
+                    let mut series = 0u64;
+                    for frame in &scan.frames {
+                        report.frames += 1;
+                        let start = frame.payload_offset() as usize;
+                        let payload = &bytes[start..start + frame.header.payload_len as usize];
+                        let entries =
+                            format::decode_dictionary(&frame.header, payload).unwrap_or_default();
+                        for entry in entries {
+                            let index = entry.id as usize;
+                            if known.len() <= index {
+                                known.resize(index + 1, false);
+                            }
+                            if known[index] {
+                                add_problem(
+                                    &mut report,
+                                    &mut inspection,
+                                    &dictionary_path,
+                                    frame.offset,
+                                    format!("series id {} defined twice", entry.id),
+                                    false,
+                                );
+                            }
+                            known[index] = true;
+                            series += 1;
+                        }
+                    }
+                    inspection
+                        .dictionaries
+                        .push((shard, series, scan.valid_end));
+                }
+            }
+        }
+        for (window, seq, path) in store::list_segments(&shard_dir)? {
+            report.files += 1;
+            let file_bytes = std::fs::metadata(&path)
+                .map(|metadata| metadata.len())
+                .unwrap_or(0);
+            let mut segment = SegmentInspection {
+                shard,
+                window_start: window,
+                partition_secs: 0,
+                seq,
+                path: path.clone(),
+                file_bytes,
+                blocks: 0,
+                points: 0,
+                min_time: None,
+                max_time: None,
+                torn_bytes: 0,
+                corrupt_regions: 0,
+            };
+            match store::load_file(&path, FileKind::Segment) {
+                Err(error) => add_problem(
+                    &mut report,
+                    &mut inspection,
+                    &path,
+                    0,
+                    error.to_string(),
+                    false,
+                ),
+                Ok(LoadedFile::TornCreation { len, reason }) => {
+                    segment.torn_bytes = len;
+                    if repair {
+                        store::cut_file(&path, None)?;
+                    }
+                    add_problem(
+                        &mut report,
+                        &mut inspection,
+                        &path,
+                        0,
+                        format!("torn creation ({len} bytes): {reason}"),
+                        repair,
+                    );
+                }
+                Ok(LoadedFile::Valid {
+                    header,
+                    bytes,
+                    scan,
+                }) => {
+                    segment.partition_secs = header.partition_secs;
+                    if header.shard != shard || header.window_start != window || header.seq != seq {
+                        let what = format!(
+                            "header says shard {} window {} seq {}",
+                            header.shard, header.window_start, header.seq
+                        );
+                        add_problem(&mut report, &mut inspection, &path, 0, what, false);
+                    }
+                    segment.torn_bytes = bytes.len() as u64 - scan.valid_end;
+                    segment.corrupt_regions = scan.holes.len() as u64;
+                    check_scan(&mut report, &path, bytes.len() as u64, &scan, repair)?;
+                    let mut unknown = 0u64;
+                    for frame in &scan.frames {
+                        report.frames += 1;
+                        segment.blocks += 1;
+                        segment.points += frame.header.count as u64;
+                        report.points += frame.header.count as u64;
+                        segment.min_time =
+                            Some(segment.min_time.map_or(frame.header.min_time, |time: f64| {
+                                time.min(frame.header.min_time)
+                            }));
+                        segment.max_time =
+                            Some(segment.max_time.map_or(frame.header.max_time, |time: f64| {
+                                time.max(frame.header.max_time)
+                            }));
+                        let start = frame.payload_offset() as usize;
+                        let payload = &bytes[start..start + frame.header.payload_len as usize];
+                        if let Ok(block) = format::access_block(payload) {
+                            unknown += block
+                                .series
+                                .iter()
+                                .filter(|id| {
+                                    !known.get(id.to_native() as usize).copied().unwrap_or(false)
+                                })
+                                .count() as u64;
+                        }
+                    }
+                    if unknown > 0 {
+                        add_problem(
+                            &mut report,
+                            &mut inspection,
+                            &path,
+                            0,
+                            format!(
+                                "{unknown} records refer to series ids missing from the dictionary"
+                            ),
+                            false,
+                        );
+                    }
+                }
+            }
+            inspection.segments.push(segment);
+        }
+    }
+    Ok((inspection, report))
+}
+
+fn add_problem(
+    report: &mut VerifyReport,
+    inspection: &mut Inspection,
+    path: &Path,
+    offset: u64,
+    what: String,
+    repaired: bool,
+) {
+    inspection
+        .problems
+        .push(format!("{} at byte {offset}: {what}", path.display()));
+    report.problems.push(VerifyProblem {
+        path: path.to_path_buf(),
+        offset,
+        what,
+        repaired,
+    });
+}
+
+fn check_scan(
+    report: &mut VerifyReport,
+    path: &Path,
+    len: u64,
+    scan: &format::Scan,
+    repair: bool,
+) -> Result<(), StoreError> {
+    for (offset, bytes, reason) in &scan.holes {
+        report.problems.push(VerifyProblem {
+            path: path.to_path_buf(),
+            offset: *offset,
+            what: format!("corrupt region of {bytes} bytes followed by valid frames: {reason}"),
+            repaired: false,
+        });
+    }
+    if scan.valid_end < len {
+        if repair {
+            store::cut_file(path, Some(scan.valid_end))?;
+        }
+        report.problems.push(VerifyProblem {
+            path: path.to_path_buf(),
+            offset: scan.valid_end,
+            what: format!(
+                "torn tail of {} bytes ({})",
+                len - scan.valid_end,
+                scan.tail_reason.as_deref().unwrap_or("invalid frame")
+            ),
+            repaired: repair,
+        });
+    }
+    Ok(())
+}
+
+/// Per partition and segment: blocks, points, bytes, min/max time, bytes per point. Does not
+/// take the lock: works on a live data directory (an in-flight commit may show as torn bytes)
+/// and on a copy.
+pub fn inspect(dir: &Path) -> Result<Inspection, StoreError> {
+    if !dir.is_dir() {
+        return Err(StoreError::io(
+            "inspect",
+            dir,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "not a directory"),
+        ));
+    }
+    walk(dir, false).map(|(inspection, _)| inspection)
+}
+
+/// Checks every header, frame checksum, block and dictionary entry, and every record's series
+/// id. With `repair`, takes the lock (fails with `Locked` while sluiced runs) and cuts torn
+/// tails and torn creations as recovery does; corrupt regions followed by valid data are
+/// reported, not repaired.
+pub fn verify(dir: &Path, repair: bool) -> Result<VerifyReport, StoreError> {
+    if !dir.is_dir() {
+        return Err(StoreError::io(
+            "verify",
+            dir,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "not a directory"),
+        ));
+    }
+    let _lock = if repair {
+        Some(store::take_lock_for_repair(dir)?)
+    } else {
+        None
+    };
+    walk(dir, repair).map(|(_, report)| report)
+}

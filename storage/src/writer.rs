@@ -1,0 +1,740 @@
+//! The single writer of a shard: buffers readings, commits them as a group.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use crate::format::{
+    self, BlockRecords, FileHeader, FileKind, FrameHeader, StoredValue, BLOCK_BYTES_TARGET,
+    BLOCK_RECORDS_MAX, FILE_HEADER_BYTES, NAME_BYTES_MAX, VALUE_BYTES_MAX,
+};
+use crate::store::{
+    lock, segment_path, sync_dir, write_lock, BlockMeta, HashMap, Inner, SegmentShared,
+    ShardShared, DICTIONARY_FILE,
+};
+use crate::{Durability, StoreError, Value, ValueRef, OPEN_SEGMENTS_MAX, SEGMENT_BYTES_MAX};
+
+/// Reading times must lie within ±2^53 seconds: exact in f64 and far from i64 overflow when
+/// computing partition windows.
+const TIME_ABS_MAX: f64 = 9_007_199_254_740_992.0;
+
+/// What a commit did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CommitStats {
+    pub points: usize,
+    pub bytes: u64,
+    /// True when the commit's data was fdatasync'ed before returning.
+    pub synced: bool,
+}
+
+struct Pending {
+    series: u32,
+    time: f64,
+    window: i64,
+    value: Value,
+}
+
+struct OpenSegment {
+    file: File,
+    shared: Arc<SegmentShared>,
+    /// Bytes written (published plus this commit's frames).
+    len: u64,
+    last_used: u64,
+    written_this_commit: bool,
+}
+
+/// Test hook: fail the n-th following I/O operation of the writer.
+#[derive(Default)]
+struct Faults {
+    fail_after_ops: Option<u32>,
+}
+
+impl Faults {
+    fn check(&mut self, op: &'static str, path: &Path) -> Result<(), StoreError> {
+        if let Some(remaining) = self.fail_after_ops.as_mut() {
+            if *remaining == 0 {
+                self.fail_after_ops = None;
+                return Err(StoreError::io(
+                    op,
+                    path,
+                    std::io::Error::other("injected I/O fault"),
+                ));
+            }
+            *remaining -= 1;
+        }
+        Ok(())
+    }
+}
+
+/// The single writer of one shard (Send; used on the shard's own thread).
+pub struct ShardWriter {
+    inner: Arc<Inner>,
+    shard: Arc<ShardShared>,
+    durability: Durability,
+    partition_secs: u64,
+    /// device -> name -> series id: everything interned, published or pending.
+    ids: HashMap<String, HashMap<String, u32>>,
+    next_id: u32,
+    pending: Vec<Pending>,
+    pending_dictionary: Vec<(u32, String, String)>,
+    dictionary: Option<File>,
+    dictionary_path: PathBuf,
+    /// Published length of the dictionary.
+    dictionary_len: u64,
+    open: HashMap<i64, OpenSegment>,
+    tick: u64,
+    next_commit_seq: u64,
+    /// Set when a commit failed: segments it may have written past their published length.
+    failed: Option<Vec<Arc<SegmentShared>>>,
+    /// Segments written by the commit in progress (for the cut-back after a failure).
+    touched: Vec<Arc<SegmentShared>>,
+    frame_buffer: Vec<u8>,
+    faults: Faults,
+    segment_bytes_max: u64,
+}
+
+impl ShardWriter {
+    pub(crate) fn new(
+        inner: Arc<Inner>,
+        shard: Arc<ShardShared>,
+    ) -> Result<ShardWriter, StoreError> {
+        let mut ids: HashMap<String, HashMap<String, u32>> = HashMap::default();
+        let next_id = {
+            let summary = lock(&shard.summary);
+            for (id, entry) in summary.names.iter().enumerate() {
+                if let Some((device, name)) = entry {
+                    ids.entry(device.clone())
+                        .or_default()
+                        .insert(name.clone(), id as u32);
+                }
+            }
+            (summary.names.len() as u32).max(summary.id_floor)
+        };
+        let dictionary_path = shard.dir.join(DICTIONARY_FILE);
+        let config = &inner.config;
+        let mut writer = ShardWriter {
+            durability: config.durability,
+            partition_secs: config.partition_secs,
+            ids,
+            next_id,
+            pending: Vec::new(),
+            pending_dictionary: Vec::new(),
+            dictionary: None,
+            dictionary_path,
+            dictionary_len: shard.dictionary_len.load(Ordering::Acquire),
+            open: HashMap::default(),
+            tick: 0,
+            next_commit_seq: shard.next_commit_seq.load(Ordering::Acquire),
+            failed: None,
+            touched: Vec::new(),
+            frame_buffer: Vec::new(),
+            faults: Faults::default(),
+            segment_bytes_max: SEGMENT_BYTES_MAX,
+            inner,
+            shard,
+        };
+        writer.open_dictionary()?;
+        Ok(writer)
+    }
+
+    pub fn shard(&self) -> u32 {
+        self.shard.shard
+    }
+
+    /// Opens the dictionary, creating the shard directory and the file if needed.
+    fn open_dictionary(&mut self) -> Result<(), StoreError> {
+        let path = self.dictionary_path.clone();
+        if self.dictionary_len >= FILE_HEADER_BYTES as u64 {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(|error| StoreError::io("open dictionary", &path, error))?;
+            self.dictionary = Some(file);
+            return Ok(());
+        }
+        let header = FileHeader {
+            kind: FileKind::Dictionary,
+            shard: self.shard.shard,
+            window_start: 0,
+            partition_secs: 0,
+            seq: 0,
+        };
+        let file = create_with_header(&self.shard.dir, &path, &header, &mut self.faults)?;
+        self.dictionary = Some(file);
+        self.dictionary_len = FILE_HEADER_BYTES as u64;
+        self.shard
+            .dictionary_len
+            .store(self.dictionary_len, Ordering::Release);
+        Ok(())
+    }
+
+    /// Buffers one reading (no I/O). Interns (device, name).
+    pub fn append(
+        &mut self,
+        device: &str,
+        name: &str,
+        time: f64,
+        value: ValueRef<'_>,
+    ) -> Result<(), StoreError> {
+        if device.is_empty() || device.len() > NAME_BYTES_MAX {
+            return Err(StoreError::InvalidReading(format!(
+                "device id must be 1 to {NAME_BYTES_MAX} bytes, is {}",
+                device.len()
+            )));
+        }
+        if name.len() > NAME_BYTES_MAX {
+            return Err(StoreError::InvalidReading(format!(
+                "series name must be at most {NAME_BYTES_MAX} bytes, is {}",
+                name.len()
+            )));
+        }
+        if !time.is_finite() || time.abs() > TIME_ABS_MAX {
+            return Err(StoreError::InvalidReading(format!(
+                "time {time} is not a finite number of seconds within ±2^53"
+            )));
+        }
+        let value_len = match value {
+            ValueRef::String(text) => text.len(),
+            ValueRef::Data(data) => data.len(),
+            _ => 0,
+        };
+        if value_len > VALUE_BYTES_MAX {
+            return Err(StoreError::InvalidReading(format!(
+                "value of {value_len} bytes exceeds {VALUE_BYTES_MAX}"
+            )));
+        }
+        let series = match self.ids.get(device).and_then(|names| names.get(name)) {
+            Some(&id) => id,
+            None => {
+                let id = self.next_id;
+                self.next_id = id.checked_add(1).ok_or_else(|| {
+                    StoreError::InvalidReading("shard has 2^32 series".to_string())
+                })?;
+                self.ids
+                    .entry(device.to_string())
+                    .or_default()
+                    .insert(name.to_string(), id);
+                self.pending_dictionary
+                    .push((id, device.to_string(), name.to_string()));
+                id
+            }
+        };
+        let window = window_of(time, self.partition_secs);
+        self.pending.push(Pending {
+            series,
+            time,
+            window,
+            value: value.to_value(),
+        });
+        Ok(())
+    }
+
+    /// Readings buffered since the last commit.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Writes, syncs (per durability) and publishes the buffered readings. On error nothing of
+    /// this commit is published, the buffered readings are discarded and the next commit first
+    /// cuts the files back to their published lengths.
+    pub fn commit(&mut self) -> Result<CommitStats, StoreError> {
+        self.touched.clear();
+        let result = self.commit_inner();
+        if result.is_err() {
+            self.discard_failed_commit();
+        }
+        result
+    }
+
+    /// Test hook: roll segments at this size instead of `SEGMENT_BYTES_MAX`.
+    #[doc(hidden)]
+    pub fn set_segment_bytes_max(&mut self, bytes: u64) {
+        self.segment_bytes_max = bytes;
+    }
+
+    /// Test hook: the `ops`-th following I/O operation (write, sync, truncate, create) fails.
+    #[doc(hidden)]
+    pub fn inject_io_fault_after(&mut self, ops: u32) {
+        self.faults.fail_after_ops = Some(ops);
+    }
+
+    fn discard_failed_commit(&mut self) {
+        self.pending.clear();
+        if let Some(&(first_id, _, _)) = self.pending_dictionary.first() {
+            for (_, device, name) in self.pending_dictionary.drain(..) {
+                if let Some(names) = self.ids.get_mut(&device) {
+                    names.remove(&name);
+                    if names.is_empty() {
+                        self.ids.remove(&device);
+                    }
+                }
+            }
+            self.next_id = first_id;
+        }
+        let mut failed = self.failed.take().unwrap_or_default();
+        failed.append(&mut self.touched);
+        for segment in self.open.values_mut() {
+            if segment.written_this_commit {
+                failed.push(segment.shared.clone());
+            }
+            segment.len = segment.shared.published_len.load(Ordering::Acquire);
+            segment.written_this_commit = false;
+        }
+        self.failed = Some(failed);
+    }
+
+    /// Cuts everything a failed commit may have written back to the published lengths.
+    fn cut_back(&mut self) -> Result<(), StoreError> {
+        let Some(failed) = self.failed.clone() else {
+            return Ok(());
+        };
+        let sync = self.durability == Durability::Fsync;
+        if let Some(dictionary) = &self.dictionary {
+            self.faults.check("truncate", &self.dictionary_path)?;
+            dictionary
+                .set_len(self.dictionary_len)
+                .map_err(|error| StoreError::io("truncate", &self.dictionary_path, error))?;
+            if sync {
+                dictionary
+                    .sync_data()
+                    .map_err(|error| StoreError::io("fdatasync", &self.dictionary_path, error))?;
+            }
+        }
+        for segment in &failed {
+            let published = segment.published_len.load(Ordering::Acquire);
+            self.faults.check("truncate", &segment.path)?;
+            let file = OpenOptions::new()
+                .write(true)
+                .open(&segment.path)
+                .map_err(|error| StoreError::io("open", &segment.path, error))?;
+            file.set_len(published)
+                .map_err(|error| StoreError::io("truncate", &segment.path, error))?;
+            if sync {
+                file.sync_data()
+                    .map_err(|error| StoreError::io("fdatasync", &segment.path, error))?;
+            }
+        }
+        self.failed = None;
+        Ok(())
+    }
+
+    fn commit_inner(&mut self) -> Result<CommitStats, StoreError> {
+        self.cut_back()?;
+        if self.dictionary.is_none() {
+            self.open_dictionary()?;
+        }
+        if self.pending.is_empty() && self.pending_dictionary.is_empty() {
+            return Ok(CommitStats {
+                points: 0,
+                bytes: 0,
+                synced: false,
+            });
+        }
+        let sync = self.durability == Durability::Fsync;
+        let commit_seq = self.next_commit_seq;
+        let mut bytes_written = 0u64;
+
+        // 1. Dictionary entries, durable before any block refers to them.
+        let mut dictionary_end = self.dictionary_len;
+        if !self.pending_dictionary.is_empty() {
+            let mut payload = Vec::new();
+            for (id, device, name) in &self.pending_dictionary {
+                format::encode_dictionary_entry(&mut payload, *id, device, name);
+            }
+            let header = FrameHeader {
+                payload_len: 0,
+                payload_crc: 0,
+                count: self.pending_dictionary.len() as u32,
+                commit_seq,
+                min_time: 0.0,
+                max_time: 0.0,
+            };
+            self.frame_buffer.clear();
+            format::encode_frame(
+                &mut self.frame_buffer,
+                FileKind::Dictionary,
+                &header,
+                &payload,
+            );
+            let path = &self.dictionary_path;
+            let Some(dictionary) = &self.dictionary else {
+                return Err(StoreError::io(
+                    "write",
+                    path,
+                    std::io::Error::other("dictionary is not open"),
+                ));
+            };
+            self.faults.check("write", path)?;
+            dictionary
+                .write_all_at(&self.frame_buffer, dictionary_end)
+                .map_err(|error| StoreError::io("write", path, error))?;
+            if sync {
+                self.faults.check("fdatasync", path)?;
+                dictionary
+                    .sync_data()
+                    .map_err(|error| StoreError::io("fdatasync", path, error))?;
+            }
+            dictionary_end += self.frame_buffer.len() as u64;
+            bytes_written += self.frame_buffer.len() as u64;
+        }
+
+        // 2. What this commit changes in the summary: per series, count and latest reading.
+        let mut deltas: HashMap<u32, (u64, f64, u32)> = HashMap::default();
+        for (position, reading) in self.pending.iter().enumerate() {
+            let delta = deltas
+                .entry(reading.series)
+                .or_insert((0, f64::NEG_INFINITY, 0));
+            delta.0 += 1;
+            if reading.time >= delta.1 {
+                delta.1 = reading.time;
+                delta.2 = position as u32;
+            }
+        }
+        let latest: Vec<(u32, u64, f64, u32, Value)> = deltas
+            .iter()
+            .map(|(&id, &(count, time, position))| {
+                (
+                    id,
+                    count,
+                    time,
+                    position,
+                    self.pending[position as usize].value.clone(),
+                )
+            })
+            .collect();
+
+        // 3. Blocks, grouped by window, written to each window's active segment.
+        let points = self.pending.len();
+        let mut by_window: BTreeMap<i64, Vec<Pending>> = BTreeMap::new();
+        for reading in self.pending.drain(..) {
+            by_window.entry(reading.window).or_default().push(reading);
+        }
+        let mut published: Vec<(Arc<SegmentShared>, BlockMeta, u64)> = Vec::new();
+        for (window, readings) in by_window {
+            let mut block = BlockRecords::default();
+            let mut block_value_bytes = 0usize;
+            let total = readings.len();
+            for (index, reading) in readings.into_iter().enumerate() {
+                block_value_bytes += match &reading.value {
+                    Value::String(text) => text.len(),
+                    Value::Data(data) => data.len(),
+                    _ => 0,
+                };
+                block.series.push(reading.series);
+                block.times.push(reading.time);
+                block.values.push(match reading.value {
+                    Value::Number(number) => StoredValue::Number(number),
+                    Value::Bool(boolean) => StoredValue::Bool(boolean),
+                    Value::String(text) => StoredValue::String(text),
+                    Value::Data(data) => StoredValue::Data(data),
+                });
+                let last = index + 1 == total;
+                if last
+                    || block.series.len() >= BLOCK_RECORDS_MAX
+                    || block_value_bytes >= BLOCK_BYTES_TARGET
+                {
+                    let (segment, meta, end) = self.write_block(window, &block, commit_seq)?;
+                    bytes_written +=
+                        end - (meta.payload_offset - format::FRAME_HEADER_BYTES as u64);
+                    published.push((segment, meta, end));
+                    block = BlockRecords::default();
+                    block_value_bytes = 0;
+                }
+            }
+        }
+
+        // 4. Sync every segment written (segments closed during the commit were synced then).
+        if sync {
+            for segment in self.open.values() {
+                if segment.written_this_commit {
+                    self.faults.check("fdatasync", &segment.shared.path)?;
+                    segment.file.sync_data().map_err(|error| {
+                        StoreError::io("fdatasync", &segment.shared.path, error)
+                    })?;
+                }
+            }
+        }
+
+        // 5. Publish.
+        for segment in self.open.values_mut() {
+            segment.written_this_commit = false;
+        }
+        self.dictionary_len = dictionary_end;
+        self.shard
+            .dictionary_len
+            .store(dictionary_end, Ordering::Release);
+        for (segment, meta, end) in published {
+            write_lock(&segment.blocks).push(meta);
+            segment.published_len.fetch_max(end, Ordering::AcqRel);
+        }
+        {
+            let mut summary = lock(&self.shard.summary);
+            for (id, device, name) in self.pending_dictionary.drain(..) {
+                summary.intern(id, &device, &name);
+            }
+            for (id, count, time, position, value) in latest {
+                summary.apply(id, count, time, (commit_seq, position as u64), || value);
+            }
+        }
+        self.next_commit_seq = commit_seq + 1;
+        self.shard
+            .next_commit_seq
+            .store(self.next_commit_seq, Ordering::Release);
+        self.inner.generation.fetch_add(1, Ordering::AcqRel);
+        Ok(CommitStats {
+            points,
+            bytes: bytes_written,
+            synced: sync,
+        })
+    }
+
+    /// Writes one block frame to the active segment of `window`; returns the segment, the block's
+    /// index entry and the frame's end offset.
+    fn write_block(
+        &mut self,
+        window: i64,
+        block: &BlockRecords,
+        commit_seq: u64,
+    ) -> Result<(Arc<SegmentShared>, BlockMeta, u64), StoreError> {
+        let payload = format::encode_block(block).map_err(|reason| {
+            StoreError::io(
+                "encode block",
+                &self.shard.dir,
+                std::io::Error::other(reason),
+            )
+        })?;
+        let min_time = block.times.iter().copied().fold(f64::INFINITY, f64::min);
+        let max_time = block
+            .times
+            .iter()
+            .copied()
+            .fold(f64::NEG_INFINITY, f64::max);
+        let header = FrameHeader {
+            payload_len: 0,
+            payload_crc: 0,
+            count: block.series.len() as u32,
+            commit_seq,
+            min_time,
+            max_time,
+        };
+        self.frame_buffer.clear();
+        format::encode_frame(&mut self.frame_buffer, FileKind::Segment, &header, &payload);
+        let frame_len = self.frame_buffer.len() as u64;
+        self.segment_for(window, frame_len)?;
+        let Some(segment) = self.open.get_mut(&window) else {
+            return Err(StoreError::io(
+                "write",
+                &self.shard.dir,
+                std::io::Error::other("segment not open"),
+            ));
+        };
+        // Marked before writing: a failed write may still have written part of the frame.
+        segment.written_this_commit = true;
+        self.faults.check("write", &segment.shared.path)?;
+        let offset = segment.len;
+        segment
+            .file
+            .write_all_at(&self.frame_buffer, offset)
+            .map_err(|error| StoreError::io("write", &segment.shared.path, error))?;
+        segment.len += frame_len;
+        let meta = BlockMeta {
+            payload_offset: offset + format::FRAME_HEADER_BYTES as u64,
+            payload_len: payload.len() as u32,
+            count: header.count,
+            min_time,
+            max_time,
+        };
+        Ok((segment.shared.clone(), meta, segment.len))
+    }
+
+    /// Makes sure `open[window]` is a segment with room for `frame_len` more bytes (or empty).
+    fn segment_for(&mut self, window: i64, frame_len: u64) -> Result<(), StoreError> {
+        self.tick += 1;
+        let tick = self.tick;
+        if let Some(segment) = self.open.get_mut(&window) {
+            segment.last_used = tick;
+            if segment.len <= FILE_HEADER_BYTES as u64
+                || segment.len + frame_len <= self.segment_bytes_max
+            {
+                return Ok(());
+            }
+            // Full: roll to the next sequence number.
+            let seq = segment.shared.seq + 1;
+            self.close(window)?;
+            return self.create_segment(window, seq);
+        }
+        // Not open: reuse the newest segment of this window if it matches and has room.
+        let (newest_matching, next_seq) = {
+            let segments = crate::store::read_segments(&self.shard);
+            let in_window: Vec<&Arc<SegmentShared>> = segments
+                .iter()
+                .filter(|segment| segment.window_start == window)
+                .collect();
+            let next_seq = in_window
+                .iter()
+                .map(|segment| segment.seq + 1)
+                .max()
+                .unwrap_or(0);
+            let newest = in_window
+                .iter()
+                .max_by_key(|segment| segment.seq)
+                .copied()
+                .cloned();
+            (
+                newest.filter(|segment| segment.partition_secs == self.partition_secs),
+                next_seq,
+            )
+        };
+        if let Some(shared) = newest_matching {
+            let len = shared.published_len.load(Ordering::Acquire);
+            if len + frame_len <= self.segment_bytes_max || len <= FILE_HEADER_BYTES as u64 {
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&shared.path)
+                    .map_err(|error| StoreError::io("open segment", &shared.path, error))?;
+                self.make_room()?;
+                self.open.insert(
+                    window,
+                    OpenSegment {
+                        file,
+                        shared,
+                        len,
+                        last_used: tick,
+                        written_this_commit: false,
+                    },
+                );
+                return Ok(());
+            }
+        }
+        self.create_segment(window, next_seq)
+    }
+
+    fn create_segment(&mut self, window: i64, seq: u64) -> Result<(), StoreError> {
+        self.make_room()?;
+        let path = segment_path(&self.shard.dir, window, seq);
+        let header = FileHeader {
+            kind: FileKind::Segment,
+            shard: self.shard.shard,
+            window_start: window,
+            partition_secs: self.partition_secs,
+            seq,
+        };
+        let window_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let file = create_with_header(&window_dir, &path, &header, &mut self.faults)?;
+        let shared = Arc::new(SegmentShared::new(
+            path,
+            window,
+            self.partition_secs,
+            seq,
+            FILE_HEADER_BYTES as u64,
+            Vec::new(),
+        ));
+        write_lock(&self.shard.segments).push(shared.clone());
+        self.open.insert(
+            window,
+            OpenSegment {
+                file,
+                shared,
+                len: FILE_HEADER_BYTES as u64,
+                last_used: self.tick,
+                written_this_commit: false,
+            },
+        );
+        Ok(())
+    }
+
+    /// Closes the least recently used segment if `open_segments_max` are open.
+    fn make_room(&mut self) -> Result<(), StoreError> {
+        while self.open.len() >= OPEN_SEGMENTS_MAX {
+            let Some(window) = self
+                .open
+                .iter()
+                .min_by_key(|(_, segment)| segment.last_used)
+                .map(|(window, _)| *window)
+            else {
+                break;
+            };
+            self.close(window)?;
+        }
+        Ok(())
+    }
+
+    /// Closes an open segment, syncing it first if this commit wrote to it (fsync mode).
+    fn close(&mut self, window: i64) -> Result<(), StoreError> {
+        let Some(segment) = self.open.get(&window) else {
+            return Ok(());
+        };
+        if segment.written_this_commit {
+            self.touched.push(segment.shared.clone());
+            if self.durability == Durability::Fsync {
+                self.faults.check("fdatasync", &segment.shared.path)?;
+                segment
+                    .file
+                    .sync_data()
+                    .map_err(|error| StoreError::io("fdatasync", &segment.shared.path, error))?;
+            }
+        }
+        self.open.remove(&window);
+        Ok(())
+    }
+
+    /// Segment files open right now (bounded by `OPEN_SEGMENTS_MAX`).
+    pub fn open_segments(&self) -> usize {
+        self.open.len()
+    }
+}
+
+impl Drop for ShardWriter {
+    fn drop(&mut self) {
+        lock(&self.inner.writers).remove(&self.shard.shard);
+    }
+}
+
+/// floor(time / partition_secs) * partition_secs, in whole seconds.
+pub(crate) fn window_of(time: f64, partition_secs: u64) -> i64 {
+    let width = partition_secs as f64;
+    ((time / width).floor() * width) as i64
+}
+
+/// Creates a file (and its directory), writes the header, and makes both durable before any
+/// frame is written to it.
+fn create_with_header(
+    dir: &Path,
+    path: &Path,
+    header: &FileHeader,
+    faults: &mut Faults,
+) -> Result<File, StoreError> {
+    let missing: Vec<&Path> = dir
+        .ancestors()
+        .take_while(|ancestor| !ancestor.exists())
+        .collect();
+    if !missing.is_empty() {
+        std::fs::create_dir_all(dir)
+            .map_err(|error| StoreError::io("create directory", dir, error))?;
+        // Make each created directory's entry durable in its parent (outermost first).
+        for created in missing.iter().rev() {
+            if let Some(parent) = created.parent() {
+                sync_dir(parent)?;
+            }
+        }
+    }
+    faults.check("create", path)?;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(|error| StoreError::io("create", path, error))?;
+    file.write_all_at(&header.encode(), 0)
+        .map_err(|error| StoreError::io("write header", path, error))?;
+    file.sync_data()
+        .map_err(|error| StoreError::io("fdatasync", path, error))?;
+    sync_dir(dir)?;
+    Ok(file)
+}
