@@ -1,1 +1,70 @@
-fn main() {}
+//! `sluice`: the companion command line of `sluiced`.
+//!
+//! Exit codes: 0 on success, 1 on failure (including `verify` finding corruption), 2 for a bad
+//! command line.
+
+mod load;
+mod query;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "sluice",
+    version,
+    about = "Load generation, queries and store inspection for sluiced"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Ask a running sluiced over its HTTP port
+    Query(query::QueryArgs),
+    /// Drive a CoAP server with a simulated fleet of devices and report what it answered
+    Load(load::LoadArgs),
+    /// Describe a data directory: partitions, segments, blocks, points, bytes per point
+    Inspect {
+        /// The data directory of sluiced
+        #[arg(long, env = "SLUICE_DATA_DIR", default_value = "./sluice-data")]
+        data_dir: PathBuf,
+    },
+    /// Check every checksum of a data directory; exit 1 on corruption
+    Verify {
+        /// The data directory of sluiced
+        #[arg(long, env = "SLUICE_DATA_DIR", default_value = "./sluice-data")]
+        data_dir: PathBuf,
+        /// Cut torn tails back to the last valid block (takes the directory's lock)
+        #[arg(long)]
+        repair: bool,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Query(args) => query::run(args),
+        Command::Load(args) => load::run(args),
+        Command::Inspect { data_dir } => sluice_storage::inspect(&data_dir)
+            .map(|inspection| print!("{inspection}"))
+            .map_err(anyhow::Error::from),
+        Command::Verify { data_dir, repair } => match sluice_storage::verify(&data_dir, repair) {
+            Ok(report) => {
+                print!("{report}");
+                if !report.is_clean() {
+                    std::process::exit(1);
+                }
+                Ok(())
+            }
+            Err(error) => Err(error.into()),
+        },
+    };
+    if let Err(error) = result {
+        eprintln!("sluice: {error:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,227 @@
+//! Configuration: every setting is a command-line flag, an environment variable `SLUICE_<FLAG>` and a
+//! key of the `--config` TOML file (the flag's name, e.g. `data-dir`). Precedence: flag, then
+//! environment, then file, then the built-in default. The file format is documented in
+//! `docs/configuration.md`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Parser, ValueEnum};
+use serde::Deserialize;
+
+#[derive(Parser, Debug, Default, Deserialize)]
+#[command(
+    name = "sluiced",
+    version,
+    about = "sluice: telemetry ingestion daemon for IoT fleets (CoAP in, HTTP queries out)"
+)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Options {
+    /// TOML file with any of these settings as keys (e.g. `data-dir = "/var/lib/sluice"`).
+    #[arg(long, env = "SLUICE_CONFIG", value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+
+    /// Data directory; one process owns it [default: ./sluice-data]
+    #[arg(long, env = "SLUICE_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Plain CoAP listen address, or `off` [default: 0.0.0.0:5683]
+    #[arg(long, env = "SLUICE_COAP", value_name = "ADDR|off")]
+    pub coap: Option<String>,
+
+    /// CoAP over DTLS listen address, active with --credentials [default: 0.0.0.0:5684]
+    #[arg(long, env = "SLUICE_COAPS", value_name = "ADDR")]
+    pub coaps: Option<SocketAddr>,
+
+    /// Device credentials (TOML, see docs/credentials.md); enables CoAPS
+    #[arg(long, env = "SLUICE_CREDENTIALS", value_name = "FILE")]
+    pub credentials: Option<PathBuf>,
+
+    /// HTTP query and metrics listen address [default: 127.0.0.1:8683]
+    #[arg(long, env = "SLUICE_HTTP", value_name = "ADDR")]
+    pub http: Option<SocketAddr>,
+
+    /// Number of shard threads [default: available cores]
+    #[arg(long, env = "SLUICE_SHARDS", value_name = "N")]
+    pub shards: Option<usize>,
+
+    /// When a CON reading is acknowledged: after fdatasync, or after write(2) [default: fsync]
+    #[arg(long, env = "SLUICE_DURABILITY", value_enum)]
+    pub durability: Option<DurabilityMode>,
+
+    /// Time window of one storage partition, e.g. 1h, 30m, 1d [default: 1h]
+    #[arg(long, env = "SLUICE_PARTITION", value_name = "DURATION")]
+    pub partition: Option<String>,
+
+    /// Drop partitions older than this, e.g. 30d [default: keep everything]
+    #[arg(long, env = "SLUICE_RETENTION", value_name = "DURATION")]
+    pub retention: Option<String>,
+
+    /// Log line format on stderr [default: text]
+    #[arg(long, env = "SLUICE_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DurabilityMode {
+    Fsync,
+    Os,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The resolved settings the daemon runs with.
+#[derive(Debug)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub coap: Option<SocketAddr>,
+    pub http: SocketAddr,
+    pub shards: usize,
+    pub durability: DurabilityMode,
+    pub partition: Duration,
+    pub log_format: LogFormat,
+}
+
+/// Shards beyond this are refused: each costs a thread, sockets and buffers.
+pub const SHARDS_MAX: usize = 256;
+
+impl Options {
+    /// Fill what the command line and environment left unset from the config file, then defaults.
+    pub fn resolve(mut self) -> anyhow::Result<Config> {
+        if let Some(path) = self.config.take() {
+            let file = read_file(&path)?;
+            self.merge(file);
+        }
+        if self.credentials.is_some() || self.coaps.is_some() {
+            bail!("--credentials/--coaps: CoAPS (DTLS) is not available in this version yet");
+        }
+        if self.retention.is_some() {
+            bail!("--retention: retention is not available in this version yet");
+        }
+        let coap = match self.coap.as_deref().unwrap_or("0.0.0.0:5683") {
+            "off" => None,
+            addr => Some(
+                addr.parse()
+                    .with_context(|| format!("--coap: `{addr}` is not an address or `off`"))?,
+            ),
+        };
+        let shards = match self.shards {
+            Some(0) => bail!("--shards: must be at least 1"),
+            Some(n) if n > SHARDS_MAX => bail!("--shards: at most {SHARDS_MAX}"),
+            Some(n) => n,
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        };
+        let partition = parse_duration("--partition", self.partition.as_deref().unwrap_or("1h"))?;
+        if partition.as_secs() == 0 || partition.subsec_nanos() != 0 {
+            bail!("--partition: must be a whole number of seconds, at least 1s");
+        }
+        Ok(Config {
+            data_dir: self
+                .data_dir
+                .unwrap_or_else(|| PathBuf::from("./sluice-data")),
+            coap,
+            http: self.http.unwrap_or_else(|| ([127, 0, 0, 1], 8683).into()),
+            shards,
+            durability: self.durability.unwrap_or(DurabilityMode::Fsync),
+            partition,
+            log_format: self.log_format.unwrap_or(LogFormat::Text),
+        })
+    }
+
+    fn merge(&mut self, file: Options) {
+        macro_rules! fill {
+            ($($field:ident),*) => { $( if self.$field.is_none() { self.$field = file.$field; } )* };
+        }
+        fill!(
+            data_dir,
+            coap,
+            coaps,
+            credentials,
+            http,
+            shards,
+            durability,
+            partition,
+            retention,
+            log_format
+        );
+    }
+}
+
+fn read_file(path: &Path) -> anyhow::Result<Options> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("--config: cannot read {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("--config: {} is not valid", path.display()))
+}
+
+/// Durations as operators write them: `90s`, `30m`, `1h`, `7d`.
+pub fn parse_duration(what: &str, text: &str) -> anyhow::Result<Duration> {
+    humantime::parse_duration(text)
+        .with_context(|| format!("{what}: `{text}` is not a duration such as 30m, 1h or 7d"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(args: &[&str]) -> Options {
+        Options::try_parse_from(std::iter::once("sluiced").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn defaults_follow_the_contract() {
+        let config = options(&[]).resolve().unwrap();
+        assert_eq!(config.data_dir, PathBuf::from("./sluice-data"));
+        assert_eq!(
+            config.coap,
+            Some("0.0.0.0:5683".parse::<SocketAddr>().unwrap())
+        );
+        assert_eq!(config.http, "127.0.0.1:8683".parse::<SocketAddr>().unwrap());
+        assert_eq!(config.durability, DurabilityMode::Fsync);
+        assert_eq!(config.partition, Duration::from_secs(3600));
+        assert!(config.shards >= 1);
+    }
+
+    #[test]
+    fn command_line_wins_over_file_and_file_over_default() {
+        let dir = std::env::temp_dir().join(format!("sluiced-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("sluiced.toml");
+        std::fs::write(
+            &file,
+            "shards = 3\nhttp = \"127.0.0.1:9000\"\ncoap = \"off\"\n",
+        )
+        .unwrap();
+        let config = options(&["--config", file.to_str().unwrap(), "--shards", "5"])
+            .resolve()
+            .unwrap();
+        assert_eq!(config.shards, 5);
+        assert_eq!(config.http, "127.0.0.1:9000".parse::<SocketAddr>().unwrap());
+        assert_eq!(config.coap, None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn unknown_config_keys_and_bad_values_are_refused() {
+        let dir = std::env::temp_dir().join(format!("sluiced-config-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("sluiced.toml");
+        std::fs::write(&file, "shard = 3\n").unwrap();
+        let err = options(&["--config", file.to_str().unwrap()])
+            .resolve()
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("unknown field"), "{err:#}");
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(options(&["--partition", "soon"]).resolve().is_err());
+        assert!(options(&["--coap", "nowhere"]).resolve().is_err());
+        assert!(options(&["--shards", "0"]).resolve().is_err());
+    }
+}
