@@ -205,6 +205,11 @@ pub fn frame_at(
     if header.payload_len as usize > FRAME_PAYLOAD_BYTES_MAX {
         return Err(FrameError::Header("frame payload length above the maximum"));
     }
+    // The whole frame, padding included, must be in the file: a frame whose padding is cut
+    // was never completely written.
+    if offset + header.frame_len() > bytes.len() {
+        return Err(FrameError::Truncated);
+    }
     let start = offset + FRAME_HEADER_BYTES;
     let Some(payload) = bytes.get(start..start + header.payload_len as usize) else {
         return Err(FrameError::Truncated);
