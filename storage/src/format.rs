@@ -40,8 +40,8 @@ pub const BLOCK_RECORDS_MAX: usize = 8192;
 /// A block is closed once its string/data values reach this many bytes.
 pub const BLOCK_BYTES_TARGET: usize = 1 << 20;
 
-const _: () = assert!(FRAME_HEADER_BYTES % FRAME_ALIGN == 0);
-const _: () = assert!(FILE_HEADER_BYTES % FRAME_ALIGN == 0);
+const _: () = assert!(FRAME_HEADER_BYTES & (FRAME_ALIGN - 1) == 0);
+const _: () = assert!(FILE_HEADER_BYTES & (FRAME_ALIGN - 1) == 0);
 const _: () = assert!(
     BLOCK_BYTES_TARGET + VALUE_BYTES_MAX + 16 * BLOCK_RECORDS_MAX * 4 < FRAME_PAYLOAD_BYTES_MAX
 );
@@ -181,7 +181,7 @@ pub fn frame_at(
     bytes: &[u8],
     offset: usize,
     kind: FileKind,
-    validate: &mut dyn FnMut(&FrameHeader, &[u8]) -> Result<(), String>,
+    validate: Validator<'_>,
 ) -> Result<FrameHeader, FrameError> {
     let Some(head) = bytes.get(offset..offset.saturating_add(FRAME_HEADER_BYTES)) else {
         return Err(FrameError::Header(
@@ -221,6 +221,9 @@ pub fn frame_at(
     Ok(header)
 }
 
+/// Checks a frame's payload content (after its checksum matched).
+pub type Validator<'a> = &'a mut dyn FnMut(&FrameHeader, &[u8]) -> Result<(), String>;
+
 /// A valid frame found by `scan`.
 #[derive(Clone, Copy, Debug)]
 pub struct ScannedFrame {
@@ -251,11 +254,7 @@ pub struct Scan {
 
 /// Walks every frame after the file header. At an invalid frame, searches forward (16-byte
 /// steps) for the next valid frame: found, the invalid bytes are a hole; not found, a torn tail.
-pub fn scan(
-    bytes: &[u8],
-    kind: FileKind,
-    validate: &mut dyn FnMut(&FrameHeader, &[u8]) -> Result<(), String>,
-) -> Scan {
+pub fn scan(bytes: &[u8], kind: FileKind, validate: Validator<'_>) -> Scan {
     let mut result = Scan {
         valid_end: FILE_HEADER_BYTES as u64,
         ..Scan::default()
@@ -371,7 +370,7 @@ pub fn validate_block(header: &FrameHeader, payload: &[u8]) -> Result<(), String
 
 /// Runs `f` on `bytes` if they are 16-aligned, else on an aligned copy.
 pub fn with_aligned<R>(bytes: &[u8], f: impl FnOnce(&[u8]) -> R) -> R {
-    if (bytes.as_ptr() as usize) % FRAME_ALIGN == 0 {
+    if (bytes.as_ptr() as usize) & (FRAME_ALIGN - 1) == 0 {
         f(bytes)
     } else {
         let mut copy = AlignedVec::<16>::with_capacity(bytes.len());

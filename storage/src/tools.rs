@@ -345,7 +345,7 @@ fn walk(dir: &Path, repair: bool) -> Result<(Inspection, VerifyReport), StoreErr
                         );
                         add_problem(&mut report, &mut inspection, &path, 0, what, false);
                     }
-                    segment.torn_bytes = bytes.len() as u64 - scan.valid_end;
+                    segment.torn_bytes = (bytes.len() as u64).saturating_sub(scan.valid_end);
                     segment.corrupt_regions = scan.holes.len() as u64;
                     check_scan(&mut report, &path, bytes.len() as u64, &scan, repair)?;
                     let mut unknown = 0u64;

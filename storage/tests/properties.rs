@@ -1,0 +1,138 @@
+//! Property tests: the store against a model, and arbitrary damage never panics.
+
+use std::path::Path;
+
+use proptest::prelude::*;
+use sluice_storage::{verify, Durability, Store, StoreConfig, Value, ValueRef};
+
+fn config(dir: &Path) -> StoreConfig {
+    StoreConfig {
+        dir: dir.to_path_buf(),
+        partition_secs: 60,
+        durability: Durability::Os,
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
+
+    /// Commits of readings for a few series at random times: every query range over the
+    /// store, live and after reopen, equals the model's answer.
+    #[test]
+    fn queries_match_a_model(
+        commits in prop::collection::vec(prop::collection::vec((0u8..3, -500i32..500, any::<i16>()), 0..40), 1..6),
+        ranges in prop::collection::vec((-600i32..600, 0i32..600), 1..5),
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut model: Vec<(u8, f64, f64)> = Vec::new();
+        let check = |store: &Store, model: &Vec<(u8, f64, f64)>| {
+            let reader = store.reader();
+            for series in 0u8..3 {
+                for &(from, width) in &ranges {
+                    let (from, to) = (from as f64 / 2.0, (from + width) as f64 / 2.0);
+                    let got = reader.series("dev", &format!("s{series}"), from, to).unwrap();
+                    let mut want: Vec<(f64, Value)> = model.iter()
+                        .filter(|(s, time, _)| *s == series && *time >= from && *time < to)
+                        .map(|(_, time, value)| (*time, Value::Number(*value)))
+                        .collect();
+                    want.sort_by(|a, b| a.0.total_cmp(&b.0));
+                    if model.iter().any(|(s, _, _)| *s == series) {
+                        let got = got.expect("series seen");
+                        let mut got_sorted = got.clone();
+                        got_sorted.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.partial_cmp_number(&b.1)));
+                        want.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.partial_cmp_number(&b.1)));
+                        prop_assert_eq!(got_sorted, want);
+                    } else {
+                        prop_assert_eq!(got, None);
+                    }
+                }
+            }
+            let points: u64 = reader.devices().iter().map(|device| device.points).sum();
+            prop_assert_eq!(points as usize, model.len());
+            Ok(())
+        };
+        {
+            let store = Store::open(config(dir.path())).unwrap().0;
+            let mut writer = store.writer(0).unwrap();
+            for commit in &commits {
+                for &(series, half_seconds, value) in commit {
+                    let time = half_seconds as f64 / 2.0;
+                    writer.append("dev", &format!("s{series}"), time, ValueRef::Number(value as f64)).unwrap();
+                    model.push((series, time, value as f64));
+                }
+                writer.commit().unwrap();
+            }
+            check(&store, &model)?;
+        }
+        let store = Store::open(config(dir.path())).unwrap().0;
+        check(&store, &model)?;
+        drop(store);
+        prop_assert!(verify(dir.path(), false).unwrap().is_clean());
+    }
+
+    /// Arbitrary truncation and byte damage of any file: open and queries never panic, and
+    /// when open succeeds the store still takes commits.
+    #[test]
+    fn damage_never_panics(
+        file_pick in any::<prop::sample::Index>(),
+        cut in any::<prop::sample::Index>(),
+        flips in prop::collection::vec((any::<prop::sample::Index>(), 1u8..=255), 0..4),
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(config(dir.path())).unwrap().0;
+            let mut writer = store.writer(0).unwrap();
+            for commit in 0..4 {
+                for i in 0..6 {
+                    let time = (commit * 50 + i * 7) as f64;
+                    writer.append("dev", if i % 2 == 0 { "a" } else { "b" }, time, ValueRef::String("v")).unwrap();
+                }
+                writer.commit().unwrap();
+            }
+        }
+        let mut files = Vec::new();
+        let mut stack = vec![dir.path().join("shard-0")];
+        while let Some(path) = stack.pop() {
+            for entry in std::fs::read_dir(&path).unwrap() {
+                let entry = entry.unwrap();
+                if entry.file_type().unwrap().is_dir() { stack.push(entry.path()) } else { files.push(entry.path()) }
+            }
+        }
+        files.sort();
+        let file = &files[file_pick.index(files.len())];
+        let mut bytes = std::fs::read(file).unwrap();
+        for (at, mask) in flips {
+            let index = at.index(bytes.len());
+            bytes[index] ^= mask;
+        }
+        bytes.truncate(cut.index(bytes.len() + 1));
+        std::fs::write(file, &bytes).unwrap();
+
+        let _ = verify(dir.path(), false);
+        let _ = sluice_storage::inspect(dir.path());
+        if let Ok((store, _report)) = Store::open(config(dir.path())) {
+            let reader = store.reader();
+            let _ = reader.series("dev", "a", f64::MIN, f64::MAX);
+            let _ = reader.series("dev", "b", 0.0, 100.0);
+            let _ = reader.devices();
+            let _ = reader.latest("dev");
+            let mut writer = store.writer(0).unwrap();
+            writer.append("dev", "c", 1.0, ValueRef::Number(1.0)).unwrap();
+            writer.commit().unwrap();
+            prop_assert_eq!(reader.series("dev", "c", 0.0, 2.0).unwrap().unwrap().len(), 1);
+        }
+    }
+}
+
+trait NumberOrder {
+    fn partial_cmp_number(&self, other: &Self) -> std::cmp::Ordering;
+}
+
+impl NumberOrder for Value {
+    fn partial_cmp_number(&self, other: &Self) -> std::cmp::Ordering {
+        match (self, other) {
+            (Value::Number(a), Value::Number(b)) => a.total_cmp(b),
+            _ => std::cmp::Ordering::Equal,
+        }
+    }
+}
