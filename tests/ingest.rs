@@ -306,6 +306,18 @@ fn every_error_code_of_the_contract_is_answered() {
     let bad = client.post("/t/dev-e", JSON, b"{not json");
     assert_eq!(code(&bad), "4.00");
     assert!(!bad.payload.is_empty(), "4.00 carries a diagnostic");
+    // A time the store cannot hold refuses the whole request.
+    let far = client.post(
+        "/t/dev-e",
+        JSON,
+        br#"[{"n":"v","v":1},{"n":"w","v":2,"t":1e300}]"#,
+    );
+    assert_eq!(code(&far), "4.00");
+    assert!(
+        String::from_utf8_lossy(&far.payload).contains("time"),
+        "{:?}",
+        far.payload
+    );
     assert_eq!(code(&client.post("/t", JSON, good)), "4.01");
     assert_eq!(code(&client.post("/elsewhere", JSON, good)), "4.04");
     let id = client.message_id();
@@ -328,7 +340,7 @@ fn every_error_code_of_the_contract_is_answered() {
     assert_eq!(code(&client.post("/t/dev-e", Some(0), good)), "4.15");
     // Nothing of the rejected requests was stored.
     assert_eq!(daemon.get("/v1/devices/dev-e/latest").0, 404);
-    assert!(daemon.metric("sluice_error_responses_total") >= 6.0);
+    assert!(daemon.metric("sluice_error_responses_total") >= 7.0);
 }
 
 #[test]

@@ -80,8 +80,17 @@ impl Shard {
                     Outcome::Ignore => {}
                     Outcome::Reply => send.push(peer, &response),
                     Outcome::Store(exchange) => {
+                        if let Err(error) = check(&exchange.device, &readings) {
+                            // Nothing of the request is stored: one refused reading refuses all.
+                            endpoint.rejected(&exchange, &error.to_string(), &mut response);
+                            if !response.is_empty() {
+                                send.push(peer, &response);
+                            }
+                            continue;
+                        }
                         if let Err(error) = append(&mut self.writer, &exchange.device, &readings) {
-                            tracing::warn!(shard = self.index, %error, "append failed");
+                            // Only a shard out of series ids gets here (2^32 of them).
+                            tracing::error!(shard = self.index, %error, "append failed");
                         }
                         pending.push(Pending {
                             exchange,
@@ -189,21 +198,30 @@ impl Shard {
     }
 }
 
+fn value(reading: &Reading) -> ValueRef<'_> {
+    match &reading.value {
+        Value::Number(n) => ValueRef::Number(*n),
+        Value::Bool(b) => ValueRef::Bool(*b),
+        Value::String(s) => ValueRef::String(s),
+        Value::Data(d) => ValueRef::Data(d),
+    }
+}
+
+/// Whether the store can hold every reading of a request.
+fn check(device: &str, readings: &[Reading]) -> Result<(), sluice_storage::StoreError> {
+    readings
+        .iter()
+        .try_for_each(|r| sluice_storage::check_reading(device, &r.name, r.time, &value(r)))
+}
+
 fn append(
     writer: &mut ShardWriter,
     device: &str,
     readings: &[Reading],
 ) -> Result<(), sluice_storage::StoreError> {
-    for reading in readings {
-        let value = match &reading.value {
-            Value::Number(n) => ValueRef::Number(*n),
-            Value::Bool(b) => ValueRef::Bool(*b),
-            Value::String(s) => ValueRef::String(s),
-            Value::Data(d) => ValueRef::Data(d),
-        };
-        writer.append(device, &reading.name, reading.time, value)?;
-    }
-    Ok(())
+    readings
+        .iter()
+        .try_for_each(|r| writer.append(device, &r.name, r.time, value(r)))
 }
 
 pub fn unix_seconds(time: SystemTime) -> f64 {

@@ -443,20 +443,58 @@ impl Endpoint {
         let Some(entry) = self.dedup.remove(&(exchange.peer, exchange.message_id)) else {
             return;
         };
+        let options = [(CoapOption::MaxAge, uint_bytes(max_age_s))];
+        self.respond_to_entry(
+            exchange,
+            &entry,
+            ResponseType::ServiceUnavailable,
+            &options,
+            "storage unavailable",
+            response,
+        );
+    }
+
+    /// The store refused the readings of a Store outcome (e.g. a time it cannot hold): nothing of
+    /// the exchange was stored. Writes a 4.00 with `diagnostic` into `response` (cleared first),
+    /// which duplicates of the exchange get again.
+    pub fn rejected(&mut self, exchange: &Exchange, diagnostic: &str, response: &mut Vec<u8>) {
+        response.clear();
+        self.counters.bad_request += 1;
+        let key = (exchange.peer, exchange.message_id);
+        let Some(entry) = self.dedup.remove(&key) else {
+            return;
+        };
+        self.respond_to_entry(
+            exchange,
+            &entry,
+            ResponseType::BadRequest,
+            &[],
+            truncate(diagnostic),
+            response,
+        );
+        let mut entry = entry;
+        entry.state = DedupState::Done;
+        entry.response.clear();
+        entry.response.extend_from_slice(response);
+        self.dedup.insert(key, entry);
+    }
+
+    fn respond_to_entry(
+        &mut self,
+        exchange: &Exchange,
+        entry: &DedupEntry,
+        code: ResponseType,
+        options: &[(CoapOption, Vec<u8>)],
+        diagnostic: &str,
+        response: &mut Vec<u8>,
+    ) {
         let request = Request {
             confirmable: entry.confirmable,
             message_id: exchange.message_id,
             token: &entry.token[..usize::from(entry.token_len)],
             no_response: entry.no_response,
         };
-        let options = [(CoapOption::MaxAge, uint_bytes(max_age_s))];
-        self.respond(
-            &request,
-            ResponseType::ServiceUnavailable,
-            &options,
-            b"storage unavailable",
-            response,
-        );
+        self.respond(&request, code, options, diagnostic.as_bytes(), response);
     }
 
     /// Drops expired dedup entries and timed-out Block1 transfers. O(expired) for the dedup table;

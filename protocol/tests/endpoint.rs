@@ -178,6 +178,29 @@ fn unavailable_answers_503_and_a_retransmission_is_stored() {
 }
 
 #[test]
+fn rejected_answers_400_and_duplicates_get_it_again_without_storing() {
+    let mut h = Harness::new();
+    let packet = post(MessageType::Confirmable, 10, &["t", "dev-1"], BODY);
+    let Outcome::Store(exchange) = h.send(&packet) else {
+        panic!("expected Store")
+    };
+    let mut response = Vec::new();
+    h.endpoint
+        .rejected(&exchange, "time 1e300 is out of range", &mut response);
+    let answer = Packet::from_bytes(&response).unwrap();
+    assert_eq!(answer.header.get_type(), MessageType::Acknowledgement);
+    assert_eq!(
+        answer.header.code,
+        MessageClass::Response(ResponseType::BadRequest)
+    );
+    assert_eq!(answer.payload, b"time 1e300 is out of range");
+    assert_eq!(h.endpoint.counters().bad_request, 1);
+    assert!(matches!(h.send(&packet), Outcome::Reply));
+    assert_eq!(h.response, response);
+    assert!(h.readings.is_empty());
+}
+
+#[test]
 fn unavailable_for_non_is_a_non_response() {
     let mut h = Harness::new();
     let packet = post(MessageType::NonConfirmable, 10, &["t", "d"], BODY);

@@ -19,7 +19,7 @@ use std::path::PathBuf;
 
 pub use store::{DeviceSummary, Reader, Store};
 pub use tools::{inspect, verify, Inspection, SegmentInspection, VerifyProblem, VerifyReport};
-pub use writer::{CommitStats, ShardWriter};
+pub use writer::{check_reading, CommitStats, ShardWriter};
 
 /// Segments are rolled when the next frame would take them past this size.
 pub const SEGMENT_BYTES_MAX: u64 = 64 << 20;

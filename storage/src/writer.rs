@@ -180,33 +180,7 @@ impl ShardWriter {
         time: f64,
         value: ValueRef<'_>,
     ) -> Result<(), StoreError> {
-        if device.is_empty() || device.len() > NAME_BYTES_MAX {
-            return Err(StoreError::InvalidReading(format!(
-                "device id must be 1 to {NAME_BYTES_MAX} bytes, is {}",
-                device.len()
-            )));
-        }
-        if name.len() > NAME_BYTES_MAX {
-            return Err(StoreError::InvalidReading(format!(
-                "series name must be at most {NAME_BYTES_MAX} bytes, is {}",
-                name.len()
-            )));
-        }
-        if !time.is_finite() || time.abs() > TIME_ABS_MAX {
-            return Err(StoreError::InvalidReading(format!(
-                "time {time} is not a finite number of seconds within ±2^53"
-            )));
-        }
-        let value_len = match value {
-            ValueRef::String(text) => text.len(),
-            ValueRef::Data(data) => data.len(),
-            _ => 0,
-        };
-        if value_len > VALUE_BYTES_MAX {
-            return Err(StoreError::InvalidReading(format!(
-                "value of {value_len} bytes exceeds {VALUE_BYTES_MAX}"
-            )));
-        }
+        check_reading(device, name, time, &value)?;
         let series = match self.ids.get(device).and_then(|names| names.get(name)) {
             Some(&id) => id,
             None => {
@@ -696,6 +670,44 @@ impl Drop for ShardWriter {
 }
 
 /// floor(time / partition_secs) * partition_secs, in whole seconds.
+/// Whether the store can hold this reading: what [`ShardWriter::append`] checks before it buffers
+/// anything. Callers that append several readings as one unit check them all first.
+pub fn check_reading(
+    device: &str,
+    name: &str,
+    time: f64,
+    value: &ValueRef<'_>,
+) -> Result<(), StoreError> {
+    if device.is_empty() || device.len() > NAME_BYTES_MAX {
+        return Err(StoreError::InvalidReading(format!(
+            "device id must be 1 to {NAME_BYTES_MAX} bytes, is {}",
+            device.len()
+        )));
+    }
+    if name.len() > NAME_BYTES_MAX {
+        return Err(StoreError::InvalidReading(format!(
+            "series name must be at most {NAME_BYTES_MAX} bytes, is {}",
+            name.len()
+        )));
+    }
+    if !time.is_finite() || time.abs() > TIME_ABS_MAX {
+        return Err(StoreError::InvalidReading(format!(
+            "time {time} is not a finite number of seconds within ±2^53"
+        )));
+    }
+    let value_len = match value {
+        ValueRef::String(text) => text.len(),
+        ValueRef::Data(data) => data.len(),
+        _ => 0,
+    };
+    if value_len > VALUE_BYTES_MAX {
+        return Err(StoreError::InvalidReading(format!(
+            "value of {value_len} bytes exceeds {VALUE_BYTES_MAX}"
+        )));
+    }
+    Ok(())
+}
+
 pub(crate) fn window_of(time: f64, partition_secs: u64) -> i64 {
     let width = partition_secs as f64;
     ((time / width).floor() * width) as i64
