@@ -62,8 +62,11 @@ const CODE_POST: u8 = 0x02;
 /// Limits and lifetimes of one endpoint (one shard).
 #[derive(Clone, Debug)]
 pub struct EndpointConfig {
-    /// Bound of the (peer, Message ID) table: 65 536 entries of ~100 bytes is a few MiB per shard
-    /// and covers 265 requests/s per shard for a full EXCHANGE_LIFETIME.
+    /// Bound of the (peer, Message ID) table: 262 144 entries of about 250 bytes (entry, map slot,
+    /// expiry queue item) is about 64 MiB per shard. It remembers every exchange for the full
+    /// EXCHANGE_LIFETIME up to 1 000 requests/s per shard, and for MAX_TRANSMIT_SPAN (45 s, the
+    /// window in which a CON is retransmitted) up to 5 800 requests/s per shard. Beyond that the
+    /// oldest entries are evicted (counted in `dedup_evictions`).
     pub dedup_entries_max: usize,
     /// How long a CON exchange is remembered (RFC 7252 EXCHANGE_LIFETIME, 247 s).
     pub exchange_lifetime: Duration,
@@ -84,7 +87,7 @@ pub struct EndpointConfig {
 impl Default for EndpointConfig {
     fn default() -> Self {
         Self {
-            dedup_entries_max: 65_536,
+            dedup_entries_max: 262_144,
             exchange_lifetime: Duration::from_secs(247),
             non_lifetime: Duration::from_secs(145),
             datagram_payload_bytes_max: 16 * 1024,
