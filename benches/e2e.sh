@@ -1,0 +1,247 @@
+#!/usr/bin/env bash
+# End-to-end throughput of sluiced against libcoap's coap-server-notls, in one run, on loopback,
+# with the same client (`sluice load`). Prints a markdown table on stdout; progress on stderr.
+#
+#   benches/e2e.sh                      # 10 s per target
+#   SLUICE_E2E_DURATION=5 benches/e2e.sh
+#
+# Environment:
+#   SLUICE_E2E_DURATION  seconds of load per target (default 10, 1..300)
+#   SLUICE_E2E_WARMUP    seconds of unmeasured load before each measurement (default 1, 0 = none)
+#   SLUICE_E2E_KEEP      1: keep the scratch directory (logs, data dirs) and print its path
+#   SLUICE_E2E_NO_BUILD  1: skip `cargo build` (use the binaries already in target/release)
+#
+# Needs: cargo, curl, jq, ss, coap-server-notls (Debian: libcoap3-bin).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+D=${SLUICE_E2E_DURATION:-10}
+if ! [[ $D =~ ^[0-9]+$ ]] || ((D < 1 || D > 300)); then
+    echo "SLUICE_E2E_DURATION must be whole seconds in 1..300, is '$D'" >&2
+    exit 2
+fi
+WARMUP=${SLUICE_E2E_WARMUP:-1}
+if ! [[ $WARMUP =~ ^[0-9]+$ ]] || ((WARMUP > 60)); then
+    echo "SLUICE_E2E_WARMUP must be whole seconds in 0..60, is '$WARMUP'" >&2
+    exit 2
+fi
+for tool in cargo curl jq ss coap-server-notls; do
+    command -v "$tool" >/dev/null || { echo "e2e.sh: needs $tool" >&2; exit 2; }
+done
+
+SLUICED=$ROOT/target/release/sluiced
+SLUICE=$ROOT/target/release/sluice
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/sluice-e2e.XXXXXX")
+PIDS=()
+
+log() { printf '[e2e %s] %s\n' "$(date +%T)" "$*" >&2; }
+
+# Stops one process we started: SIGTERM, then SIGKILL after a bounded wait.
+stop() {
+    local pid=$1
+    kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 1 100); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        log "pid $pid ignored SIGTERM for 10 s: SIGKILL"
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+    local status=$?
+    for pid in "${PIDS[@]}"; do
+        stop "$pid"
+    done
+    if [[ ${SLUICE_E2E_KEEP:-0} == 1 ]]; then
+        log "kept $WORK"
+    else
+        rm -rf "$WORK"
+    fi
+    exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# A loopback port free for both UDP and TCP right now (the window until bind is small).
+free_port() {
+    local port
+    for _ in $(seq 1 200); do
+        port=$((20000 + RANDOM % 40000))
+        if [[ -z $(ss -Hlnu "sport = :$port") && -z $(ss -Hlnt "sport = :$port") ]]; then
+            echo "$port"
+            return 0
+        fi
+    done
+    echo "e2e.sh: no free port found" >&2
+    return 1
+}
+
+# Waits (bounded) until sluiced answers /readyz; fails if it died.
+wait_ready() {
+    local pid=$1 http=$2 logfile=$3
+    for _ in $(seq 1 300); do
+        if ! kill -0 "$pid" 2>/dev/null; then
+            log "sluiced exited before becoming ready:"
+            tail -20 "$logfile" >&2
+            return 1
+        fi
+        if curl -sf -o /dev/null --max-time 1 "http://127.0.0.1:$http/readyz"; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    log "sluiced not ready after 30 s:"
+    tail -20 "$logfile" >&2
+    return 1
+}
+
+# Same load as the measurement, unmeasured: first-commit file creation, caches, the server's
+# session set-up. Its own device names, so it leaves no dedup or Block1 state the measured run
+# could hit.
+warm_up() {
+    local name=$1
+    shift
+    ((WARMUP > 0)) || return 0
+    if ! timeout $((WARMUP + 120)) "$SLUICE" load --duration "$WARMUP" --device-prefix warm- "$@" \
+        >/dev/null 2>"$WORK/$name.warmup.err"; then
+        log "$name: warm-up failed:"
+        cat "$WORK/$name.warmup.err" >&2
+        return 1
+    fi
+}
+
+# Runs the load client; its last stdout line (JSON) goes to $WORK/<name>.json.
+run_load() {
+    local name=$1
+    shift
+    log "$name: sluice load $*"
+    # Bounded: the run plus the CON give-up time of in-flight requests (2 s * 1.5 * 31 < 95 s).
+    if ! timeout $((D + 120)) "$SLUICE" load --duration "$D" --json "$@" \
+        >"$WORK/$name.out" 2>"$WORK/$name.err"; then
+        log "$name: sluice load failed:"
+        cat "$WORK/$name.err" >&2
+        return 1
+    fi
+    tail -n 1 "$WORK/$name.out" >"$WORK/$name.json"
+    cat "$WORK/$name.err" >&2
+}
+
+# Points the store committed (summed over shards), from /metrics.
+points_stored() {
+    curl -sf --max-time 5 "http://127.0.0.1:$1/metrics" |
+        awk '/^sluice_points_stored_total/ {s += $NF} END {print s + 0}'
+}
+
+# (a) libcoap: answers PUT /example_data with 2.04, stores nothing.
+measure_libcoap() {
+    local name=$1 port pid
+    port=$(free_port)
+    coap-server-notls -A 127.0.0.1 -p "$port" >"$WORK/$name.server.log" 2>&1 &
+    pid=$!
+    PIDS+=("$pid")
+    # libcoap has no readiness probe: wait (bounded) for its UDP socket.
+    for _ in $(seq 1 50); do
+        [[ -n $(ss -Hlnu "sport = :$port") ]] && break
+        sleep 0.1
+    done
+    local load=(--target "127.0.0.1:$port" --path /example_data --method put
+        --devices 100 --window 1 --mode con)
+    warm_up "$name" "${load[@]}"
+    run_load "$name" "${load[@]}"
+    stop "$pid"
+    echo 1 >"$WORK/$name.rpd"
+}
+
+# sluiced with a fresh data dir; $2 = durability, the rest = load arguments.
+measure_sluiced() {
+    local name=$1 durability=$2
+    shift 2
+    local coap http pid dir=$WORK/$name
+    mkdir -p "$dir"
+    coap=$(free_port)
+    http=$(free_port)
+    while [[ $http == "$coap" ]]; do http=$(free_port); done
+    "$SLUICED" --data-dir "$dir/data" --coap "127.0.0.1:$coap" --http "127.0.0.1:$http" \
+        --durability "$durability" >"$dir/sluiced.log" 2>&1 &
+    pid=$!
+    PIDS+=("$pid")
+    wait_ready "$pid" "$http" "$dir/sluiced.log"
+    warm_up "$name" --target "127.0.0.1:$coap" "$@"
+    local before after
+    before=$(points_stored "$http")
+    run_load "$name" --target "127.0.0.1:$coap" "$@"
+    after=$(points_stored "$http")
+    curl -sf --max-time 5 "http://127.0.0.1:$http/metrics" >"$dir/metrics.txt" || true
+    stop "$pid"
+    echo $((after - before)) >"$WORK/$name.stored"
+    local rpd=1 prev=""
+    for arg in "$@"; do
+        [[ $prev == --records-per-datagram ]] && rpd=$arg
+        prev=$arg
+    done
+    echo "$rpd" >"$WORK/$name.rpd"
+}
+
+if [[ ${SLUICE_E2E_NO_BUILD:-0} != 1 ]]; then
+    log "building release binaries"
+    # The root package is the workspace's only default member: name the packages.
+    (cd "$ROOT" && cargo build --release --locked -p sluice-daemon -p sluice-tools \
+        --bin sluiced --bin sluice) >&2
+fi
+[[ -x $SLUICED && -x $SLUICE ]] || { echo "e2e.sh: release binaries missing" >&2; exit 1; }
+
+log "scratch directory $WORK, $D s per target"
+measure_libcoap libcoap
+measure_sluiced fsync_con fsync --devices 100 --window 1 --mode con
+measure_sluiced os_con os --devices 100 --window 1 --mode con
+measure_sluiced fsync_non fsync --devices 100 --window 4 --mode non
+measure_sluiced fsync_rkyv64 fsync --devices 20 --window 2 --mode con \
+    --format rkyv --records-per-datagram 64
+# libcoap again, last: how much the machine's load drifted during the run.
+measure_libcoap libcoap_again
+
+base=$(jq -r '.rate' "$WORK/libcoap.json")
+
+row() {
+    local name=$1 label=$2 json=$WORK/$1.json rpd stored records ratio
+    rpd=$(cat "$WORK/$name.rpd")
+    if [[ -f $WORK/$name.stored ]]; then
+        records=$(jq -r --argjson rpd "$rpd" '.rate * $rpd | floor' "$json")
+        stored=$(cat "$WORK/$name.stored")
+    else
+        records="– (stores nothing)"
+        stored="–"
+    fi
+    ratio=$(jq -r '.rate' "$json" | awk -v base="$base" '{printf "%.2f", $1 / base}')
+    jq -r --arg name "$label" --arg records "$records" --arg stored "$stored" \
+        --arg ratio "$ratio" '
+        "| \($name) | \(.rate | floor) | \($records) | \(.latency_us.p50) / \(.latency_us.p99) | \(.timeouts) | \(.sent) / \(.acknowledged) / \($stored) | \($ratio) |"' \
+        "$json"
+}
+
+echo
+echo "Load: \`sluice load\`, $D s per target after $WARMUP s of warm-up, loopback, $(nproc) cores, $(date -u +%FT%TZ)."
+echo
+echo "| target | requests/s acknowledged | records/s | p50 / p99 µs | timeouts | sent / acked / points stored | × libcoap |"
+echo "|---|---:|---:|---:|---:|---:|---:|"
+row libcoap "libcoap coap-server-notls, CON, 100 dev × 1"
+row fsync_con "sluiced fsync, CON, 100 dev × 1"
+row os_con "sluiced os, CON, 100 dev × 1"
+row fsync_non "sluiced fsync, NON, 100 dev × 4"
+row fsync_rkyv64 "sluiced fsync, CON rkyv × 64 records, 20 dev × 2"
+row libcoap_again "libcoap coap-server-notls again (drift check)"
+echo
+
+fsync=$(jq -r '.rate' "$WORK/fsync_con.json")
+again=$(jq -r '.rate' "$WORK/libcoap_again.json")
+if jq -en --argjson a "$fsync" --argjson b "$base" --argjson c "$again" '$a >= $b and $a >= $c' >/dev/null; then
+    echo "Target (sluiced fsync CON req/s ≥ libcoap's, both libcoap runs of this run): **met**."
+else
+    echo "Target (sluiced fsync CON req/s ≥ libcoap's, both libcoap runs of this run): **not met**."
+fi
