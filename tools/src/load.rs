@@ -1,41 +1,45 @@
-//! `sluice load`: a fleet of simulated devices, each with its own UDP socket and source port,
+//! `sluice load`: a fleet of simulated devices, each with its own transport and source port,
 //! driving a CoAP server closed-loop (a window of requests in flight per device) or open-loop at
 //! a fixed rate (latency measured from each request's intended send time, so a slow server cannot
-//! hide its queueing: coordinated omission corrected). CON requests are retransmitted as
-//! RFC 7252 §4.2 says. One thread: on a small machine the server needs the other cores.
+//! hide its queueing: coordinated omission corrected). The sending, retransmission and matching
+//! live in [`crate::fleet`]; this file decides what to send and when.
+//!
+//! Readings are realistic: each device carries up to eight kinds of sensor whose values wander
+//! around a typical level (a mean-reverting random walk in the sensor's decimal places), stamped with
+//! the wall-clock send time (`bt`), so a replay of a recording stores the very same readings.
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
-use std::fmt::Write as _;
-use std::io::ErrorKind;
+use std::io::Write as _;
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
-use coap_lite::{MessageClass, MessageType, Packet, RequestType};
-use hdrhistogram::Histogram;
-use mio::net::UdpSocket;
-use mio::{Events, Interest, Poll, Token};
 use rand::Rng;
-use sluice_protocol::batch::{self, Batch, BatchRecord, BatchValue};
+use rkyv::util::AlignedVec;
+use sluice_protocol::batch::{Batch, BatchRecord, BatchValue};
 
-/// Requests one device may have in flight in open-loop mode before sending waits (the waiting
-/// shows up in the measured latency).
+use crate::capture::Recorder;
+use crate::fleet::{Fleet, PlainUdp, ProgressTotal, Settings, Transport};
+
+/// Requests one device may have in flight (closed-loop window, or the open-loop backlog before
+/// sending waits; the waiting shows up in the measured latency). A CoAP Message ID is 16 bits
+/// and must not be reused while in flight; 1024 is far below that and above any sane window.
 const IN_FLIGHT_PER_DEVICE_MAX: usize = 1024;
 /// Simulated devices one run may open (each is a socket and a file descriptor).
 const DEVICES_MAX: usize = 50_000;
-/// Records one datagram may carry.
+/// Records one datagram may carry (sluiced accepts up to 10 000 per request; larger payloads
+/// than one datagram would need Block1, which load does not send).
 const RECORDS_PER_DATAGRAM_MAX: usize = 4096;
-/// Largest response datagram read.
-const RESPONSE_BYTES_MAX: usize = 2048;
+/// RFC 7967 No-Response value suppressing every response class (2.xx, 4.xx, 5.xx).
+const NO_RESPONSE_ALL: u8 = 2 | 8 | 16;
 
 #[derive(Args, Debug)]
 pub struct LoadArgs {
     /// CoAP server to drive, HOST:PORT
     #[arg(long)]
     target: String,
-    /// Simulated devices, each with its own socket
+    /// Simulated devices, each with its own socket and source port
     #[arg(long, default_value_t = 10)]
     devices: usize,
     /// Run for this many seconds [default: 10 unless --count]
@@ -53,6 +57,10 @@ pub struct LoadArgs {
     /// Confirmable (acknowledged, retransmitted) or non-confirmable requests
     #[arg(long, value_enum, default_value = "con")]
     mode: Mode,
+    /// NON requests ask for no response at all (RFC 7967 No-Response: 26): a pure send rate,
+    /// for sinks that do not answer
+    #[arg(long)]
+    no_response: bool,
     /// Payload format
     #[arg(long, value_enum, default_value = "senml-json")]
     format: PayloadFormat,
@@ -74,6 +82,12 @@ pub struct LoadArgs {
     /// Retransmissions of a CON before it counts as timed out (RFC 7252 MAX_RETRANSMIT)
     #[arg(long, default_value_t = 4)]
     max_retransmit: u32,
+    /// Write every datagram sent (retransmissions too) to this pcap file, for `sluice replay`
+    #[arg(long)]
+    record: Option<PathBuf>,
+    /// No progress bar (it is never drawn when stderr is not a terminal)
+    #[arg(long)]
+    quiet: bool,
     /// End with one JSON line of the results
     #[arg(long)]
     json: bool,
@@ -98,44 +112,109 @@ enum Method {
     Put,
 }
 
-const SENSOR_NAMES: [&str; 8] = [
-    "temperature",
-    "humidity",
-    "pressure",
-    "battery",
-    "co2",
-    "illuminance",
-    "voltage",
-    "current",
+/// A kind of sensor: its name, typical level and spread, step per reading, range and resolution.
+struct SensorKind {
+    name: &'static str,
+    level: f64,
+    spread: f64,
+    step: f64,
+    min: f64,
+    max: f64,
+    /// Decimal places the sensor reports.
+    decimals: i32,
+}
+
+const SENSOR_KINDS: [SensorKind; 8] = [
+    SensorKind {
+        name: "temperature",
+        level: 21.0,
+        spread: 3.0,
+        step: 0.05,
+        min: -40.0,
+        max: 85.0,
+        decimals: 2,
+    },
+    SensorKind {
+        name: "humidity",
+        level: 45.0,
+        spread: 10.0,
+        step: 0.2,
+        min: 0.0,
+        max: 100.0,
+        decimals: 1,
+    },
+    SensorKind {
+        name: "pressure",
+        level: 1013.25,
+        spread: 8.0,
+        step: 0.05,
+        min: 870.0,
+        max: 1085.0,
+        decimals: 2,
+    },
+    SensorKind {
+        name: "battery",
+        level: 3.9,
+        spread: 0.2,
+        step: 0.002,
+        min: 3.0,
+        max: 4.2,
+        decimals: 3,
+    },
+    SensorKind {
+        name: "co2",
+        level: 600.0,
+        spread: 200.0,
+        step: 5.0,
+        min: 400.0,
+        max: 5000.0,
+        decimals: 0,
+    },
+    SensorKind {
+        name: "illuminance",
+        level: 300.0,
+        spread: 250.0,
+        step: 10.0,
+        min: 0.0,
+        max: 100_000.0,
+        decimals: 1,
+    },
+    SensorKind {
+        name: "voltage",
+        level: 230.0,
+        spread: 4.0,
+        step: 0.3,
+        min: 180.0,
+        max: 260.0,
+        decimals: 1,
+    },
+    SensorKind {
+        name: "current",
+        level: 1.5,
+        spread: 1.0,
+        step: 0.05,
+        min: 0.0,
+        max: 16.0,
+        decimals: 2,
+    },
 ];
 
-struct Request {
-    message_id: u16,
-    datagram: Vec<u8>,
-    intended: Instant,
-    deadline: Instant,
-    timeout: Duration,
-    retransmissions: u32,
-    /// An empty ACK arrived: the response comes separately; no more retransmissions.
-    acknowledged_empty: bool,
-}
-
-struct Device {
-    socket: UdpSocket,
-    path: String,
+/// One simulated device's sensors and its precomputed request prefix.
+struct DeviceState {
+    /// Series names, one per record of a datagram.
+    names: Vec<String>,
+    /// (level the value reverts to, current value) per record.
+    values: Vec<(f64, f64)>,
+    /// The CoAP options of every request of this device, encoded once.
+    options: Vec<u8>,
     next_message_id: u16,
     next_token: u32,
-    values: Vec<f64>,
-    in_flight: HashMap<u32, Request>,
 }
 
-#[derive(Default)]
-struct Tally {
-    sent: u64,
-    acknowledged: u64,
-    responses: BTreeMap<String, u64>,
-    timeouts: u64,
-    retransmissions: u64,
+/// Reused encoding buffers (no allocation per request once warm).
+struct Encoder {
+    batch: Batch,
+    rkyv: AlignedVec,
 }
 
 pub fn run(args: LoadArgs) -> anyhow::Result<()> {
@@ -147,6 +226,9 @@ pub fn run(args: LoadArgs) -> anyhow::Result<()> {
     }
     if args.records_per_datagram == 0 || args.records_per_datagram > RECORDS_PER_DATAGRAM_MAX {
         bail!("--records-per-datagram: between 1 and {RECORDS_PER_DATAGRAM_MAX}");
+    }
+    if args.no_response && args.mode != Mode::Non {
+        bail!("--no-response: only with --mode non");
     }
     if let Some(rate) = args.rate {
         if !(rate.is_finite() && rate > 0.0) {
@@ -168,408 +250,301 @@ pub fn run(args: LoadArgs) -> anyhow::Result<()> {
         .next()
         .with_context(|| format!("--target: `{}` has no address", args.target))?;
 
-    let mut poll = Poll::new().context("cannot create a poller")?;
     let mut rng = rand::rng();
-    let local: SocketAddr = if target.is_ipv6() {
-        "[::]:0"
-    } else {
-        "0.0.0.0:0"
-    }
-    .parse()?;
-    let mut devices = Vec::with_capacity(args.devices);
+    let mut transports = Vec::with_capacity(args.devices);
+    let mut states = Vec::with_capacity(args.devices);
     for index in 0..args.devices {
-        let mut socket =
-            UdpSocket::bind(local).context("cannot open a device socket (raise `ulimit -n`?)")?;
-        socket
-            .connect(target)
-            .with_context(|| format!("cannot reach {target}"))?;
-        poll.registry()
-            .register(&mut socket, Token(index), Interest::READABLE)?;
+        transports.push(open_transport(&args, target)?);
         let name = format!("{}{index:04}", args.device_prefix);
-        devices.push(Device {
-            socket,
-            path: args.path.replace("{device}", &name),
-            next_message_id: rng.random(),
-            next_token: rng.random(),
-            values: (0..args.records_per_datagram)
-                .map(|i| 20.0 + i as f64)
-                .collect(),
-            in_flight: HashMap::new(),
-        });
+        states.push(DeviceState::new(&args, &name, &mut rng)?);
     }
+    let recorder = args.record.as_deref().map(Recorder::create).transpose()?;
+    let settings = Settings {
+        ack_timeout: Duration::from_millis(args.ack_timeout_ms.max(1)),
+        max_retransmit: args.max_retransmit,
+        progress: !args.quiet,
+        progress_total: match (args.count, duration) {
+            (Some(count), None) => ProgressTotal::Requests(count),
+            (_, duration) => ProgressTotal::Duration(duration.unwrap_or_default()),
+        },
+    };
+    let mut fleet = Fleet::new(settings, transports, recorder)?;
+    let mut encoder = Encoder {
+        batch: Batch {
+            base_time: 0.0,
+            records: Vec::with_capacity(args.records_per_datagram),
+        },
+        rkyv: AlignedVec::new(),
+    };
 
-    let ack_timeout = Duration::from_millis(args.ack_timeout_ms.max(1));
-    let mut latency_us = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)?;
-    let mut tally = Tally::default();
-    let mut deadlines: BinaryHeap<Reverse<(Instant, usize, u32)>> = BinaryHeap::new();
-    let mut events = Events::with_capacity(1024);
-    let mut buffer = vec![0u8; RESPONSE_BYTES_MAX];
-    let start = Instant::now();
+    let start = fleet.start();
     let end = duration.map(|d| start + d);
     let interval = args.rate.map(|rate| Duration::from_secs_f64(1.0 / rate));
+    let expects_response = !args.no_response;
+    let mut sent = 0u64;
     let mut next_device = 0usize;
-    let mut last_activity = start;
-
+    let mut freed = Vec::with_capacity(args.devices);
     loop {
         let now = Instant::now();
-        let budget_left = |sent: u64| {
+        let may_send = |sent: u64| {
             args.count.is_none_or(|count| sent < count) && end.is_none_or(|end| now < end)
         };
-        // Send what the schedule allows.
+        let mut wake = None;
         match interval {
             Some(interval) => {
-                // Open loop: the k-th request is due at start + k * interval.
-                while budget_left(tally.sent) {
-                    let intended = start + interval.mul_f64(tally.sent as f64);
+                // Open loop: the k-th request is due at start + k * interval, whatever the
+                // server's answers; a device with a full backlog makes the fleet wait.
+                while may_send(sent) {
+                    let intended = start + interval.mul_f64(sent as f64);
                     if intended > now {
+                        wake = Some(intended);
                         break;
                     }
-                    let device = next_device % devices.len();
-                    if devices[device].in_flight.len() >= IN_FLIGHT_PER_DEVICE_MAX {
+                    let device = next_device % args.devices;
+                    if fleet.in_flight(device) >= IN_FLIGHT_PER_DEVICE_MAX {
                         break;
                     }
                     next_device += 1;
-                    send_new(
-                        &args,
-                        &mut devices[device],
-                        device,
-                        intended,
-                        ack_timeout,
-                        &mut rng,
-                        &mut tally,
-                        &mut deadlines,
-                    );
+                    let datagram =
+                        states[device].request(&args, &mut encoder, fleet.buffer(), &mut rng);
+                    fleet.send(device, datagram, intended, expects_response);
+                    sent += 1;
                 }
+                fleet.take_freed(&mut freed);
             }
             None => {
-                for (index, device) in devices.iter_mut().enumerate() {
-                    while device.in_flight.len() < args.window && budget_left(tally.sent) {
-                        send_new(
-                            &args,
-                            device,
-                            index,
-                            now,
-                            ack_timeout,
-                            &mut rng,
-                            &mut tally,
-                            &mut deadlines,
-                        );
+                // Closed loop: refill the window of each device that completed a request.
+                fleet.take_freed(&mut freed);
+                for &device in &freed {
+                    while fleet.in_flight(device) < args.window && may_send(sent) {
+                        let datagram =
+                            states[device].request(&args, &mut encoder, fleet.buffer(), &mut rng);
+                        fleet.send(device, datagram, now, expects_response);
+                        sent += 1;
+                        if !expects_response {
+                            // Completed at once: one window per device per turn, then poll.
+                            break;
+                        }
                     }
+                }
+                if !expects_response {
+                    wake = Some(now);
                 }
             }
         }
-        let sending_done = !budget_left(tally.sent);
-        let in_flight: usize = devices.iter().map(|d| d.in_flight.len()).sum();
-        if sending_done && in_flight == 0 {
+        let sending_done = !may_send(sent);
+        if sending_done && fleet.in_flight_total() == 0 {
             break;
         }
-
-        // Retransmit or give up what is due.
-        while let Some(Reverse((deadline, device, token))) = deadlines.peek().copied() {
-            if deadline > now {
-                break;
-            }
-            deadlines.pop();
-            let dev = &mut devices[device];
-            let Some(request) = dev.in_flight.get_mut(&token) else {
-                continue;
-            };
-            if request.deadline != deadline {
-                continue;
-            }
-            if args.mode == Mode::Con
-                && !request.acknowledged_empty
-                && request.retransmissions < args.max_retransmit
-            {
-                request.retransmissions += 1;
-                request.timeout *= 2;
-                request.deadline = now + request.timeout;
-                let _ = dev.socket.send(&request.datagram);
-                tally.retransmissions += 1;
-                deadlines.push(Reverse((request.deadline, device, token)));
-            } else {
-                dev.in_flight.remove(&token);
-                tally.timeouts += 1;
-                last_activity = now;
-            }
-        }
-
-        // Wait for responses, the next due send, or the next deadline.
-        let mut wake = deadlines.peek().map(|Reverse((d, _, _))| *d);
         if !sending_done {
-            let next_send = match interval {
-                Some(interval) => start + interval.mul_f64(tally.sent as f64),
-                None => end.unwrap_or(now + Duration::from_millis(100)),
-            };
-            let next_send = end.map_or(next_send, |end| next_send.min(end));
-            wake = Some(wake.map_or(next_send, |w| w.min(next_send)));
-        }
-        let timeout = wake.map(|w| w.saturating_duration_since(Instant::now()));
-        poll.poll(&mut events, timeout).context("poll failed")?;
-        for event in events.iter() {
-            let index = event.token().0;
-            let device = &mut devices[index];
-            loop {
-                let len = match device.socket.recv(&mut buffer) {
-                    Ok(len) => len,
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                    // ICMP port unreachable and the like: the request times out as it would.
-                    Err(_) => continue,
-                };
-                let received = Instant::now();
-                if let Some(latency) = handle_response(device, &buffer[..len], &mut tally) {
-                    let latency = received.saturating_duration_since(latency).as_micros() as u64;
-                    latency_us.saturating_record(latency.max(1));
-                    last_activity = received;
-                }
+            if let Some(end) = end {
+                wake = Some(wake.map_or(end, |w: Instant| w.min(end)));
             }
         }
+        fleet.turn(wake)?;
     }
-
-    let elapsed = last_activity
-        .saturating_duration_since(start)
-        .as_secs_f64()
-        .max(1e-9);
-    report(&args, &tally, &latency_us, elapsed);
-    Ok(())
-}
-
-#[allow(clippy::too_many_arguments)]
-fn send_new(
-    args: &LoadArgs,
-    device: &mut Device,
-    index: usize,
-    intended: Instant,
-    ack_timeout: Duration,
-    rng: &mut impl Rng,
-    tally: &mut Tally,
-    deadlines: &mut BinaryHeap<Reverse<(Instant, usize, u32)>>,
-) {
-    let message_id = device.next_message_id;
-    device.next_message_id = device.next_message_id.wrapping_add(1);
-    let token = device.next_token;
-    device.next_token = device.next_token.wrapping_add(1);
-    for value in &mut device.values {
-        *value += rng.random_range(-0.5..0.5);
-    }
-    let datagram = request(args, device, message_id, token);
-    let _ = device.socket.send(&datagram);
-    tally.sent += 1;
-    // RFC 7252 §4.2: the first timeout is random in [ACK_TIMEOUT, ACK_TIMEOUT * 1.5].
-    let timeout = match args.mode {
-        Mode::Con => ack_timeout.mul_f64(rng.random_range(1.0..1.5)),
-        Mode::Non => ack_timeout * 2,
-    };
-    let now = Instant::now();
-    let deadline = now + timeout;
-    deadlines.push(Reverse((deadline, index, token)));
-    device.in_flight.insert(
-        token,
-        Request {
-            message_id,
-            datagram,
-            intended,
-            deadline,
-            timeout,
-            retransmissions: 0,
-            acknowledged_empty: false,
-        },
-    );
-}
-
-fn request(args: &LoadArgs, device: &Device, message_id: u16, token: u32) -> Vec<u8> {
-    let mut packet = Packet::new();
-    packet.header.set_type(match args.mode {
-        Mode::Con => MessageType::Confirmable,
-        Mode::Non => MessageType::NonConfirmable,
-    });
-    packet.header.code = MessageClass::Request(match args.method {
-        Method::Post => RequestType::Post,
-        Method::Put => RequestType::Put,
-    });
-    packet.header.message_id = message_id;
-    packet.set_token(token.to_be_bytes().to_vec());
-    for segment in device.path.split('/').filter(|s| !s.is_empty()) {
-        packet.add_option(coap_lite::CoapOption::UriPath, segment.as_bytes().to_vec());
-    }
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64());
-    let name = |i: usize| match i / SENSOR_NAMES.len() {
-        0 => SENSOR_NAMES[i].to_string(),
-        n => format!("{}_{n}", SENSOR_NAMES[i % SENSOR_NAMES.len()]),
-    };
-    let (format, payload) = match args.format {
-        PayloadFormat::SenmlJson => {
-            let mut json = String::with_capacity(32 * device.values.len());
-            json.push('[');
-            for (i, value) in device.values.iter().enumerate() {
-                if i > 0 {
-                    json.push(',');
-                }
-                if i == 0 {
-                    let _ = write!(
-                        json,
-                        "{{\"bt\":{now:.6},\"n\":\"{}\",\"v\":{value:.3}}}",
-                        name(i)
-                    );
-                } else {
-                    let _ = write!(json, "{{\"n\":\"{}\",\"v\":{value:.3}}}", name(i));
-                }
-            }
-            json.push(']');
-            (
-                sluice_protocol::CONTENT_FORMAT_SENML_JSON,
-                json.into_bytes(),
-            )
-        }
-        PayloadFormat::SenmlCbor => {
-            use ciborium::value::Value as Cbor;
-            let records: Vec<Cbor> = device
-                .values
-                .iter()
-                .enumerate()
-                .map(|(i, value)| {
-                    let mut fields = vec![
-                        (Cbor::Integer(0.into()), Cbor::Text(name(i))),
-                        (Cbor::Integer(2.into()), Cbor::Float(*value)),
-                    ];
-                    if i == 0 {
-                        fields.push((Cbor::Integer((-3).into()), Cbor::Float(now)));
-                    }
-                    Cbor::Map(fields)
-                })
-                .collect();
-            let mut bytes = Vec::new();
-            ciborium::into_writer(&Cbor::Array(records), &mut bytes)
-                .expect("CBOR to a Vec cannot fail");
-            (sluice_protocol::CONTENT_FORMAT_SENML_CBOR, bytes)
-        }
-        PayloadFormat::Rkyv => {
-            let batch = Batch {
-                base_time: now,
-                records: device
-                    .values
-                    .iter()
-                    .enumerate()
-                    .map(|(i, value)| BatchRecord {
-                        name: name(i),
-                        time: 0.0,
-                        value: BatchValue::Number(*value),
-                    })
-                    .collect(),
-            };
-            (
-                sluice_protocol::CONTENT_FORMAT_RKYV_BATCH,
-                batch::encode(&batch),
-            )
-        }
-    };
-    // A CoAP uint option: big endian without leading zero bytes.
-    let format = format.to_be_bytes();
-    let skip = format.iter().take_while(|b| **b == 0).count();
-    packet.add_option(
-        coap_lite::CoapOption::ContentFormat,
-        format[skip..].to_vec(),
-    );
-    packet.payload = payload;
-    packet.to_bytes_unlimited().unwrap_or_default()
-}
-
-/// Matches a response to its request; returns the request's intended send time when it completes.
-fn handle_response(device: &mut Device, datagram: &[u8], tally: &mut Tally) -> Option<Instant> {
-    let packet = Packet::from_bytes(datagram).ok()?;
-    let message_type = packet.header.get_type();
-    if message_type == MessageType::Reset {
-        let token = device
-            .in_flight
-            .iter()
-            .find(|(_, r)| r.message_id == packet.header.message_id)
-            .map(|(t, _)| *t)?;
-        let request = device.in_flight.remove(&token)?;
-        *tally.responses.entry("RST".into()).or_default() += 1;
-        return Some(request.intended);
-    }
-    if packet.header.code == MessageClass::Empty {
-        if message_type == MessageType::Acknowledgement {
-            if let Some(request) = device
-                .in_flight
-                .values_mut()
-                .find(|r| r.message_id == packet.header.message_id)
-            {
-                request.acknowledged_empty = true;
-            }
-        }
-        return None;
-    }
-    if message_type == MessageType::Confirmable {
-        // A separate response: acknowledge it (RFC 7252 §5.2.2).
-        let mut ack = Packet::new();
-        ack.header.set_type(MessageType::Acknowledgement);
-        ack.header.message_id = packet.header.message_id;
-        if let Ok(bytes) = ack.to_bytes() {
-            let _ = device.socket.send(&bytes);
-        }
-    }
-    let token: [u8; 4] = packet.get_token().try_into().ok()?;
-    let request = device.in_flight.remove(&u32::from_be_bytes(token))?;
-    let code = packet.header.get_code();
-    if code.starts_with('2') {
-        tally.acknowledged += 1;
-    }
-    *tally.responses.entry(code).or_default() += 1;
-    Some(request.intended)
-}
-
-fn report(args: &LoadArgs, tally: &Tally, latency_us: &Histogram<u64>, elapsed: f64) {
-    let rate = tally.acknowledged as f64 / elapsed;
-    let quantile = |q: f64| {
-        if latency_us.is_empty() {
-            0
-        } else {
-            latency_us.value_at_quantile(q)
-        }
-    };
-    let responses: Vec<String> = tally
-        .responses
-        .iter()
-        .map(|(c, n)| format!("{c}: {n}"))
-        .collect();
-    eprintln!(
-        "sent {} requests ({} devices, {:?} {}) in {elapsed:.2} s: acknowledged {} ({rate:.0}/s), responses {{{}}}, timeouts {}, retransmissions {}",
-        tally.sent,
+    let what = format!(
+        "{} devices, {:?}{}, {}",
         args.devices,
         args.mode,
+        if args.no_response { " no-response" } else { "" },
         match args.rate {
-            Some(r) => format!("open loop at {r}/s"),
+            Some(rate) => format!("open loop at {rate}/s"),
             None => format!("window {}", args.window),
-        },
-        tally.acknowledged,
-        responses.join(", "),
-        tally.timeouts,
-        tally.retransmissions,
+        }
     );
-    eprintln!(
-        "latency us: p50 {} p90 {} p99 {} p99.9 {} max {}",
-        quantile(0.5),
-        quantile(0.9),
-        quantile(0.99),
-        quantile(0.999),
-        latency_us.max()
-    );
-    if args.json {
-        let line = serde_json::json!({
-            "sent": tally.sent,
-            "acknowledged": tally.acknowledged,
-            "responses": tally.responses,
-            "timeouts": tally.timeouts,
-            "retransmissions": tally.retransmissions,
-            "rate": rate,
-            "latency_us": {
-                "p50": quantile(0.5), "p90": quantile(0.9), "p99": quantile(0.99),
-                "p999": quantile(0.999), "max": latency_us.max(),
-            },
-        });
-        println!("{line}");
+    fleet.finish(&what, args.json)
+}
+
+/// The transport of one device. `--dtls` plugs in here: a DTLS session over a socket of its own,
+/// handshaken before the run starts.
+fn open_transport(_args: &LoadArgs, target: SocketAddr) -> anyhow::Result<Box<dyn Transport>> {
+    Ok(Box::new(PlainUdp::connect(target)?))
+}
+
+impl DeviceState {
+    fn new(args: &LoadArgs, name: &str, rng: &mut impl Rng) -> anyhow::Result<DeviceState> {
+        let names = (0..args.records_per_datagram)
+            .map(|i| match i / SENSOR_KINDS.len() {
+                0 => SENSOR_KINDS[i].name.to_string(),
+                n => format!("{}_{n}", SENSOR_KINDS[i % SENSOR_KINDS.len()].name),
+            })
+            .collect();
+        let values = (0..args.records_per_datagram)
+            .map(|i| {
+                let kind = &SENSOR_KINDS[i % SENSOR_KINDS.len()];
+                let level = kind.level + kind.spread * rng.random_range(-1.0..1.0);
+                (level, level)
+            })
+            .collect();
+        let path = args.path.replace("{device}", name);
+        let format = match args.format {
+            PayloadFormat::SenmlJson => sluice_protocol::CONTENT_FORMAT_SENML_JSON,
+            PayloadFormat::SenmlCbor => sluice_protocol::CONTENT_FORMAT_SENML_CBOR,
+            PayloadFormat::Rkyv => sluice_protocol::CONTENT_FORMAT_RKYV_BATCH,
+        };
+        let mut options = Vec::new();
+        let mut last = 0u16;
+        for segment in path.split('/').filter(|s| !s.is_empty()) {
+            if segment.len() > 255 {
+                bail!("--path: a segment is longer than 255 bytes");
+            }
+            write_option(&mut options, &mut last, 11, segment.as_bytes());
+        }
+        write_option(&mut options, &mut last, 12, &uint_option(u32::from(format)));
+        if args.no_response {
+            write_option(&mut options, &mut last, 258, &[NO_RESPONSE_ALL]);
+        }
+        Ok(DeviceState {
+            names,
+            values,
+            options,
+            next_message_id: rng.random(),
+            next_token: rng.random(),
+        })
     }
+
+    /// The next request of this device, encoded into `datagram`.
+    fn request(
+        &mut self,
+        args: &LoadArgs,
+        encoder: &mut Encoder,
+        mut datagram: Vec<u8>,
+        rng: &mut impl Rng,
+    ) -> Vec<u8> {
+        let message_id = self.next_message_id;
+        self.next_message_id = message_id.wrapping_add(1);
+        let token = self.next_token;
+        self.next_token = token.wrapping_add(1);
+        for (i, (level, value)) in self.values.iter_mut().enumerate() {
+            let kind = &SENSOR_KINDS[i % SENSOR_KINDS.len()];
+            let next = *value + kind.step * rng.random_range(-1.0..1.0) + 0.01 * (*level - *value);
+            // Divided by a power of ten: the closest double to the decimal reading.
+            let scale = 10f64.powi(kind.decimals);
+            *value = (next.clamp(kind.min, kind.max) * scale).round() / scale;
+        }
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| (d.as_micros() as f64) / 1e6);
+
+        let message_type: u8 = match args.mode {
+            Mode::Con => 0,
+            Mode::Non => 1,
+        };
+        let code: u8 = match args.method {
+            Method::Post => 0x02,
+            Method::Put => 0x03,
+        };
+        let [high, low] = message_id.to_be_bytes();
+        datagram.extend_from_slice(&[0x40 | (message_type << 4) | 4, code, high, low]);
+        datagram.extend_from_slice(&token.to_be_bytes());
+        datagram.extend_from_slice(&self.options);
+        datagram.push(0xff);
+        match args.format {
+            PayloadFormat::SenmlJson => {
+                datagram.push(b'[');
+                for (i, (name, (_, value))) in self.names.iter().zip(&self.values).enumerate() {
+                    if i == 0 {
+                        let _ = write!(datagram, "{{\"bt\":{now},\"n\":\"{name}\",\"v\":{value}}}");
+                    } else {
+                        let _ = write!(datagram, ",{{\"n\":\"{name}\",\"v\":{value}}}");
+                    }
+                }
+                datagram.push(b']');
+            }
+            PayloadFormat::SenmlCbor => {
+                cbor_head(&mut datagram, 4, self.names.len() as u64);
+                for (i, (name, (_, value))) in self.names.iter().zip(&self.values).enumerate() {
+                    cbor_head(&mut datagram, 5, if i == 0 { 3 } else { 2 });
+                    if i == 0 {
+                        datagram.push(0x22); // key -3: bt
+                        cbor_float(&mut datagram, now);
+                    }
+                    datagram.push(0x00); // key 0: n
+                    cbor_head(&mut datagram, 3, name.len() as u64);
+                    datagram.extend_from_slice(name.as_bytes());
+                    datagram.push(0x02); // key 2: v
+                    cbor_float(&mut datagram, *value);
+                }
+            }
+            PayloadFormat::Rkyv => {
+                let batch = &mut encoder.batch;
+                batch.base_time = now;
+                if batch.records.len() != self.names.len() {
+                    batch.records.clear();
+                    batch
+                        .records
+                        .extend(self.names.iter().map(|name| BatchRecord {
+                            name: name.clone(),
+                            time: 0.0,
+                            value: BatchValue::Number(0.0),
+                        }));
+                }
+                for ((record, name), (_, value)) in
+                    batch.records.iter_mut().zip(&self.names).zip(&self.values)
+                {
+                    if record.name != *name {
+                        record.name.clear();
+                        record.name.push_str(name);
+                    }
+                    record.value = BatchValue::Number(*value);
+                }
+                let mut bytes = std::mem::take(&mut encoder.rkyv);
+                bytes.clear();
+                // The same bytes as `batch::encode` (docs/rkyv-batch.md), into a reused buffer.
+                bytes = rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(&*batch, bytes)
+                    .expect("serializing into memory only fails when out of memory");
+                datagram.extend_from_slice(&bytes);
+                encoder.rkyv = bytes;
+            }
+        }
+        datagram
+    }
+}
+
+/// Appends a CoAP option (RFC 7252 §3.1) after the option numbered `last`.
+fn write_option(out: &mut Vec<u8>, last: &mut u16, number: u16, value: &[u8]) {
+    fn nibble(n: usize) -> (u8, Vec<u8>) {
+        match n {
+            0..=12 => (n as u8, vec![]),
+            13..=268 => (13, vec![(n - 13) as u8]),
+            _ => (14, ((n - 269) as u16).to_be_bytes().to_vec()),
+        }
+    }
+    let (delta, delta_ext) = nibble(usize::from(number - *last));
+    let (length, length_ext) = nibble(value.len());
+    out.push(delta << 4 | length);
+    out.extend_from_slice(&delta_ext);
+    out.extend_from_slice(&length_ext);
+    out.extend_from_slice(value);
+    *last = number;
+}
+
+/// A CoAP uint option value: big endian without leading zero bytes.
+fn uint_option(value: u32) -> Vec<u8> {
+    let bytes = value.to_be_bytes();
+    let skip = bytes.iter().take_while(|b| **b == 0).count();
+    bytes[skip..].to_vec()
+}
+
+/// A CBOR head (RFC 8949 §3): major type and argument.
+fn cbor_head(out: &mut Vec<u8>, major: u8, argument: u64) {
+    let major = major << 5;
+    match argument {
+        0..=23 => out.push(major | argument as u8),
+        24..=0xff => out.extend_from_slice(&[major | 24, argument as u8]),
+        0x100..=0xffff => {
+            out.push(major | 25);
+            out.extend_from_slice(&(argument as u16).to_be_bytes());
+        }
+        _ => {
+            out.push(major | 26);
+            out.extend_from_slice(&(argument as u32).to_be_bytes());
+        }
+    }
+}
+
+fn cbor_float(out: &mut Vec<u8>, value: f64) {
+    out.push(0xfb);
+    out.extend_from_slice(&value.to_be_bytes());
 }

@@ -3,8 +3,12 @@
 //! Exit codes: 0 on success, 1 on failure (including `verify` finding corruption), 2 for a bad
 //! command line.
 
+mod capture;
+mod fleet;
 mod load;
 mod query;
+mod replay;
+mod sink;
 
 use std::path::PathBuf;
 
@@ -14,7 +18,7 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "sluice",
     version,
-    about = "Load generation, queries and store inspection for sluiced"
+    about = "Load generation, replay, queries and store inspection for sluiced"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -27,6 +31,10 @@ enum Command {
     Query(query::QueryArgs),
     /// Drive a CoAP server with a simulated fleet of devices and report what it answered
     Load(load::LoadArgs),
+    /// Send the CoAP requests of a pcap or pcapng capture again, one socket per original source
+    Replay(replay::ReplayArgs),
+    /// Receive UDP datagrams and only count them (the ceiling of the end-to-end benchmark)
+    Sink(sink::SinkArgs),
     /// Describe a data directory: partitions, segments, blocks, points, bytes per point
     Inspect {
         /// The data directory of sluiced
@@ -49,6 +57,8 @@ fn main() {
     let result = match cli.command {
         Command::Query(args) => query::run(args),
         Command::Load(args) => load::run(args),
+        Command::Replay(args) => replay::run(args),
+        Command::Sink(args) => sink::run(args),
         Command::Inspect { data_dir } => sluice_storage::inspect(&data_dir)
             .map(|inspection| print!("{inspection}"))
             .map_err(anyhow::Error::from),
