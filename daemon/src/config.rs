@@ -56,7 +56,7 @@ pub struct Options {
     #[arg(long, env = "SLUICE_PARTITION", value_name = "DURATION")]
     pub partition: Option<String>,
 
-    /// Drop partitions older than this, e.g. 30d [default: keep everything]
+    /// Drop partitions whose window ended longer ago than this, e.g. 30d, or `keep` [default: keep]
     #[arg(long, env = "SLUICE_RETENTION", value_name = "DURATION")]
     pub retention: Option<String>,
 
@@ -88,6 +88,8 @@ pub struct Config {
     pub shards: usize,
     pub durability: DurabilityMode,
     pub partition: Duration,
+    /// Partitions whose window ended longer ago than this are dropped; None keeps everything.
+    pub retention: Option<Duration>,
     pub log_format: LogFormat,
 }
 
@@ -103,9 +105,6 @@ impl Options {
         }
         if self.credentials.is_some() || self.coaps.is_some() {
             bail!("--credentials/--coaps: CoAPS (DTLS) is not available in this version yet");
-        }
-        if self.retention.is_some() {
-            bail!("--retention: retention is not available in this version yet");
         }
         let coap = match self.coap.as_deref().unwrap_or("0.0.0.0:5683") {
             "off" => None,
@@ -124,6 +123,16 @@ impl Options {
         if partition.as_secs() == 0 || partition.subsec_nanos() != 0 {
             bail!("--partition: must be a whole number of seconds, at least 1s");
         }
+        let retention = match self.retention.as_deref() {
+            None | Some("keep") => None,
+            Some(text) => {
+                let retention = parse_duration("--retention", text)?;
+                if retention.as_secs() == 0 || retention.subsec_nanos() != 0 {
+                    bail!("--retention: must be a whole number of seconds, at least 1s, or `keep`");
+                }
+                Some(retention)
+            }
+        };
         Ok(Config {
             data_dir: self
                 .data_dir
@@ -133,6 +142,7 @@ impl Options {
             shards,
             durability: self.durability.unwrap_or(DurabilityMode::Fsync),
             partition,
+            retention,
             log_format: self.log_format.unwrap_or(LogFormat::Text),
         })
     }
@@ -223,5 +233,26 @@ mod tests {
         assert!(options(&["--partition", "soon"]).resolve().is_err());
         assert!(options(&["--coap", "nowhere"]).resolve().is_err());
         assert!(options(&["--shards", "0"]).resolve().is_err());
+        assert!(options(&["--retention", "0s"]).resolve().is_err());
+        assert!(options(&["--retention", "forever"]).resolve().is_err());
+    }
+
+    #[test]
+    fn retention_is_a_duration_or_keep() {
+        assert_eq!(options(&[]).resolve().unwrap().retention, None);
+        assert_eq!(
+            options(&["--retention", "keep"])
+                .resolve()
+                .unwrap()
+                .retention,
+            None
+        );
+        assert_eq!(
+            options(&["--retention", "30d"])
+                .resolve()
+                .unwrap()
+                .retention,
+            Some(Duration::from_secs(30 * 86_400))
+        );
     }
 }

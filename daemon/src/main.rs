@@ -7,6 +7,7 @@ mod config;
 mod http;
 mod io;
 mod metrics;
+mod retention;
 mod shard;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -62,6 +63,9 @@ fn run(config: Config) -> anyhow::Result<()> {
     })
     .with_context(|| format!("cannot open data directory {}", config.data_dir.display()))?;
     tracing::info!(data_dir = %config.data_dir.display(), "recovery: {recovery}");
+    // Every shard gets every shard's history: with another shard count than before the restart,
+    // SO_REUSEPORT may hash a peer to another shard.
+    let history = Arc::new(store.take_recovered_exchanges());
 
     let shutdown = Arc::new(AtomicBool::new(false));
     let mut shards = Vec::with_capacity(config.shards);
@@ -86,6 +90,7 @@ fn run(config: Config) -> anyhow::Result<()> {
             writer: store.writer(index as u32)?,
             metrics,
             shutdown: shutdown.clone(),
+            history: history.clone(),
         });
     }
     if config.coap.is_none() {
@@ -119,6 +124,12 @@ fn run(config: Config) -> anyhow::Result<()> {
         .collect::<Result<_, _>>()
         .context("cannot start shard threads")?;
 
+    drop(history);
+    let retention = config
+        .retention
+        .map(|keep| retention::start(store.retention(), keep, shutdown.clone()))
+        .transpose()?;
+
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
     let server = axum::serve(listener, http::router(state.clone())).with_graceful_shutdown(async {
         let _ = http_stopped.await;
@@ -135,6 +146,9 @@ fn run(config: Config) -> anyhow::Result<()> {
         if thread.join().is_err() {
             anyhow::bail!("a shard thread panicked");
         }
+    }
+    if let Some(retention) = retention {
+        retention.stop();
     }
     let _ = stop_http.send(());
     let _ = runtime.block_on(server);

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use sluice_protocol::{Endpoint, EndpointConfig, Exchange, Outcome, Reading, Value};
-use sluice_storage::{ShardWriter, ValueRef};
+use sluice_storage::{ExchangeRecord, ShardWriter, ValueRef};
 
 use crate::io::{ReceiveBatch, SendBatch};
 use crate::metrics::{self, ShardMetrics};
@@ -23,6 +23,9 @@ pub struct Shard {
     pub writer: ShardWriter,
     pub metrics: Arc<ShardMetrics>,
     pub shutdown: Arc<AtomicBool>,
+    /// Exchanges acknowledged before the restart (every shard's, oldest first): seeds the dedup
+    /// table so their retransmissions are answered again, not stored twice.
+    pub history: Arc<Vec<ExchangeRecord>>,
 }
 
 /// A stored exchange whose response waits for the commit that covers it.
@@ -38,6 +41,7 @@ impl Shard {
             return;
         };
         let mut endpoint = Endpoint::new(EndpointConfig::default());
+        self.restore(&mut endpoint);
         let mut receive = ReceiveBatch::new();
         let mut send = SendBatch::new();
         let mut readings: Vec<Reading> = Vec::new();
@@ -80,7 +84,7 @@ impl Shard {
                     Outcome::Ignore => {}
                     Outcome::Reply => send.push(peer, &response),
                     Outcome::Store(exchange) => {
-                        if let Err(error) = check(&exchange.device, &readings) {
+                        if let Err(error) = check(&self.writer, &exchange.device, &readings) {
                             // Nothing of the request is stored: one refused reading refuses all.
                             endpoint.rejected(&exchange, &error.to_string(), &mut response);
                             if !response.is_empty() {
@@ -91,6 +95,18 @@ impl Shard {
                         if let Err(error) = append(&mut self.writer, &exchange.device, &readings) {
                             // Only a shard out of series ids gets here (2^32 of them).
                             tracing::error!(shard = self.index, %error, "append failed");
+                        }
+                        let recorded = self.writer.record_exchange(
+                            peer,
+                            exchange.message_id,
+                            exchange.confirmable,
+                            unix_now,
+                            &response,
+                        );
+                        if let Err(error) = recorded {
+                            // A response above 255 bytes: its retransmission after a restart
+                            // would be stored again. A 2.04 of this daemon is far smaller.
+                            tracing::warn!(shard = self.index, %error, "exchange not recorded");
                         }
                         pending.push(Pending {
                             exchange,
@@ -188,6 +204,35 @@ impl Shard {
         }
     }
 
+    /// Seeds the dedup table with the exchanges recovered from the store that are still within
+    /// their lifetime.
+    fn restore(&self, endpoint: &mut Endpoint) {
+        let now = Instant::now();
+        let unix_now = unix_seconds(SystemTime::now());
+        let restored = self
+            .history
+            .iter()
+            .filter(|exchange| {
+                let age = Duration::from_secs_f64((unix_now - exchange.arrival).max(0.0));
+                endpoint.restore(
+                    now,
+                    age,
+                    exchange.peer,
+                    exchange.message_id,
+                    exchange.confirmable,
+                    &exchange.response,
+                )
+            })
+            .count();
+        if restored > 0 {
+            tracing::info!(
+                shard = self.index,
+                restored,
+                "exchanges restored from the store"
+            );
+        }
+    }
+
     fn publish(&self, endpoint: &Endpoint) {
         if let Ok(mut counters) = self.metrics.protocol.lock() {
             counters.clone_from(endpoint.counters());
@@ -208,10 +253,14 @@ fn value(reading: &Reading) -> ValueRef<'_> {
 }
 
 /// Whether the store can hold every reading of a request.
-fn check(device: &str, readings: &[Reading]) -> Result<(), sluice_storage::StoreError> {
+fn check(
+    writer: &ShardWriter,
+    device: &str,
+    readings: &[Reading],
+) -> Result<(), sluice_storage::StoreError> {
     readings
         .iter()
-        .try_for_each(|r| sluice_storage::check_reading(device, &r.name, r.time, &value(r)))
+        .try_for_each(|r| writer.check(device, &r.name, r.time, &value(r)))
 }
 
 fn append(

@@ -104,6 +104,8 @@ impl Default for EndpointConfig {
 pub struct Exchange {
     pub peer: SocketAddr,
     pub message_id: u16,
+    /// The request was confirmable (CON).
+    pub confirmable: bool,
     pub device: String,
 }
 
@@ -423,10 +425,52 @@ impl Endpoint {
                 Outcome::Store(Exchange {
                     peer,
                     message_id,
+                    confirmable,
                     device,
                 })
             }
         }
+    }
+
+    /// Seeds the dedup table with an exchange answered before a restart (recovered from the
+    /// store), so that its retransmission gets `response` again and is not stored twice. `age`:
+    /// how long before `now` the request arrived; an exchange older than its lifetime
+    /// (EXCHANGE_LIFETIME for a CON, NON_LIFETIME for a NON) is skipped. Call before handling
+    /// datagrams, oldest exchange first (the expiry queues are kept in arrival order). Returns
+    /// whether the exchange was taken.
+    pub fn restore(
+        &mut self,
+        now: Instant,
+        age: Duration,
+        peer: SocketAddr,
+        message_id: u16,
+        confirmable: bool,
+        response: &[u8],
+    ) -> bool {
+        if age >= self.lifetime(confirmable) {
+            return false;
+        }
+        // The token is in the response (RFC 7252 §3); a malformed one is kept without it.
+        let token_len = response
+            .first()
+            .map_or(0, |byte| usize::from(byte & 0x0f))
+            .min(8);
+        let token = response.get(4..4 + token_len).unwrap_or(&[]);
+        let request = Request {
+            confirmable,
+            message_id,
+            token,
+            no_response: 0,
+        };
+        let inserted = now.checked_sub(age).unwrap_or(now);
+        self.remember(
+            inserted,
+            (peer, message_id),
+            &request,
+            DedupState::Done,
+            response,
+        );
+        true
     }
 
     /// The commit covering a Store outcome succeeded: duplicates now get the stored response.

@@ -836,3 +836,66 @@ fn block1_limits_413_and_503() {
         ResponseType::BadRequest,
     );
 }
+
+#[test]
+fn restored_exchange_gets_its_response_again_until_its_lifetime_ends() {
+    // Before the restart: a CON is stored and acknowledged.
+    let mut before = Harness::new();
+    let packet = post(MessageType::Confirmable, 11, &["t", "dev-1"], BODY);
+    let Outcome::Store(exchange) = before.send(&packet) else {
+        panic!("expected Store")
+    };
+    assert!(exchange.confirmable);
+    let ack = before.response.clone();
+
+    // After the restart: a fresh endpoint seeded with the exchange, 200 s old.
+    let mut after = Harness::new();
+    let restart = after.t0;
+    assert!(after.endpoint.restore(
+        restart,
+        Duration::from_secs(200),
+        exchange.peer,
+        exchange.message_id,
+        true,
+        &ack
+    ));
+    assert!(matches!(after.send(&packet), Outcome::Reply));
+    assert_eq!(after.response, ack, "the same ACK bytes, token included");
+    assert!(after.readings.is_empty(), "not stored again");
+
+    // It expires 247 s after its arrival, i.e. 47 s after the restart.
+    after.endpoint.expire(restart + Duration::from_secs(46));
+    assert_eq!(after.endpoint.dedup_len(), 1);
+    after.endpoint.expire(restart + Duration::from_secs(47));
+    assert_eq!(after.endpoint.dedup_len(), 0);
+
+    // Exchanges older than their lifetime are not taken.
+    assert!(!after.endpoint.restore(
+        restart,
+        Duration::from_secs(247),
+        exchange.peer,
+        1,
+        true,
+        &ack
+    ));
+    assert!(!after.endpoint.restore(
+        restart,
+        Duration::from_secs(145),
+        exchange.peer,
+        2,
+        false,
+        &[]
+    ));
+    assert_eq!(after.endpoint.dedup_len(), 0);
+}
+
+#[test]
+fn restored_non_exchange_is_a_silent_duplicate() {
+    let mut h = Harness::new();
+    let packet = post(MessageType::NonConfirmable, 12, &["t", "dev-1"], BODY);
+    assert!(h
+        .endpoint
+        .restore(h.t0, Duration::from_secs(10), peer(1), 12, false, &[]));
+    assert!(matches!(h.send(&packet), Outcome::Ignore));
+    assert!(h.readings.is_empty());
+}

@@ -1,10 +1,14 @@
 //! On-disk format, mirroring `docs/storage-format.md` (version 1). All integers little endian.
 
+use std::net::{IpAddr, SocketAddr};
+
 use rkyv::rancor;
+
+use crate::ExchangeRecord;
 use rkyv::util::AlignedVec;
 
 /// Format version written in every file header.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 pub const SEGMENT_MAGIC: [u8; 8] = *b"SLUICESG";
 pub const DICTIONARY_MAGIC: [u8; 8] = *b"SLUICEDI";
@@ -16,6 +20,8 @@ const FILE_HEADER_CRC_OFFSET: usize = 44;
 
 /// Frame magic "SLBK": a block of records in a segment.
 pub const BLOCK_MAGIC: u32 = u32::from_le_bytes(*b"SLBK");
+/// Frame magic "SLCM": a commit record in a segment (block count and acknowledged exchanges).
+pub const COMMIT_MAGIC: u32 = u32::from_le_bytes(*b"SLCM");
 /// Frame magic "SLDE": dictionary entries.
 pub const DICTIONARY_FRAME_MAGIC: u32 = u32::from_le_bytes(*b"SLDE");
 
@@ -63,10 +69,30 @@ impl FileKind {
             FileKind::Dictionary => DICTIONARY_MAGIC,
         }
     }
-    fn frame_magic(self) -> u32 {
+    /// The kind of frame a magic announces, if this file kind holds such frames.
+    fn frame_kind(self, magic: u32) -> Option<FrameKind> {
+        match (self, magic) {
+            (FileKind::Segment, BLOCK_MAGIC) => Some(FrameKind::Block),
+            (FileKind::Segment, COMMIT_MAGIC) => Some(FrameKind::Commit),
+            (FileKind::Dictionary, DICTIONARY_FRAME_MAGIC) => Some(FrameKind::Dictionary),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FrameKind {
+    Block,
+    Commit,
+    Dictionary,
+}
+
+impl FrameKind {
+    fn magic(self) -> u32 {
         match self {
-            FileKind::Segment => BLOCK_MAGIC,
-            FileKind::Dictionary => DICTIONARY_FRAME_MAGIC,
+            FrameKind::Block => BLOCK_MAGIC,
+            FrameKind::Commit => COMMIT_MAGIC,
+            FrameKind::Dictionary => DICTIONARY_FRAME_MAGIC,
         }
     }
 }
@@ -127,6 +153,7 @@ impl FileHeader {
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct FrameHeader {
+    pub kind: FrameKind,
     pub payload_len: u32,
     pub payload_crc: u32,
     pub count: u32,
@@ -147,9 +174,9 @@ pub fn padded_frame_len(payload_len: usize) -> usize {
 }
 
 /// Appends a complete frame (header, payload, padding) to `out`.
-pub fn encode_frame(out: &mut Vec<u8>, kind: FileKind, header: &FrameHeader, payload: &[u8]) {
+pub fn encode_frame(out: &mut Vec<u8>, header: &FrameHeader, payload: &[u8]) {
     let mut head = [0u8; FRAME_HEADER_BYTES];
-    head[0..4].copy_from_slice(&kind.frame_magic().to_le_bytes());
+    head[0..4].copy_from_slice(&header.kind.magic().to_le_bytes());
     head[8..12].copy_from_slice(&(payload.len() as u32).to_le_bytes());
     head[12..16].copy_from_slice(&crc32c::crc32c(payload).to_le_bytes());
     head[16..20].copy_from_slice(&header.count.to_le_bytes());
@@ -188,13 +215,14 @@ pub fn frame_at(
             "frame header runs past the end of the file",
         ));
     };
-    if read_u32(head, 0) != kind.frame_magic() {
+    let Some(frame_kind) = kind.frame_kind(read_u32(head, 0)) else {
         return Err(FrameError::Header("bad frame magic"));
-    }
+    };
     if crc32c::crc32c(&head[8..]) != read_u32(head, 4) {
         return Err(FrameError::Header("frame header checksum mismatch"));
     }
     let header = FrameHeader {
+        kind: frame_kind,
         payload_len: read_u32(head, 8),
         payload_crc: read_u32(head, 12),
         count: read_u32(head, 16),
@@ -368,6 +396,15 @@ pub fn validate_block(header: &FrameHeader, payload: &[u8]) -> Result<(), String
     })
 }
 
+/// Validates a segment frame's payload: a block or a commit record.
+pub fn validate_segment_frame(header: &FrameHeader, payload: &[u8]) -> Result<(), String> {
+    match header.kind {
+        FrameKind::Block => validate_block(header, payload),
+        FrameKind::Commit => decode_commit(header, payload).map(|_| ()),
+        FrameKind::Dictionary => Err("dictionary frame in a segment".to_string()),
+    }
+}
+
 /// Runs `f` on `bytes` if they are 16-aligned, else on an aligned copy.
 pub fn with_aligned<R>(bytes: &[u8], f: impl FnOnce(&[u8]) -> R) -> R {
     if (bytes.as_ptr() as usize) & (FRAME_ALIGN - 1) == 0 {
@@ -377,6 +414,117 @@ pub fn with_aligned<R>(bytes: &[u8], f: impl FnOnce(&[u8]) -> R) -> R {
         copy.extend_from_slice(bytes);
         f(&copy)
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Commit record payload
+
+/// Fixed part of an exchange record (the response follows).
+pub const EXCHANGE_RECORD_BYTES: usize = 32;
+/// Longest response an exchange record holds (its length is a u8).
+pub const EXCHANGE_RESPONSE_BYTES_MAX: usize = 255;
+/// Block count and reserved word before the exchange records.
+const COMMIT_PREFIX_BYTES: usize = 8;
+
+/// Appends the commit record prefix: the commit's block count and a reserved zero word.
+pub fn encode_commit_prefix(out: &mut Vec<u8>, blocks: u32) {
+    out.extend_from_slice(&blocks.to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes());
+}
+
+/// Appends one exchange record. The caller refuses responses above
+/// `EXCHANGE_RESPONSE_BYTES_MAX` (longer ones are cut here, never written past the u8 length).
+pub fn encode_exchange(
+    out: &mut Vec<u8>,
+    peer: SocketAddr,
+    message_id: u16,
+    confirmable: bool,
+    arrival: f64,
+    response: &[u8],
+) {
+    let mut fixed = [0u8; EXCHANGE_RECORD_BYTES];
+    match peer.ip() {
+        IpAddr::V4(ip) => {
+            fixed[0] = 4;
+            fixed[16..20].copy_from_slice(&ip.octets());
+        }
+        IpAddr::V6(ip) => {
+            fixed[0] = 6;
+            fixed[16..32].copy_from_slice(&ip.octets());
+        }
+    }
+    fixed[1] = u8::from(confirmable);
+    fixed[2..4].copy_from_slice(&peer.port().to_le_bytes());
+    fixed[4..6].copy_from_slice(&message_id.to_le_bytes());
+    let response = &response[..response.len().min(EXCHANGE_RESPONSE_BYTES_MAX)];
+    fixed[6] = response.len() as u8;
+    fixed[8..16].copy_from_slice(&arrival.to_le_bytes());
+    out.extend_from_slice(&fixed);
+    out.extend_from_slice(response);
+}
+
+/// Decodes a commit record payload into (block count, exchanges); checks the grammar and that
+/// every arrival lies within the frame's [min_time, max_time].
+pub fn decode_commit(
+    header: &FrameHeader,
+    payload: &[u8],
+) -> Result<(u32, Vec<ExchangeRecord>), String> {
+    if payload.len() < COMMIT_PREFIX_BYTES || read_u32(payload, 4) != 0 {
+        return Err("commit record prefix is cut short or not zero-padded".to_string());
+    }
+    let blocks = read_u32(payload, 0);
+    let mut exchanges = Vec::new();
+    let mut offset = COMMIT_PREFIX_BYTES;
+    for index in 0..header.count {
+        let Some(fixed) = payload.get(offset..offset + EXCHANGE_RECORD_BYTES) else {
+            return Err(format!("exchange record {index} is cut short"));
+        };
+        let ip = match fixed[0] {
+            4 if fixed[20..32].iter().all(|&byte| byte == 0) => {
+                IpAddr::from([fixed[16], fixed[17], fixed[18], fixed[19]])
+            }
+            6 => {
+                let mut octets = [0u8; 16];
+                octets.copy_from_slice(&fixed[16..32]);
+                IpAddr::from(octets)
+            }
+            family => {
+                return Err(format!(
+                    "exchange record {index}: bad address family {family}"
+                ))
+            }
+        };
+        if fixed[1] & !1 != 0 || fixed[7] != 0 {
+            return Err(format!("exchange record {index}: reserved bits set"));
+        }
+        let arrival = f64::from_le_bytes(fixed[8..16].try_into().unwrap_or([0; 8]));
+        if !(arrival >= header.min_time && arrival <= header.max_time) {
+            return Err(format!(
+                "exchange record {index}: arrival {arrival} outside [{}, {}]",
+                header.min_time, header.max_time
+            ));
+        }
+        let start = offset + EXCHANGE_RECORD_BYTES;
+        let response_len = usize::from(fixed[6]);
+        let Some(response) = payload.get(start..start + response_len) else {
+            return Err(format!("exchange record {index}: response is cut short"));
+        };
+        exchanges.push(ExchangeRecord {
+            peer: SocketAddr::new(ip, u16::from_le_bytes([fixed[2], fixed[3]])),
+            message_id: u16::from_le_bytes([fixed[4], fixed[5]]),
+            confirmable: fixed[1] & 1 == 1,
+            arrival,
+            response: response.to_vec(),
+        });
+        offset = start + response_len;
+    }
+    if offset != payload.len() {
+        return Err(format!(
+            "commit record has {} trailing bytes",
+            payload.len() - offset
+        ));
+    }
+    Ok((blocks, exchanges))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -463,6 +611,7 @@ mod tests {
     fn frame_round_trip_and_alignment() {
         let mut out = vec![0u8; FILE_HEADER_BYTES];
         let header = FrameHeader {
+            kind: FrameKind::Dictionary,
             payload_len: 0,
             payload_crc: 0,
             count: 1,
@@ -470,7 +619,7 @@ mod tests {
             min_time: 1.0,
             max_time: 2.0,
         };
-        encode_frame(&mut out, FileKind::Dictionary, &header, b"hello");
+        encode_frame(&mut out, &header, b"hello");
         assert_eq!(out.len() % FRAME_ALIGN, 0);
         let found = frame_at(
             &out,

@@ -15,11 +15,14 @@ mod store;
 mod tools;
 mod writer;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
-pub use store::{DeviceSummary, Reader, Store};
+pub use store::{
+    DeviceSummary, Reader, Retention, RetentionReport, Store, RECOVERED_EXCHANGES_MAX,
+};
 pub use tools::{inspect, verify, Inspection, SegmentInspection, VerifyProblem, VerifyReport};
-pub use writer::{check_reading, CommitStats, ShardWriter};
+pub use writer::{check_reading, CommitStats, ShardWriter, EXCHANGES_PER_COMMIT_MAX};
 
 /// Segments are rolled when the next frame would take them past this size.
 pub const SEGMENT_BYTES_MAX: u64 = 64 << 20;
@@ -27,6 +30,20 @@ pub const SEGMENT_BYTES_MAX: u64 = 64 << 20;
 /// readings with wildly different times cannot exhaust file descriptors.
 pub const OPEN_SEGMENTS_MAX: usize = 64;
 pub use format::{BLOCK_RECORDS_MAX, NAME_BYTES_MAX, VALUE_BYTES_MAX};
+
+/// A CoAP exchange a commit acknowledged, as its commit record keeps it (docs/storage-format.md,
+/// "Commit record payload"): enough to answer a retransmission after a restart.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExchangeRecord {
+    pub peer: SocketAddr,
+    pub message_id: u16,
+    /// The request was confirmable (CON).
+    pub confirmable: bool,
+    /// Unix seconds at which the request arrived.
+    pub arrival: f64,
+    /// The response datagram sent for it (opaque to the store; at most 255 bytes).
+    pub response: Vec<u8>,
+}
 
 /// When `commit` returns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -136,14 +153,24 @@ pub struct RecoveryReport {
     pub corrupt_regions: u64,
     /// Records referring to a series id the dictionary does not hold (skipped).
     pub unknown_series_points: u64,
+    /// Incomplete last commits cut (never acknowledged: a crash during their write).
+    pub commits_rolled_back: u64,
+    /// Exchange records of complete commits found.
+    pub exchanges: u64,
 }
 
 impl std::fmt::Display for RecoveryReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "recovered {} segments, {} blocks, {} points; cut {} torn bytes from {} files",
-            self.segments, self.blocks, self.points, self.bytes_truncated, self.files_truncated
+            "recovered {} segments, {} blocks, {} points, {} exchanges; cut {} torn bytes from {} files, rolled back {} incomplete commits",
+            self.segments,
+            self.blocks,
+            self.points,
+            self.exchanges,
+            self.bytes_truncated,
+            self.files_truncated,
+            self.commits_rolled_back
         )?;
         if self.corrupt_regions > 0 || self.unknown_series_points > 0 {
             write!(

@@ -5,20 +5,26 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use memmap2::Mmap;
 use rkyv::util::AlignedVec;
 
 use crate::format::{self, ArchivedStoredValue, FileHeader, FileKind, Scan, FILE_HEADER_BYTES};
-use crate::writer::ShardWriter;
-use crate::{Durability, RecoveryReport, StoreConfig, StoreError, Value};
+use crate::writer::{self, ShardWriter};
+use crate::{Durability, ExchangeRecord, RecoveryReport, StoreConfig, StoreError, Value};
 
 pub(crate) type HashMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
 
 pub(crate) const LOCK_FILE: &str = "LOCK";
 pub(crate) const DICTIONARY_FILE: &str = "dictionary.log";
+/// Prefix of a partition directory retention is removing.
+pub(crate) const DROPPED_PREFIX: &str = "dropped-";
+
+/// Exchanges recovered per shard at most (the newest): the protocol's dedup table holds at most
+/// this many per shard (`EndpointConfig::dedup_entries_max`), so more could not be used.
+pub const RECOVERED_EXCHANGES_MAX: usize = 262_144;
 
 pub(crate) fn shard_dir(dir: &Path, shard: u32) -> PathBuf {
     dir.join(format!("shard-{shard}"))
@@ -66,6 +72,8 @@ pub(crate) struct SegmentShared {
     /// Bytes of the file readers may look at (end of the last published frame).
     pub published_len: AtomicU64,
     pub blocks: RwLock<Vec<BlockMeta>>,
+    /// Set when retention dropped the segment (its file is gone or going).
+    pub dropped: AtomicBool,
     map: Mutex<Option<Arc<Mmap>>>,
 }
 
@@ -85,6 +93,7 @@ impl SegmentShared {
             seq,
             published_len: AtomicU64::new(len),
             blocks: RwLock::new(blocks),
+            dropped: AtomicBool::new(false),
             map: Mutex::new(None),
         }
     }
@@ -168,6 +177,18 @@ impl Summary {
             .or_insert(SeriesState { id, latest: None });
     }
 
+    /// Removes points of dropped partitions from the device counts (series id -> points).
+    pub fn remove_points(&mut self, dropped: &HashMap<u32, u64>) {
+        for (&id, &count) in dropped {
+            let Some(Some((device, _))) = self.names.get(id as usize) else {
+                continue;
+            };
+            if let Some(state) = self.devices.get_mut(device.as_str()) {
+                state.points = state.points.saturating_sub(count);
+            }
+        }
+    }
+
     /// Adds `count` points of series `id` with greatest time `latest.0`; returns false for an
     /// unknown id.
     pub fn apply(
@@ -214,6 +235,33 @@ pub(crate) struct ShardShared {
     /// Published length of the dictionary (0: the file does not exist yet).
     pub dictionary_len: AtomicU64,
     pub next_commit_seq: AtomicU64,
+    /// Held by a commit, and by retention while it renames a partition directory away.
+    pub files: Mutex<()>,
+    /// Unix seconds: partitions whose window ends at or before it are dropped (or being
+    /// dropped); the writer takes no reading for them.
+    pub retention_floor: AtomicI64,
+}
+
+impl ShardShared {
+    pub fn new(
+        shard: u32,
+        dir: PathBuf,
+        summary: Summary,
+        segments: Vec<Arc<SegmentShared>>,
+        dictionary_len: u64,
+        next_commit_seq: u64,
+    ) -> ShardShared {
+        ShardShared {
+            shard,
+            dir,
+            summary: Mutex::new(summary),
+            segments: RwLock::new(segments),
+            dictionary_len: AtomicU64::new(dictionary_len),
+            next_commit_seq: AtomicU64::new(next_commit_seq),
+            files: Mutex::new(()),
+            retention_floor: AtomicI64::new(i64::MIN),
+        }
+    }
 }
 
 pub(crate) fn read_segments(
@@ -227,6 +275,8 @@ pub(crate) struct Inner {
     pub generation: AtomicU64,
     pub shards: RwLock<BTreeMap<u32, Arc<ShardShared>>>,
     pub writers: Mutex<HashSet<u32>>,
+    /// Exchanges of complete commits found at open, oldest first, until taken.
+    recovered_exchanges: Mutex<Vec<ExchangeRecord>>,
     _lock: File,
 }
 
@@ -248,15 +298,20 @@ impl Store {
         let lock_file = take_lock(&config.dir)?;
         let mut report = RecoveryReport::default();
         let mut shards = BTreeMap::new();
+        let mut exchanges = Vec::new();
         for (shard, path) in list_shards(&config.dir)? {
-            let recovered = recover_shard(shard, &path, true, &mut report)?;
+            let mut shard_exchanges = Vec::new();
+            let recovered = recover_shard(shard, &path, true, &mut report, &mut shard_exchanges)?;
+            exchanges.append(&mut shard_exchanges);
             shards.insert(shard, Arc::new(recovered));
         }
+        exchanges.sort_by(|a, b| a.arrival.total_cmp(&b.arrival));
         let inner = Inner {
             config,
             generation: AtomicU64::new(0),
             shards: RwLock::new(shards),
             writers: Mutex::new(HashSet::new()),
+            recovered_exchanges: Mutex::new(exchanges),
             _lock: lock_file,
         };
         Ok((
@@ -279,14 +334,14 @@ impl Store {
             shards
                 .entry(shard)
                 .or_insert_with(|| {
-                    Arc::new(ShardShared {
+                    Arc::new(ShardShared::new(
                         shard,
-                        dir: shard_dir(&self.inner.config.dir, shard),
-                        summary: Mutex::new(Summary::default()),
-                        segments: RwLock::new(Vec::new()),
-                        dictionary_len: AtomicU64::new(0),
-                        next_commit_seq: AtomicU64::new(0),
-                    })
+                        shard_dir(&self.inner.config.dir, shard),
+                        Summary::default(),
+                        Vec::new(),
+                        0,
+                        0,
+                    ))
                 })
                 .clone()
         };
@@ -297,6 +352,20 @@ impl Store {
 
     pub fn reader(&self) -> Reader {
         Reader {
+            inner: self.inner.clone(),
+        }
+    }
+
+    /// The exchanges acknowledged by the complete commits found at open (at most
+    /// `RECOVERED_EXCHANGES_MAX` per shard, the newest), oldest first. The first call takes
+    /// them; later calls return nothing.
+    pub fn take_recovered_exchanges(&self) -> Vec<ExchangeRecord> {
+        std::mem::take(&mut *lock(&self.inner.recovered_exchanges))
+    }
+
+    /// A handle that drops old partitions (Send + Sync; for a background thread).
+    pub fn retention(&self) -> Retention {
+        Retention {
             inner: self.inner.clone(),
         }
     }
@@ -453,7 +522,7 @@ pub(crate) fn load_file(path: &Path, kind: FileKind) -> Result<LoadedFile, Store
         }
     };
     let scan = match kind {
-        FileKind::Segment => format::scan(&bytes, kind, &mut format::validate_block),
+        FileKind::Segment => format::scan(&bytes, kind, &mut format::validate_segment_frame),
         FileKind::Dictionary => format::scan(&bytes, kind, &mut |header, payload| {
             format::decode_dictionary(header, payload).map(|_| ())
         }),
@@ -494,17 +563,39 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
         .map_err(|error| StoreError::io("fsync directory", dir, error))
 }
 
-/// Recovers one shard directory: dictionary, then segments in (window, seq) order; rebuilds the
-/// summary. With `cut`, torn tails are cut and torn creations removed.
+/// A segment's frames of the shard's last commits, kept until the last commit is known complete.
+struct Tail {
+    segment: usize,
+    frames: Vec<(format::ScannedFrame, AlignedVec<16>)>,
+}
+
+/// A recovered segment before it enters the catalog.
+struct RecoveredSegment {
+    path: PathBuf,
+    window: i64,
+    seq: u64,
+    partition_secs: u64,
+    len: u64,
+    blocks: Vec<BlockMeta>,
+}
+
+/// Recovers one shard directory: dictionary, then segments in (window, seq) order; rolls back an
+/// incomplete last commit; rebuilds the summary; collects the exchanges of complete commits
+/// (newest `RECOVERED_EXCHANGES_MAX`) into `exchanges`. With `cut`, torn tails and the rolled
+/// back commit are cut, torn creations and `dropped-*` directories removed.
 pub(crate) fn recover_shard(
     shard: u32,
     dir: &Path,
     cut: bool,
     report: &mut RecoveryReport,
+    exchanges: &mut Vec<ExchangeRecord>,
 ) -> Result<ShardShared, StoreError> {
     let mut summary = Summary::default();
     let mut next_commit_seq = 0u64;
     let mut dictionary_len = 0u64;
+    if cut {
+        remove_dropped_partitions(dir)?;
+    }
     let dictionary_path = dir.join(DICTIONARY_FILE);
     if dictionary_path.exists() {
         match load_file(&dictionary_path, FileKind::Dictionary)? {
@@ -549,13 +640,21 @@ pub(crate) fn recover_shard(
             }
         }
     }
-    let mut segments = Vec::new();
-    let mut running_index = 0u64;
+    let mut recovered: Vec<RecoveredSegment> = Vec::new();
+    let mut tails: Vec<Tail> = Vec::new();
+    let mut applier = Applier {
+        summary: &mut summary,
+        report,
+        running_index: 0,
+        exchanges,
+    };
+    // The greatest commit_seq of any segment frame: the shard's last commit.
+    let mut last_commit: Option<u64> = None;
     for (window, seq, path) in list_segments(dir)? {
         let (header, bytes, scan) = match load_file(&path, FileKind::Segment)? {
             LoadedFile::TornCreation { len, .. } => {
-                report.bytes_truncated += len;
-                report.files_truncated += 1;
+                applier.report.bytes_truncated += len;
+                applier.report.files_truncated += 1;
                 if cut {
                     cut_file(&path, None)?;
                 }
@@ -568,67 +667,217 @@ pub(crate) fn recover_shard(
             } => (header, bytes, scan),
         };
         check_header(&path, &header, shard, Some((window, seq)))?;
-        account_cut(&path, bytes.len() as u64, &scan, cut, report)?;
-        let mut blocks = Vec::with_capacity(scan.frames.len());
-        for frame in &scan.frames {
-            let commit_seq = frame.header.commit_seq;
-            next_commit_seq = next_commit_seq.max(commit_seq + 1);
-            let start = frame.payload_offset() as usize;
-            let payload = &bytes[start..start + frame.header.payload_len as usize];
-            let block = format::access_block(payload).map_err(|reason| StoreError::Corrupt {
-                path: path.clone(),
-                offset: frame.offset,
-                reason,
-            })?;
+        account_cut(&path, bytes.len() as u64, &scan, cut, applier.report)?;
+        applier.report.segments += 1;
+        let mut segment = RecoveredSegment {
+            path,
+            window,
+            seq,
+            partition_secs: header.partition_secs,
+            len: scan.valid_end,
+            blocks: Vec::with_capacity(scan.frames.len()),
+        };
+        // Frames of the file's last commit (a suffix) wait until the shard's last commit is
+        // known to be complete.
+        let tail_seq = scan.frames.last().map(|frame| frame.header.commit_seq);
+        let tail_start = scan
+            .frames
+            .iter()
+            .rposition(|frame| Some(frame.header.commit_seq) != tail_seq)
+            .map_or(0, |index| index + 1);
+        for frame in &scan.frames[..tail_start] {
+            next_commit_seq = next_commit_seq.max(frame.header.commit_seq + 1);
+            applier.apply(
+                &segment.path,
+                frame,
+                payload_of(&bytes, frame),
+                &mut segment.blocks,
+            )?;
+        }
+        if let Some(tail_seq) = tail_seq {
+            next_commit_seq = next_commit_seq.max(tail_seq + 1);
+            last_commit = last_commit.max(Some(tail_seq));
+            let frames = scan.frames[tail_start..]
+                .iter()
+                .map(|frame| {
+                    let mut payload = AlignedVec::<16>::new();
+                    payload.extend_from_slice(payload_of(&bytes, frame));
+                    (*frame, payload)
+                })
+                .collect();
+            tails.push(Tail {
+                segment: recovered.len(),
+                frames,
+            });
+        }
+        recovered.push(segment);
+        applier.bound_exchanges();
+    }
+    // The last commit is complete when its commit record is there with every block it counts.
+    let rolled_back = last_commit.filter(|&last| {
+        let mut record_blocks = None;
+        let mut blocks = 0u32;
+        for (frame, payload) in tails.iter().flat_map(|tail| tail.frames.iter()) {
+            if frame.header.commit_seq != last {
+                continue;
+            }
+            match frame.header.kind {
+                format::FrameKind::Commit => {
+                    record_blocks = format::decode_commit(&frame.header, payload)
+                        .ok()
+                        .map(|(count, _)| count)
+                }
+                _ => blocks += 1,
+            }
+        }
+        record_blocks != Some(blocks)
+    });
+    if rolled_back.is_some() {
+        applier.report.commits_rolled_back += 1;
+    }
+    for tail in tails {
+        let segment = &mut recovered[tail.segment];
+        let (first, _) = &tail.frames[0];
+        if Some(first.header.commit_seq) == rolled_back {
+            applier.report.bytes_truncated += segment.len - first.offset;
+            applier.report.files_truncated += 1;
+            if cut {
+                cut_file(&segment.path, Some(first.offset))?;
+            }
+            segment.len = first.offset;
+            continue;
+        }
+        for (frame, payload) in &tail.frames {
+            applier.apply(&segment.path, frame, payload, &mut segment.blocks)?;
+        }
+    }
+    keep_newest(applier.exchanges);
+    let segments = recovered
+        .into_iter()
+        .map(|segment| {
+            Arc::new(SegmentShared::new(
+                segment.path,
+                segment.window,
+                segment.partition_secs,
+                segment.seq,
+                segment.len,
+                segment.blocks,
+            ))
+        })
+        .collect();
+    Ok(ShardShared::new(
+        shard,
+        dir.to_path_buf(),
+        summary,
+        segments,
+        dictionary_len,
+        next_commit_seq,
+    ))
+}
+
+fn payload_of<'a>(bytes: &'a [u8], frame: &format::ScannedFrame) -> &'a [u8] {
+    let start = frame.payload_offset() as usize;
+    &bytes[start..start + frame.header.payload_len as usize]
+}
+
+/// Applies recovered frames to a shard's summary, block index and exchange history.
+struct Applier<'a> {
+    summary: &'a mut Summary,
+    report: &'a mut RecoveryReport,
+    /// Frames are applied in write order, so a running index orders a commit's records as
+    /// their positions in the commit did.
+    running_index: u64,
+    exchanges: &'a mut Vec<ExchangeRecord>,
+}
+
+impl Applier<'_> {
+    fn apply(
+        &mut self,
+        path: &Path,
+        frame: &format::ScannedFrame,
+        payload: &[u8],
+        blocks: &mut Vec<BlockMeta>,
+    ) -> Result<(), StoreError> {
+        let corrupt = |reason| StoreError::Corrupt {
+            path: path.to_path_buf(),
+            offset: frame.offset,
+            reason,
+        };
+        let commit_seq = frame.header.commit_seq;
+        if frame.header.kind == format::FrameKind::Commit {
+            let (_, exchanges) = format::decode_commit(&frame.header, payload).map_err(corrupt)?;
+            self.report.exchanges += exchanges.len() as u64;
+            self.exchanges.extend(exchanges);
+            return Ok(());
+        }
+        format::with_aligned(payload, |payload| {
+            let block = format::access_block(payload).map_err(corrupt)?;
             for ((id, time), value) in block
                 .series
                 .iter()
                 .zip(block.times.iter())
                 .zip(block.values.iter())
             {
-                // Files are walked in write order, so a running index orders a commit's records
-                // as their positions in the commit did.
-                running_index += 1;
+                self.running_index += 1;
+                let summary = &mut *self.summary;
                 summary.id_floor = summary.id_floor.max(id.to_native().saturating_add(1));
                 let known = summary.apply(
                     id.to_native(),
                     1,
                     time.to_native(),
-                    (commit_seq, running_index),
+                    (commit_seq, self.running_index),
                     || archived_value(value),
                 );
                 if !known {
-                    report.unknown_series_points += 1;
+                    self.report.unknown_series_points += 1;
                 }
             }
-            report.blocks += 1;
-            report.points += frame.header.count as u64;
-            blocks.push(BlockMeta {
-                payload_offset: frame.payload_offset(),
-                payload_len: frame.header.payload_len,
-                count: frame.header.count,
-                min_time: frame.header.min_time,
-                max_time: frame.header.max_time,
-            });
-        }
-        report.segments += 1;
-        segments.push(Arc::new(SegmentShared::new(
-            path,
-            window,
-            header.partition_secs,
-            seq,
-            scan.valid_end,
-            blocks,
-        )));
+            Ok::<(), StoreError>(())
+        })?;
+        self.report.blocks += 1;
+        self.report.points += frame.header.count as u64;
+        blocks.push(BlockMeta {
+            payload_offset: frame.payload_offset(),
+            payload_len: frame.header.payload_len,
+            count: frame.header.count,
+            min_time: frame.header.min_time,
+            max_time: frame.header.max_time,
+        });
+        Ok(())
     }
-    Ok(ShardShared {
-        shard,
-        dir: dir.to_path_buf(),
-        summary: Mutex::new(summary),
-        segments: RwLock::new(segments),
-        dictionary_len: AtomicU64::new(dictionary_len),
-        next_commit_seq: AtomicU64::new(next_commit_seq),
-    })
+
+    /// Keeps the newest `RECOVERED_EXCHANGES_MAX` exchanges once twice as many are collected
+    /// (and at the end), so recovery's memory stays bounded whatever the store's size.
+    fn bound_exchanges(&mut self) {
+        if self.exchanges.len() > 2 * RECOVERED_EXCHANGES_MAX {
+            keep_newest(self.exchanges);
+        }
+    }
+}
+
+/// Sorts by arrival (oldest first) and keeps the newest `RECOVERED_EXCHANGES_MAX`.
+fn keep_newest(exchanges: &mut Vec<ExchangeRecord>) {
+    exchanges.sort_by(|a, b| a.arrival.total_cmp(&b.arrival));
+    let excess = exchanges.len().saturating_sub(RECOVERED_EXCHANGES_MAX);
+    exchanges.drain(..excess);
+}
+
+/// Removes `dropped-*` directories: retention drops a crash interrupted.
+fn remove_dropped_partitions(dir: &Path) -> Result<(), StoreError> {
+    let entries =
+        std::fs::read_dir(dir).map_err(|error| StoreError::io("read directory", dir, error))?;
+    for entry in entries {
+        let entry = entry.map_err(|error| StoreError::io("read directory", dir, error))?;
+        let is_dropped = entry
+            .file_name()
+            .to_str()
+            .is_some_and(|name| name.starts_with(DROPPED_PREFIX));
+        if is_dropped && entry.path().is_dir() {
+            std::fs::remove_dir_all(entry.path())
+                .map_err(|error| StoreError::io("remove dropped partition", entry.path(), error))?;
+        }
+    }
+    Ok(())
 }
 
 fn check_header(
@@ -806,7 +1055,12 @@ impl Reader {
                 else {
                     continue;
                 };
-                let map = segment.map(last)?;
+                let map = match segment.map(last) {
+                    Ok(map) => map,
+                    // Retention dropped it since the catalog was read: it is gone for queries.
+                    Err(_) if segment.dropped.load(Ordering::Acquire) => continue,
+                    Err(error) => return Err(error),
+                };
                 for block in blocks {
                     points.reserve(block.count as usize);
                     let start = block.payload_offset as usize;
@@ -844,5 +1098,103 @@ impl Reader {
 
     pub fn durability(&self) -> Durability {
         self.inner.config.durability
+    }
+}
+
+/// What one retention pass dropped.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RetentionReport {
+    pub partitions: usize,
+    pub segments: usize,
+    pub points: u64,
+    pub bytes: u64,
+}
+
+/// Drops partitions older than the retention horizon (docs/storage-format.md, "Retention").
+#[derive(Clone)]
+pub struct Retention {
+    inner: Arc<Inner>,
+}
+
+impl Retention {
+    /// Drops, in every shard, each partition directory whose segments' windows all ended at or
+    /// before `horizon` (unix seconds). Ingestion waits only for a directory rename per
+    /// partition; reading the dropped points and removing files happen outside the lock.
+    pub fn drop_before(&self, horizon: i64) -> Result<RetentionReport, StoreError> {
+        let mut report = RetentionReport::default();
+        let shards: Vec<Arc<ShardShared>> =
+            read_lock(&self.inner.shards).values().cloned().collect();
+        for shard in shards {
+            // Partition windows with every segment expired.
+            let mut by_window: BTreeMap<i64, Vec<Arc<SegmentShared>>> = BTreeMap::new();
+            let mut keep: HashSet<i64> = HashSet::new();
+            for segment in read_segments(&shard).iter() {
+                if writer::expired(segment.window_start, segment.partition_secs, horizon) {
+                    by_window
+                        .entry(segment.window_start)
+                        .or_default()
+                        .push(segment.clone());
+                } else {
+                    keep.insert(segment.window_start);
+                }
+            }
+            by_window.retain(|window, _| !keep.contains(window));
+            if by_window.is_empty() {
+                shard.retention_floor.fetch_max(horizon, Ordering::AcqRel);
+                continue;
+            }
+            let mut renamed = Vec::new();
+            {
+                let _files = lock(&shard.files);
+                shard.retention_floor.fetch_max(horizon, Ordering::AcqRel);
+                for (window, segments) in &by_window {
+                    let from = shard.dir.join(window.to_string());
+                    let to = shard.dir.join(format!("{DROPPED_PREFIX}{window}"));
+                    std::fs::rename(&from, &to).map_err(|error| {
+                        StoreError::io("rename dropped partition", &from, error)
+                    })?;
+                    for segment in segments {
+                        segment.dropped.store(true, Ordering::Release);
+                    }
+                    renamed.push((to, segments.clone()));
+                }
+                write_lock(&shard.segments)
+                    .retain(|segment| !segment.dropped.load(Ordering::Acquire));
+            }
+            sync_dir(&shard.dir)?;
+            for (dir, segments) in renamed {
+                let mut dropped_points: HashMap<u32, u64> = HashMap::default();
+                for segment in &segments {
+                    let path = dir.join(format!("segment-{}.seg", segment.seq));
+                    report.bytes += std::fs::metadata(&path).map_or(0, |m| m.len());
+                    if let Ok(LoadedFile::Valid { bytes, scan, .. }) =
+                        load_file(&path, FileKind::Segment)
+                    {
+                        let published = segment.published_len.load(Ordering::Acquire);
+                        for frame in scan.frames.iter().filter(|frame| {
+                            frame.header.kind == format::FrameKind::Block
+                                && frame.end() <= published
+                        }) {
+                            if let Ok(block) = format::access_block(payload_of(&bytes, frame)) {
+                                for id in block.series.iter() {
+                                    *dropped_points.entry(id.to_native()).or_default() += 1;
+                                }
+                            }
+                        }
+                    }
+                    report.segments += 1;
+                }
+                lock(&shard.summary).remove_points(&dropped_points);
+                report.points += dropped_points.values().sum::<u64>();
+                report.partitions += 1;
+                std::fs::remove_dir_all(&dir)
+                    .map_err(|error| StoreError::io("remove dropped partition", &dir, error))?;
+            }
+            sync_dir(&shard.dir)?;
+        }
+        if report.partitions > 0 {
+            self.inner.generation.fetch_add(1, Ordering::AcqRel);
+        }
+        Ok(report)
     }
 }

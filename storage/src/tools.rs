@@ -19,6 +19,9 @@ pub struct SegmentInspection {
     pub file_bytes: u64,
     pub blocks: u64,
     pub points: u64,
+    /// Commit records, and the CoAP exchanges they acknowledge.
+    pub commits: u64,
+    pub exchanges: u64,
     pub min_time: Option<f64>,
     pub max_time: Option<f64>,
     /// Bytes after the last valid frame (a torn tail, or a live writer's in-flight commit).
@@ -81,7 +84,7 @@ impl fmt::Display for Inspection {
         }
         writeln!(
             f,
-            "{:>5} {:>12} {:>6} {:>4} {:>12} {:>8} {:>10} {:>12} {:>16} {:>16} {:>8}",
+            "{:>5} {:>12} {:>6} {:>4} {:>12} {:>8} {:>10} {:>9} {:>12} {:>16} {:>16} {:>8}",
             "shard",
             "window",
             "width",
@@ -89,6 +92,7 @@ impl fmt::Display for Inspection {
             "bytes",
             "blocks",
             "points",
+            "exchanges",
             "bytes/point",
             "min time",
             "max time",
@@ -100,7 +104,7 @@ impl fmt::Display for Inspection {
                 .map_or_else(|| "-".to_string(), |value| format!("{value:.1}"));
             writeln!(
                 f,
-                "{:>5} {:>12} {:>6} {:>4} {:>12} {:>8} {:>10} {:>12} {:>16} {:>16} {:>8}{}",
+                "{:>5} {:>12} {:>6} {:>4} {:>12} {:>8} {:>10} {:>9} {:>12} {:>16} {:>16} {:>8}{}",
                 segment.shard,
                 segment.window_start,
                 segment.partition_secs,
@@ -108,6 +112,7 @@ impl fmt::Display for Inspection {
                 segment.file_bytes,
                 segment.blocks,
                 segment.points,
+                segment.exchanges,
                 per_point,
                 time_text(segment.min_time),
                 time_text(segment.max_time),
@@ -290,6 +295,7 @@ fn walk(dir: &Path, repair: bool) -> Result<(Inspection, VerifyReport), StoreErr
                 }
             }
         }
+        let mut tails: Vec<TailState> = Vec::new();
         for (window, seq, path) in store::list_segments(&shard_dir)? {
             report.files += 1;
             let file_bytes = std::fs::metadata(&path)
@@ -304,6 +310,8 @@ fn walk(dir: &Path, repair: bool) -> Result<(Inspection, VerifyReport), StoreErr
                 file_bytes,
                 blocks: 0,
                 points: 0,
+                commits: 0,
+                exchanges: 0,
                 min_time: None,
                 max_time: None,
                 torn_bytes: 0,
@@ -349,8 +357,43 @@ fn walk(dir: &Path, repair: bool) -> Result<(Inspection, VerifyReport), StoreErr
                     segment.corrupt_regions = scan.holes.len() as u64;
                     check_scan(&mut report, &path, bytes.len() as u64, &scan, repair)?;
                     let mut unknown = 0u64;
+                    if let Some(last) = scan.frames.last() {
+                        let seq = last.header.commit_seq;
+                        let tail = scan
+                            .frames
+                            .iter()
+                            .skip_while(|frame| frame.header.commit_seq != seq);
+                        let mut state = TailState {
+                            path: path.clone(),
+                            seq,
+                            first_offset: 0,
+                            blocks: 0,
+                            record_blocks: None,
+                        };
+                        for (index, frame) in tail.enumerate() {
+                            if index == 0 {
+                                state.first_offset = frame.offset;
+                            }
+                            if frame.header.kind == format::FrameKind::Commit {
+                                let start = frame.payload_offset() as usize;
+                                let payload =
+                                    &bytes[start..start + frame.header.payload_len as usize];
+                                state.record_blocks = format::decode_commit(&frame.header, payload)
+                                    .ok()
+                                    .map(|(blocks, _)| blocks);
+                            } else {
+                                state.blocks += 1;
+                            }
+                        }
+                        tails.push(state);
+                    }
                     for frame in &scan.frames {
                         report.frames += 1;
+                        if frame.header.kind == format::FrameKind::Commit {
+                            segment.commits += 1;
+                            segment.exchanges += frame.header.count as u64;
+                            continue;
+                        }
                         segment.blocks += 1;
                         segment.points += frame.header.count as u64;
                         report.points += frame.header.count as u64;
@@ -390,8 +433,59 @@ fn walk(dir: &Path, repair: bool) -> Result<(Inspection, VerifyReport), StoreErr
             }
             inspection.segments.push(segment);
         }
+        check_last_commit(&mut report, &mut inspection, &tails, repair)?;
     }
     Ok((inspection, report))
+}
+
+/// The frames of a segment's last commit (a suffix of the file).
+struct TailState {
+    path: PathBuf,
+    seq: u64,
+    first_offset: u64,
+    blocks: u32,
+    record_blocks: Option<u32>,
+}
+
+/// A shard's last commit must have its commit record and every block it counts; otherwise it
+/// was torn by a crash before it was acknowledged, and repair cuts it as recovery does.
+fn check_last_commit(
+    report: &mut VerifyReport,
+    inspection: &mut Inspection,
+    tails: &[TailState],
+    repair: bool,
+) -> Result<(), StoreError> {
+    let Some(last) = tails.iter().map(|tail| tail.seq).max() else {
+        return Ok(());
+    };
+    let of_last = || tails.iter().filter(move |tail| tail.seq == last);
+    let blocks: u32 = of_last().map(|tail| tail.blocks).sum();
+    let record_blocks = of_last().find_map(|tail| tail.record_blocks);
+    if record_blocks == Some(blocks) {
+        return Ok(());
+    }
+    for tail in of_last() {
+        if repair {
+            let len = std::fs::metadata(&tail.path)
+                .map_err(|error| StoreError::io("stat", &tail.path, error))?
+                .len();
+            if len > tail.first_offset {
+                store::cut_file(&tail.path, Some(tail.first_offset))?;
+            }
+        }
+        add_problem(
+            report,
+            inspection,
+            &tail.path,
+            tail.first_offset,
+            format!(
+                "incomplete last commit {last} ({blocks} blocks, commit record {}): torn by a crash before it was acknowledged",
+                record_blocks.map_or("missing".to_string(), |count| format!("counts {count}"))
+            ),
+            repair,
+        );
+    }
+    Ok(())
 }
 
 fn add_problem(

@@ -2,20 +2,27 @@
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
+use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::format::{
-    self, BlockRecords, FileHeader, FileKind, FrameHeader, StoredValue, BLOCK_BYTES_TARGET,
-    BLOCK_RECORDS_MAX, FILE_HEADER_BYTES, NAME_BYTES_MAX, VALUE_BYTES_MAX,
+    self, BlockRecords, FileHeader, FileKind, FrameHeader, FrameKind, StoredValue,
+    BLOCK_BYTES_TARGET, BLOCK_RECORDS_MAX, EXCHANGE_RESPONSE_BYTES_MAX, FILE_HEADER_BYTES,
+    NAME_BYTES_MAX, VALUE_BYTES_MAX,
 };
 use crate::store::{
     lock, segment_path, sync_dir, write_lock, BlockMeta, HashMap, Inner, SegmentShared,
     ShardShared, DICTIONARY_FILE,
 };
 use crate::{Durability, StoreError, Value, ValueRef, OPEN_SEGMENTS_MAX, SEGMENT_BYTES_MAX};
+
+/// Exchanges one commit may record: a commit record of this many maximal exchange records stays
+/// far below the frame payload bound (65 536 × 287 bytes = 18 MiB); the daemon commits once per
+/// receive batch, far fewer.
+pub const EXCHANGES_PER_COMMIT_MAX: usize = 65_536;
 
 /// Reading times must lie within ±2^53 seconds: exact in f64 and far from i64 overflow when
 /// computing partition windows.
@@ -28,6 +35,8 @@ pub struct CommitStats {
     pub bytes: u64,
     /// True when the commit's data was fdatasync'ed before returning.
     pub synced: bool,
+    /// Readings not written because retention dropped their partition while they were buffered.
+    pub expired_points: usize,
 }
 
 struct Pending {
@@ -80,6 +89,11 @@ pub struct ShardWriter {
     next_id: u32,
     pending: Vec<Pending>,
     pending_dictionary: Vec<(u32, String, String)>,
+    /// Exchange records the next commit acknowledges, encoded (its commit record's payload
+    /// after the prefix), how many, and their arrival range.
+    exchange_bytes: Vec<u8>,
+    exchange_count: u32,
+    exchange_arrivals: (f64, f64),
     dictionary: Option<File>,
     dictionary_path: PathBuf,
     /// Published length of the dictionary.
@@ -122,6 +136,9 @@ impl ShardWriter {
             next_id,
             pending: Vec::new(),
             pending_dictionary: Vec::new(),
+            exchange_bytes: Vec::new(),
+            exchange_count: 0,
+            exchange_arrivals: (f64::INFINITY, f64::NEG_INFINITY),
             dictionary: None,
             dictionary_path,
             dictionary_len: shard.dictionary_len.load(Ordering::Acquire),
@@ -207,6 +224,72 @@ impl ShardWriter {
         Ok(())
     }
 
+    /// Whether the store can hold this reading now: [`check_reading`], and its partition is not
+    /// older than the retention horizon (such a reading would be dropped at once).
+    pub fn check(
+        &self,
+        device: &str,
+        name: &str,
+        time: f64,
+        value: &ValueRef<'_>,
+    ) -> Result<(), StoreError> {
+        check_reading(device, name, time, value)?;
+        let floor = self.shard.retention_floor.load(Ordering::Acquire);
+        if expired(
+            window_of(time, self.partition_secs),
+            self.partition_secs,
+            floor,
+        ) {
+            return Err(StoreError::InvalidReading(format!(
+                "time {time} is older than the retention period"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Records an exchange the next commit acknowledges; its commit record keeps it so that a
+    /// retransmission after a restart is answered again (docs/storage-format.md). Refused when
+    /// the response is longer than 255 bytes or the commit already holds
+    /// `EXCHANGES_PER_COMMIT_MAX` exchanges.
+    /// No allocation beyond the commit's reused buffer.
+    pub fn record_exchange(
+        &mut self,
+        peer: SocketAddr,
+        message_id: u16,
+        confirmable: bool,
+        arrival: f64,
+        response: &[u8],
+    ) -> Result<(), StoreError> {
+        if response.len() > EXCHANGE_RESPONSE_BYTES_MAX {
+            return Err(StoreError::InvalidReading(format!(
+                "response of {} bytes exceeds {EXCHANGE_RESPONSE_BYTES_MAX}",
+                response.len()
+            )));
+        }
+        if self.exchange_count as usize >= EXCHANGES_PER_COMMIT_MAX {
+            return Err(StoreError::InvalidReading(format!(
+                "a commit records at most {EXCHANGES_PER_COMMIT_MAX} exchanges"
+            )));
+        }
+        if !arrival.is_finite() {
+            return Err(StoreError::InvalidReading(
+                "exchange arrival time is not finite".to_string(),
+            ));
+        }
+        format::encode_exchange(
+            &mut self.exchange_bytes,
+            peer,
+            message_id,
+            confirmable,
+            arrival,
+            response,
+        );
+        self.exchange_count += 1;
+        let (min, max) = self.exchange_arrivals;
+        self.exchange_arrivals = (min.min(arrival), max.max(arrival));
+        Ok(())
+    }
+
     /// Readings buffered since the last commit.
     pub fn pending(&self) -> usize {
         self.pending.len()
@@ -217,7 +300,15 @@ impl ShardWriter {
     /// cuts the files back to their published lengths.
     pub fn commit(&mut self) -> Result<CommitStats, StoreError> {
         self.touched.clear();
+        // Retention renames partition directories under this lock: no file of this shard is
+        // created or dropped while a commit writes.
+        let shard = self.shard.clone();
+        let files = lock(&shard.files);
         let result = self.commit_inner();
+        drop(files);
+        self.exchange_bytes.clear();
+        self.exchange_count = 0;
+        self.exchange_arrivals = (f64::INFINITY, f64::NEG_INFINITY);
         if result.is_err() {
             self.discard_failed_commit();
         }
@@ -279,6 +370,9 @@ impl ShardWriter {
             }
         }
         for segment in &failed {
+            if segment.dropped.load(Ordering::Acquire) {
+                continue;
+            }
             let published = segment.published_len.load(Ordering::Acquire);
             self.faults.check("truncate", &segment.path)?;
             let file = OpenOptions::new()
@@ -301,11 +395,19 @@ impl ShardWriter {
         if self.dictionary.is_none() {
             self.open_dictionary()?;
         }
+        // Readings whose partition retention dropped since they were checked go with it.
+        let floor = self.shard.retention_floor.load(Ordering::Acquire);
+        let partition_secs = self.partition_secs;
+        let buffered = self.pending.len();
+        self.pending
+            .retain(|reading| !expired(reading.window, partition_secs, floor));
+        let expired_points = buffered - self.pending.len();
         if self.pending.is_empty() && self.pending_dictionary.is_empty() {
             return Ok(CommitStats {
                 points: 0,
                 bytes: 0,
                 synced: false,
+                expired_points,
             });
         }
         let sync = self.durability == Durability::Fsync;
@@ -320,6 +422,7 @@ impl ShardWriter {
                 format::encode_dictionary_entry(&mut payload, *id, device, name);
             }
             let header = FrameHeader {
+                kind: FrameKind::Dictionary,
                 payload_len: 0,
                 payload_crc: 0,
                 count: self.pending_dictionary.len() as u32,
@@ -328,12 +431,7 @@ impl ShardWriter {
                 max_time: 0.0,
             };
             self.frame_buffer.clear();
-            format::encode_frame(
-                &mut self.frame_buffer,
-                FileKind::Dictionary,
-                &header,
-                &payload,
-            );
+            format::encode_frame(&mut self.frame_buffer, &header, &payload);
             let path = &self.dictionary_path;
             let Some(dictionary) = &self.dictionary else {
                 return Err(StoreError::io(
@@ -421,6 +519,16 @@ impl ShardWriter {
             }
         }
 
+        // The commit record, right after the commit's last block (same segment, same sync).
+        if let Some(window) = published.last().map(|(segment, _, _)| segment.window_start) {
+            let before = last_block_end(&published);
+            let end = self.write_commit_record(window, published.len() as u32, commit_seq)?;
+            bytes_written += end - before;
+            if let Some(last) = published.last_mut() {
+                last.2 = end;
+            }
+        }
+
         // 4. Sync every segment written (segments closed during the commit were synced then).
         if sync {
             for segment in self.open.values() {
@@ -463,7 +571,52 @@ impl ShardWriter {
             points,
             bytes: bytes_written,
             synced: sync,
+            expired_points,
         })
+    }
+
+    /// Writes the commit record (block count and pending exchanges) at the end of the open
+    /// segment of `window`, which the commit's last block went to; returns the segment's new end.
+    fn write_commit_record(
+        &mut self,
+        window: i64,
+        blocks: u32,
+        commit_seq: u64,
+    ) -> Result<u64, StoreError> {
+        let (min_time, max_time) = if self.exchange_count == 0 {
+            (0.0, 0.0)
+        } else {
+            self.exchange_arrivals
+        };
+        let mut payload = Vec::with_capacity(8 + self.exchange_bytes.len());
+        format::encode_commit_prefix(&mut payload, blocks);
+        payload.extend_from_slice(&self.exchange_bytes);
+        let header = FrameHeader {
+            kind: FrameKind::Commit,
+            payload_len: 0,
+            payload_crc: 0,
+            count: self.exchange_count,
+            commit_seq,
+            min_time,
+            max_time,
+        };
+        self.frame_buffer.clear();
+        format::encode_frame(&mut self.frame_buffer, &header, &payload);
+        let Some(segment) = self.open.get_mut(&window) else {
+            return Err(StoreError::io(
+                "write",
+                &self.shard.dir,
+                std::io::Error::other("segment of the commit's last block is not open"),
+            ));
+        };
+        segment.written_this_commit = true;
+        self.faults.check("write", &segment.shared.path)?;
+        segment
+            .file
+            .write_all_at(&self.frame_buffer, segment.len)
+            .map_err(|error| StoreError::io("write", &segment.shared.path, error))?;
+        segment.len += self.frame_buffer.len() as u64;
+        Ok(segment.len)
     }
 
     /// Writes one block frame to the active segment of `window`; returns the segment, the block's
@@ -488,6 +641,7 @@ impl ShardWriter {
             .copied()
             .fold(f64::NEG_INFINITY, f64::max);
         let header = FrameHeader {
+            kind: FrameKind::Block,
             payload_len: 0,
             payload_crc: 0,
             count: block.series.len() as u32,
@@ -496,7 +650,7 @@ impl ShardWriter {
             max_time,
         };
         self.frame_buffer.clear();
-        format::encode_frame(&mut self.frame_buffer, FileKind::Segment, &header, &payload);
+        format::encode_frame(&mut self.frame_buffer, &header, &payload);
         let frame_len = self.frame_buffer.len() as u64;
         self.segment_for(window, frame_len)?;
         let Some(segment) = self.open.get_mut(&window) else {
@@ -529,6 +683,14 @@ impl ShardWriter {
     fn segment_for(&mut self, window: i64, frame_len: u64) -> Result<(), StoreError> {
         self.tick += 1;
         let tick = self.tick;
+        if self
+            .open
+            .get(&window)
+            .is_some_and(|segment| segment.shared.dropped.load(Ordering::Acquire))
+        {
+            // Retention dropped it (a segment of another partition width in this window).
+            self.open.remove(&window);
+        }
         if let Some(segment) = self.open.get_mut(&window) {
             segment.last_used = tick;
             if segment.len <= FILE_HEADER_BYTES as u64
@@ -706,6 +868,16 @@ pub fn check_reading(
         )));
     }
     Ok(())
+}
+
+/// Whether a partition window of this width lies wholly below the retention floor.
+pub(crate) fn expired(window: i64, partition_secs: u64, floor: i64) -> bool {
+    window.saturating_add(partition_secs as i64) <= floor
+}
+
+/// End of the commit's last block (where its commit record goes).
+fn last_block_end(published: &[(Arc<SegmentShared>, BlockMeta, u64)]) -> u64 {
+    published.last().map_or(0, |(_, _, end)| *end)
 }
 
 pub(crate) fn window_of(time: f64, partition_secs: u64) -> i64 {
