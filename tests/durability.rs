@@ -144,7 +144,12 @@ fn retransmissions_after_a_crash_and_a_shard_count_change_are_answered_again_not
 /// `cycles` times: CON load from `DEVICES` devices, SIGKILL at a random moment, restart,
 /// retransmit what was in flight. Then every reading any device saw acknowledged is stored
 /// exactly once, and nothing is stored twice.
+/// `SLUICE_KILL_CYCLES` asks for more cycles (scripts/soak-kill).
 fn kill_cycles(durability: &str, cycles: usize) {
+    let cycles = std::env::var("SLUICE_KILL_CYCLES")
+        .ok()
+        .and_then(|cycles| cycles.parse().ok())
+        .unwrap_or(cycles);
     let seed: u64 = std::env::var("SLUICE_KILL_SEED")
         .ok()
         .and_then(|seed| seed.parse().ok())
