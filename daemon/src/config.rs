@@ -11,6 +11,8 @@ use anyhow::{bail, Context};
 use clap::{Parser, ValueEnum};
 use serde::Deserialize;
 
+use crate::credentials::Credentials;
+
 #[derive(Parser, Debug, Default, Deserialize)]
 #[command(
     name = "sluiced",
@@ -84,6 +86,7 @@ pub enum LogFormat {
 pub struct Config {
     pub data_dir: PathBuf,
     pub coap: Option<SocketAddr>,
+    pub coaps: Option<Coaps>,
     pub http: SocketAddr,
     pub shards: usize,
     pub durability: DurabilityMode,
@@ -91,6 +94,15 @@ pub struct Config {
     /// Partitions whose window ended longer ago than this are dropped; None keeps everything.
     pub retention: Option<Duration>,
     pub log_format: LogFormat,
+}
+
+/// CoAP over DTLS: where, and who may talk to it.
+#[derive(Debug)]
+pub struct Coaps {
+    pub addr: SocketAddr,
+    pub credentials_path: PathBuf,
+    /// As read at start-up; SIGHUP reloads from `credentials_path`.
+    pub credentials: Credentials,
 }
 
 /// Shards beyond this are refused: each costs a thread, sockets and buffers.
@@ -103,9 +115,18 @@ impl Options {
             let file = read_file(&path)?;
             self.merge(file);
         }
-        if self.credentials.is_some() || self.coaps.is_some() {
-            bail!("--credentials/--coaps: CoAPS (DTLS) is not available in this version yet");
-        }
+        let coaps = match (self.credentials.take(), self.coaps) {
+            (Some(path), addr) => {
+                let credentials = Credentials::load(&path).context("--credentials")?;
+                Some(Coaps {
+                    addr: addr.unwrap_or_else(|| ([0, 0, 0, 0], 5684).into()),
+                    credentials_path: path,
+                    credentials,
+                })
+            }
+            (None, Some(_)) => bail!("--coaps: CoAPS needs --credentials FILE"),
+            (None, None) => None,
+        };
         let coap = match self.coap.as_deref().unwrap_or("0.0.0.0:5683") {
             "off" => None,
             addr => Some(
@@ -138,6 +159,7 @@ impl Options {
                 .data_dir
                 .unwrap_or_else(|| PathBuf::from("./sluice-data")),
             coap,
+            coaps,
             http: self.http.unwrap_or_else(|| ([127, 0, 0, 1], 8683).into()),
             shards,
             durability: self.durability.unwrap_or(DurabilityMode::Fsync),
@@ -198,6 +220,22 @@ mod tests {
         assert_eq!(config.durability, DurabilityMode::Fsync);
         assert_eq!(config.partition, Duration::from_secs(3600));
         assert!(config.shards >= 1);
+        assert!(config.coaps.is_none());
+    }
+
+    #[test]
+    fn credentials_enable_coaps_on_the_default_port() {
+        let dir = std::env::temp_dir().join(format!("sluiced-coaps-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("credentials.toml");
+        std::fs::write(&file, "[[device]]\nid = \"a\"\nkey = \"k\"\n").unwrap();
+        let config = options(&["--credentials", file.to_str().unwrap()])
+            .resolve()
+            .unwrap();
+        let coaps = config.coaps.unwrap();
+        assert_eq!(coaps.addr, "0.0.0.0:5684".parse::<SocketAddr>().unwrap());
+        assert_eq!(coaps.credentials.enabled(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -235,6 +273,10 @@ mod tests {
         assert!(options(&["--shards", "0"]).resolve().is_err());
         assert!(options(&["--retention", "0s"]).resolve().is_err());
         assert!(options(&["--retention", "forever"]).resolve().is_err());
+        assert!(options(&["--coaps", "127.0.0.1:5684"]).resolve().is_err());
+        assert!(options(&["--credentials", "/nonexistent/credentials.toml"])
+            .resolve()
+            .is_err());
     }
 
     #[test]

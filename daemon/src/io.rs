@@ -238,3 +238,33 @@ impl SendBatch {
         dropped
     }
 }
+
+/// Waits until either socket has a datagram, or `RECEIVE_TIMEOUT` passes; says which are
+/// readable. For a shard serving both CoAP and CoAPS.
+pub fn wait_readable(first: &UdpSocket, second: &UdpSocket) -> (bool, bool) {
+    use std::os::fd::AsRawFd;
+    let mut fds = [
+        libc::pollfd {
+            fd: first.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: second.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    // SAFETY: `fds` is a live array of two pollfd for the duration of the call.
+    let ready = unsafe {
+        libc::poll(
+            fds.as_mut_ptr(),
+            fds.len() as libc::nfds_t,
+            RECEIVE_TIMEOUT.as_millis() as libc::c_int,
+        )
+    };
+    if ready <= 0 {
+        return (false, false);
+    }
+    (fds[0].revents != 0, fds[1].revents != 0)
+}

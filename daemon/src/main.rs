@@ -3,7 +3,9 @@
 //! Exit codes: 0 after a clean shutdown (SIGINT/SIGTERM), 1 when start-up or the run fails
 //! (the log says why), 2 for a bad command line.
 
+mod coaps;
 mod config;
+mod credentials;
 mod http;
 mod io;
 mod metrics;
@@ -52,7 +54,7 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-fn run(config: Config) -> anyhow::Result<()> {
+fn run(mut config: Config) -> anyhow::Result<()> {
     let (store, recovery) = Store::open(StoreConfig {
         dir: config.data_dir.clone(),
         partition_secs: config.partition.as_secs(),
@@ -66,6 +68,21 @@ fn run(config: Config) -> anyhow::Result<()> {
     // Every shard gets every shard's history: with another shard count than before the restart,
     // SO_REUSEPORT may hash a peer to another shard.
     let history = Arc::new(store.take_recovered_exchanges());
+
+    let data_dir = config.data_dir.clone();
+    let shards = config.shards;
+    let shared_credentials = config.coaps.as_mut().map(|coaps| {
+        if credentials::readable_by_others(&coaps.credentials_path) {
+            tracing::warn!(file = %coaps.credentials_path.display(), "the credentials file is readable by others: chmod 600 it");
+        }
+        let removed = coaps::remove_stale_session_files(&data_dir, shards);
+        if removed > 0 {
+            tracing::warn!(removed, "DTLS session files of another shard count dropped: those devices will handshake again");
+        }
+        Arc::new(credentials::SharedCredentials::new(std::mem::take(
+            &mut coaps.credentials,
+        )))
+    });
 
     let shutdown = Arc::new(AtomicBool::new(false));
     let mut shards = Vec::with_capacity(config.shards);
@@ -82,18 +99,35 @@ fn run(config: Config) -> anyhow::Result<()> {
             }
             None => None,
         };
+        let coaps = match (&config.coaps, &shared_credentials) {
+            (Some(coaps), Some(credentials)) => {
+                let (socket, receive_buffer) = io::bind(coaps.addr)
+                    .with_context(|| format!("cannot bind CoAPS on {}", coaps.addr))?;
+                if index == 0 {
+                    let current = credentials.current();
+                    tracing::info!(addr = %coaps.addr, shards = config.shards, receive_buffer, devices = current.enabled(), disabled = current.disabled, "CoAPS listening");
+                }
+                Some(shard::CoapsSetup {
+                    socket,
+                    credentials: credentials.clone(),
+                    session_file: coaps::session_file(&config.data_dir, index, config.shards),
+                })
+            }
+            _ => None,
+        };
         let metrics = Arc::new(metrics::ShardMetrics::new());
         shard_metrics.push(metrics.clone());
         shards.push(shard::Shard {
             index,
             socket,
+            coaps,
             writer: store.writer(index as u32)?,
             metrics,
             shutdown: shutdown.clone(),
             history: history.clone(),
         });
     }
-    if config.coap.is_none() {
+    if config.coap.is_none() && config.coaps.is_none() {
         tracing::warn!("plain CoAP is off and CoAPS is not configured: nothing will be ingested");
     }
 
@@ -138,7 +172,13 @@ fn run(config: Config) -> anyhow::Result<()> {
     state.ready.store(true, Ordering::Relaxed);
     tracing::info!("ready");
 
-    let signal = runtime.block_on(wait_for_signal())?;
+    let signal = runtime.block_on(wait_for_signal(|| {
+        if let (Some(coaps), Some(shared)) = (&config.coaps, &shared_credentials) {
+            reload_credentials(&coaps.credentials_path, shared);
+        } else {
+            tracing::info!("SIGHUP: no --credentials to reload");
+        }
+    }))?;
     tracing::info!(signal, "shutting down: draining shards");
     state.ready.store(false, Ordering::Relaxed);
     shutdown.store(true, Ordering::Relaxed);
@@ -156,12 +196,41 @@ fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() -> anyhow::Result<&'static str> {
+/// Waits for SIGTERM or SIGINT (returned); calls `reload` on each SIGHUP meanwhile.
+async fn wait_for_signal(reload: impl Fn()) -> anyhow::Result<&'static str> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
-    Ok(tokio::select! {
-        _ = terminate.recv() => "SIGTERM",
-        _ = interrupt.recv() => "SIGINT",
-    })
+    let mut hangup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => return Ok("SIGTERM"),
+            _ = interrupt.recv() => return Ok("SIGINT"),
+            _ = hangup.recv() => reload(),
+        }
+    }
+}
+
+/// SIGHUP: a valid file replaces the credentials in force; a bad one is refused and logged.
+fn reload_credentials(path: &std::path::Path, shared: &credentials::SharedCredentials) {
+    match credentials::Credentials::load(path) {
+        Ok(new) => {
+            if credentials::readable_by_others(path) {
+                tracing::warn!(file = %path.display(), "the credentials file is readable by others: chmod 600 it");
+            }
+            let (added, removed, changed) = credentials::difference(&shared.current(), &new);
+            tracing::info!(
+                devices = new.enabled(),
+                disabled = new.disabled,
+                added,
+                removed,
+                changed,
+                "SIGHUP: credentials reloaded"
+            );
+            shared.replace(new);
+        }
+        Err(error) => {
+            tracing::error!("SIGHUP: credentials not reloaded, the previous ones stay in force: --credentials: {error:#}");
+        }
+    }
 }

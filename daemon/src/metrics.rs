@@ -19,6 +19,9 @@ pub struct ShardMetrics {
     pub points_stored: AtomicU64,
     pub responses_dropped: AtomicU64,
     pub dedup_entries: AtomicU64,
+    pub dtls: Mutex<sluice_dtls::Counters>,
+    pub dtls_sessions: AtomicU64,
+    pub dtls_handshakes: AtomicU64,
     /// Receive of the datagram to the hand-over of its acknowledgement to the kernel.
     pub ack_latency_us: Mutex<Histogram<u64>>,
     /// Duration of one group commit (write plus fdatasync under `--durability fsync`).
@@ -34,6 +37,9 @@ impl ShardMetrics {
             points_stored: AtomicU64::new(0),
             responses_dropped: AtomicU64::new(0),
             dedup_entries: AtomicU64::new(0),
+            dtls: Mutex::new(sluice_dtls::Counters::default()),
+            dtls_sessions: AtomicU64::new(0),
+            dtls_handshakes: AtomicU64::new(0),
             ack_latency_us: Mutex::new(latency_histogram()),
             commit_latency_us: Mutex::new(latency_histogram()),
         }
@@ -114,7 +120,8 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>], extra: &str) -> String {
             }
         }
     }
-    let atomics: [(&str, &str, CounterField); 5] = [
+    dtls(&mut out, shards);
+    let atomics: [(&str, &str, CounterField); 7] = [
         ("sluice_commits_total", "counter", |s| &s.commits),
         ("sluice_commit_errors_total", "counter", |s| {
             &s.commit_errors
@@ -126,6 +133,10 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>], extra: &str) -> String {
             &s.responses_dropped
         }),
         ("sluice_dedup_entries", "gauge", |s| &s.dedup_entries),
+        ("sluice_dtls_sessions", "gauge", |s| &s.dtls_sessions),
+        ("sluice_dtls_handshakes_in_progress", "gauge", |s| {
+            &s.dtls_handshakes
+        }),
     ];
     for (name, kind, field) in atomics {
         let _ = writeln!(out, "# TYPE {name} {kind}");
@@ -149,6 +160,55 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>], extra: &str) -> String {
     }
     out.push_str(extra);
     out
+}
+
+/// The DTLS counters of every shard (zero when CoAPS is off).
+fn dtls(out: &mut String, shards: &[std::sync::Arc<ShardMetrics>]) {
+    let counters: Vec<sluice_dtls::Counters> = shards
+        .iter()
+        .map(|s| s.dtls.lock().map(|c| c.clone()).unwrap_or_default())
+        .collect();
+    type Field = fn(&sluice_dtls::Counters) -> u64;
+    let rows: [(&str, Field); 14] = [
+        ("sluice_dtls_records_malformed_total", |c| {
+            c.records_malformed
+        }),
+        ("sluice_dtls_hello_verify_requests_total", |c| {
+            c.hello_verify_requests
+        }),
+        ("sluice_dtls_handshakes_started_total", |c| {
+            c.handshakes_started
+        }),
+        ("sluice_dtls_handshakes_completed_total", |c| {
+            c.handshakes_completed
+        }),
+        ("sluice_dtls_handshakes_failed_total", |c| {
+            c.handshakes_failed
+        }),
+        ("sluice_dtls_handshakes_refused_total", |c| {
+            c.handshakes_refused
+        }),
+        ("sluice_dtls_handshakes_timed_out_total", |c| {
+            c.handshakes_timed_out
+        }),
+        ("sluice_dtls_unknown_identities_total", |c| {
+            c.unknown_identities
+        }),
+        ("sluice_dtls_records_replayed_total", |c| c.records_replayed),
+        ("sluice_dtls_records_forged_total", |c| c.records_forged),
+        ("sluice_dtls_records_without_session_total", |c| {
+            c.records_without_session
+        }),
+        ("sluice_dtls_sessions_evicted_total", |c| c.sessions_evicted),
+        ("sluice_dtls_sessions_closed_total", |c| c.sessions_closed),
+        ("sluice_dtls_sessions_revoked_total", |c| c.sessions_revoked),
+    ];
+    for (name, field) in rows {
+        let _ = writeln!(out, "# TYPE {name} counter");
+        for (shard, c) in counters.iter().enumerate() {
+            let _ = writeln!(out, "{name}{{shard=\"{shard}\"}} {}", field(c));
+        }
+    }
 }
 
 /// A Prometheus summary (quantiles, sum, count) of a histogram of microseconds, in seconds.

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use sluice_protocol::{Endpoint, EndpointConfig, Exchange, Outcome, Reading, Value};
 use sluice_storage::{ExchangeRecord, ShardWriter, ValueRef};
 
-use crate::io::{ReceiveBatch, SendBatch};
+use crate::coaps::Coaps;
+use crate::credentials::SharedCredentials;
+use crate::io::{self, ReceiveBatch, SendBatch};
 use crate::metrics::{self, ShardMetrics};
 
 /// Max-Age (seconds) of a 5.03 sent when a commit failed: how long a device should back off.
@@ -20,6 +22,7 @@ const EXPIRE_INTERVAL: Duration = Duration::from_secs(1);
 pub struct Shard {
     pub index: usize,
     pub socket: Option<UdpSocket>,
+    pub coaps: Option<CoapsSetup>,
     pub writer: ShardWriter,
     pub metrics: Arc<ShardMetrics>,
     pub shutdown: Arc<AtomicBool>,
@@ -28,8 +31,17 @@ pub struct Shard {
     pub history: Arc<Vec<ExchangeRecord>>,
 }
 
+/// What a shard needs to serve CoAPS; the session table itself is built on the shard's thread.
+pub struct CoapsSetup {
+    pub socket: UdpSocket,
+    pub credentials: Arc<SharedCredentials>,
+    pub session_file: std::path::PathBuf,
+}
+
 /// A stored exchange whose response waits for the commit that covers it.
 struct Pending {
+    /// Came over CoAPS: answered by the CoAPS endpoint, in a record of the peer's session.
+    secure: bool,
     exchange: Exchange,
     response_start: usize,
     response_len: usize,
@@ -37,11 +49,25 @@ struct Pending {
 
 impl Shard {
     pub fn run(mut self) {
-        let Some(socket) = self.socket.take() else {
+        let plain = self.socket.take();
+        let mut coaps = self.coaps.take().map(|setup| {
+            Coaps::new(
+                setup.socket,
+                setup.credentials,
+                setup.session_file,
+                self.index,
+            )
+        });
+        if plain.is_none() && coaps.is_none() {
             return;
-        };
+        }
         let mut endpoint = Endpoint::new(EndpointConfig::default());
         self.restore(&mut endpoint);
+        if let Some(coaps) = &mut coaps {
+            // The store does not say which transport an exchange came over: both endpoints get
+            // the history, so a CoAPS retransmission after a restart is not stored twice either.
+            self.restore(&mut coaps.endpoint);
+        }
         let mut receive = ReceiveBatch::new();
         let mut send = SendBatch::new();
         let mut readings: Vec<Reading> = Vec::new();
@@ -52,20 +78,14 @@ impl Shard {
         let mut failing = false;
 
         while !self.shutdown.load(Ordering::Relaxed) {
-            let count = match receive.receive(&socket) {
-                Ok(count) => count,
-                Err(error) => {
-                    if !matches!(
-                        error.kind(),
-                        std::io::ErrorKind::WouldBlock
-                            | std::io::ErrorKind::TimedOut
-                            | std::io::ErrorKind::Interrupted
-                    ) {
-                        tracing::warn!(shard = self.index, %error, "receive failed");
-                    }
-                    0
-                }
+            let (plain_ready, secure_ready) = match (&plain, &coaps) {
+                (Some(plain), Some(coaps)) => io::wait_readable(plain, &coaps.socket),
+                (plain, _) => (plain.is_some(), plain.is_none()),
             };
+            let mut count = 0;
+            if let (Some(socket), true) = (&plain, plain_ready) {
+                count = self.receive(&mut receive, socket);
+            }
             let received_at = Instant::now();
             let unix_now = unix_seconds(SystemTime::now());
             for index in 0..count {
@@ -84,43 +104,69 @@ impl Shard {
                     Outcome::Ignore => {}
                     Outcome::Reply => send.push(peer, &response),
                     Outcome::Store(exchange) => {
-                        if let Err(error) = check(&self.writer, &exchange.device, &readings) {
-                            // Nothing of the request is stored: one refused reading refuses all.
-                            endpoint.rejected(&exchange, &error.to_string(), &mut response);
-                            if !response.is_empty() {
-                                send.push(peer, &response);
-                            }
-                            continue;
-                        }
-                        if let Err(error) = append(&mut self.writer, &exchange.device, &readings) {
-                            // Only a shard out of series ids gets here (2^32 of them).
-                            tracing::error!(shard = self.index, %error, "append failed");
-                        }
-                        let recorded = self.writer.record_exchange(
-                            peer,
-                            exchange.message_id,
-                            exchange.confirmable,
-                            unix_now,
-                            &response,
-                        );
-                        if let Err(error) = recorded {
-                            // A response above 255 bytes: its retransmission after a restart
-                            // would be stored again. A 2.04 of this daemon is far smaller.
-                            tracing::warn!(shard = self.index, %error, "exchange not recorded");
-                        }
-                        pending.push(Pending {
+                        if let Some(rejection) = self.stage(
+                            &mut endpoint,
                             exchange,
-                            response_start: pending_bytes.len(),
-                            response_len: response.len(),
-                        });
-                        pending_bytes.extend_from_slice(&response);
+                            &readings,
+                            &response,
+                            unix_now,
+                            false,
+                            &mut pending,
+                            &mut pending_bytes,
+                        ) {
+                            send.push(peer, &rejection);
+                        }
                     }
+                }
+            }
+            if let (Some(coaps), true) = (&mut coaps, secure_ready) {
+                coaps.refresh_credentials();
+                let secure_count = self.receive(&mut receive, &coaps.socket);
+                count += secure_count;
+                for index in 0..secure_count {
+                    let (peer, datagram) = receive.datagram(index);
+                    let Some(peer) = peer else { continue };
+                    let Some(device) = coaps.open(received_at, peer, datagram) else {
+                        continue;
+                    };
+                    let application = std::mem::take(&mut coaps.application);
+                    for message in application.records() {
+                        readings.clear();
+                        match coaps.endpoint.handle(
+                            received_at,
+                            unix_now,
+                            peer,
+                            Some(&device),
+                            message,
+                            &mut readings,
+                            &mut response,
+                        ) {
+                            Outcome::Ignore => {}
+                            Outcome::Reply => coaps.respond(peer, &response),
+                            Outcome::Store(exchange) => {
+                                if let Some(rejection) = self.stage(
+                                    &mut coaps.endpoint,
+                                    exchange,
+                                    &readings,
+                                    &response,
+                                    unix_now,
+                                    true,
+                                    &mut pending,
+                                    &mut pending_bytes,
+                                ) {
+                                    coaps.respond(peer, &rejection);
+                                }
+                            }
+                        }
+                    }
+                    coaps.application = application;
                 }
             }
 
             if !pending.is_empty() {
                 self.commit(
                     &mut endpoint,
+                    coaps.as_mut(),
                     &mut pending,
                     &pending_bytes,
                     &mut send,
@@ -129,7 +175,10 @@ impl Shard {
                 pending.clear();
                 pending_bytes.clear();
             }
-            let dropped = send.flush(&socket);
+            let mut dropped = plain.as_ref().map_or(0, |socket| send.flush(socket));
+            if let Some(coaps) = &mut coaps {
+                dropped += coaps.send.flush(&coaps.socket);
+            }
             if count > 0 {
                 let latency_us = received_at.elapsed().as_micros() as u64;
                 if let Ok(mut histogram) = self.metrics.ack_latency_us.lock() {
@@ -143,11 +192,81 @@ impl Shard {
             }
             if received_at.duration_since(last_expire) >= EXPIRE_INTERVAL {
                 endpoint.expire(received_at);
+                if let Some(coaps) = &mut coaps {
+                    coaps.expire(received_at);
+                }
                 last_expire = received_at;
             }
-            self.publish(&endpoint);
+            self.publish(&endpoint, coaps.as_ref());
+        }
+        if let Some(coaps) = &coaps {
+            coaps.save_sessions(self.index);
         }
         tracing::debug!(shard = self.index, "shard stopped");
+    }
+
+    /// Takes a batch of datagrams from `socket` into `receive`; returns how many.
+    fn receive(&self, receive: &mut ReceiveBatch, socket: &UdpSocket) -> usize {
+        match receive.receive(socket) {
+            Ok(count) => count,
+            Err(error) => {
+                if !matches!(
+                    error.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) {
+                    tracing::warn!(shard = self.index, %error, "receive failed");
+                }
+                0
+            }
+        }
+    }
+
+    /// Appends a request's readings for the next group commit. Returns the rejection to send
+    /// instead when the store cannot hold them (nothing of the request is stored then).
+    #[allow(clippy::too_many_arguments)]
+    fn stage(
+        &mut self,
+        endpoint: &mut Endpoint,
+        exchange: Exchange,
+        readings: &[Reading],
+        response: &[u8],
+        unix_now: f64,
+        secure: bool,
+        pending: &mut Vec<Pending>,
+        pending_bytes: &mut Vec<u8>,
+    ) -> Option<Vec<u8>> {
+        if let Err(error) = check(&self.writer, &exchange.device, readings) {
+            // Nothing of the request is stored: one refused reading refuses all.
+            let mut rejection = Vec::new();
+            endpoint.rejected(&exchange, &error.to_string(), &mut rejection);
+            return (!rejection.is_empty()).then_some(rejection);
+        }
+        if let Err(error) = append(&mut self.writer, &exchange.device, readings) {
+            // Only a shard out of series ids gets here (2^32 of them).
+            tracing::error!(shard = self.index, %error, "append failed");
+        }
+        let recorded = self.writer.record_exchange(
+            exchange.peer,
+            exchange.message_id,
+            exchange.confirmable,
+            unix_now,
+            response,
+        );
+        if let Err(error) = recorded {
+            // A response above 255 bytes: its retransmission after a restart
+            // would be stored again. A 2.04 of this daemon is far smaller.
+            tracing::warn!(shard = self.index, %error, "exchange not recorded");
+        }
+        pending.push(Pending {
+            secure,
+            exchange,
+            response_start: pending_bytes.len(),
+            response_len: response.len(),
+        });
+        pending_bytes.extend_from_slice(response);
+        None
     }
 
     /// Group commit of every reading appended in this batch; then the stored exchanges'
@@ -155,6 +274,7 @@ impl Shard {
     fn commit(
         &mut self,
         endpoint: &mut Endpoint,
+        mut coaps: Option<&mut Coaps>,
         pending: &mut [Pending],
         pending_bytes: &[u8],
         send: &mut SendBatch,
@@ -177,13 +297,21 @@ impl Shard {
                     metrics::record(&mut histogram, commit_us, 1);
                 }
                 for entry in pending.iter() {
-                    endpoint.committed(&entry.exchange);
-                    if entry.response_len > 0 {
-                        let start = entry.response_start;
-                        send.push(
-                            entry.exchange.peer,
-                            &pending_bytes[start..start + entry.response_len],
-                        );
+                    let start = entry.response_start;
+                    let response = &pending_bytes[start..start + entry.response_len];
+                    match (entry.secure, coaps.as_deref_mut()) {
+                        (true, Some(coaps)) => {
+                            coaps.endpoint.committed(&entry.exchange);
+                            if !response.is_empty() {
+                                coaps.respond(entry.exchange.peer, response);
+                            }
+                        }
+                        _ => {
+                            endpoint.committed(&entry.exchange);
+                            if !response.is_empty() {
+                                send.push(entry.exchange.peer, response);
+                            }
+                        }
                     }
                 }
             }
@@ -195,9 +323,27 @@ impl Shard {
                 self.metrics.commit_errors.fetch_add(1, Ordering::Relaxed);
                 let mut response = Vec::new();
                 for entry in pending.iter() {
-                    endpoint.unavailable(&entry.exchange, UNAVAILABLE_MAX_AGE_S, &mut response);
-                    if !response.is_empty() {
-                        send.push(entry.exchange.peer, &response);
+                    match (entry.secure, coaps.as_deref_mut()) {
+                        (true, Some(coaps)) => {
+                            coaps.endpoint.unavailable(
+                                &entry.exchange,
+                                UNAVAILABLE_MAX_AGE_S,
+                                &mut response,
+                            );
+                            if !response.is_empty() {
+                                coaps.respond(entry.exchange.peer, &response);
+                            }
+                        }
+                        _ => {
+                            endpoint.unavailable(
+                                &entry.exchange,
+                                UNAVAILABLE_MAX_AGE_S,
+                                &mut response,
+                            );
+                            if !response.is_empty() {
+                                send.push(entry.exchange.peer, &response);
+                            }
+                        }
                     }
                 }
             }
@@ -233,9 +379,13 @@ impl Shard {
         }
     }
 
-    fn publish(&self, endpoint: &Endpoint) {
+    fn publish(&self, endpoint: &Endpoint, coaps: Option<&Coaps>) {
         if let Ok(mut counters) = self.metrics.protocol.lock() {
             counters.clone_from(endpoint.counters());
+            if let Some(coaps) = coaps {
+                crate::coaps::add_counters(&mut counters, coaps.protocol_counters());
+                coaps.publish(&self.metrics);
+            }
         }
         self.metrics
             .dedup_entries

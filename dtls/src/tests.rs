@@ -1,0 +1,278 @@
+//! Client and server against each other, in memory, with a virtual clock.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::{Application, Client, ClientError, Psk, PskLookup, Server, ServerConfig, Suite};
+
+struct Keys(HashMap<Vec<u8>, Arc<Psk>>);
+
+impl PskLookup for Keys {
+    fn lookup(&self, identity: &[u8]) -> Option<Arc<Psk>> {
+        self.0.get(identity).cloned()
+    }
+}
+
+fn keys(entries: &[(&str, &str, &str)]) -> Keys {
+    Keys(
+        entries
+            .iter()
+            .map(|(identity, device, key)| {
+                let psk = Psk {
+                    identity: identity.as_bytes().into(),
+                    device: Arc::from(*device),
+                    key: key.as_bytes().into(),
+                };
+                (identity.as_bytes().to_vec(), Arc::new(psk))
+            })
+            .collect(),
+    )
+}
+
+fn peer(port: u16) -> SocketAddr {
+    ([127, 0, 0, 1], port).into()
+}
+
+/// Runs a handshake to completion or failure; returns the client's error if any.
+fn handshake(
+    server: &mut Server,
+    keys: &Keys,
+    client: &mut Client,
+    from: SocketAddr,
+    now: Instant,
+) -> Result<(), ClientError> {
+    let mut to_server = Vec::new();
+    client.start(&mut to_server);
+    let mut reply = Vec::new();
+    let mut application = Application::default();
+    for _ in 0..8 {
+        if to_server.is_empty() {
+            break;
+        }
+        server.handle(now, from, &to_server, keys, &mut reply, &mut application);
+        to_server.clear();
+        client.handle(&reply, &mut to_server, &mut application)?;
+    }
+    if client.is_connected() {
+        Ok(())
+    } else {
+        Err(ClientError::NotConnected)
+    }
+}
+
+fn send(
+    server: &mut Server,
+    keys: &Keys,
+    client: &mut Client,
+    from: SocketAddr,
+    now: Instant,
+    message: &[u8],
+) -> (Vec<u8>, Option<Arc<str>>, Vec<Vec<u8>>) {
+    let mut datagram = Vec::new();
+    client.seal(message, &mut datagram).unwrap();
+    let mut reply = Vec::new();
+    let mut application = Application::default();
+    let device = server.handle(now, from, &datagram, keys, &mut reply, &mut application);
+    let plaintexts = application.records().map(<[u8]>::to_vec).collect();
+    (datagram, device, plaintexts)
+}
+
+#[test]
+fn every_suite_completes_and_carries_data_both_ways() {
+    let keys = keys(&[("id-7", "dev-7", "secret")]);
+    let now = Instant::now();
+    for suite in Suite::ALL {
+        let mut server = Server::new(ServerConfig::default(), now);
+        let mut client = Client::new(b"id-7", b"secret", &[suite]);
+        handshake(&mut server, &keys, &mut client, peer(1000), now).unwrap();
+        assert_eq!(server.sessions_len(), 1);
+        assert_eq!(server.handshakes_len(), 0);
+        let (_, device, plaintexts) =
+            send(&mut server, &keys, &mut client, peer(1000), now, b"ping");
+        assert_eq!(device.as_deref(), Some("dev-7"));
+        assert_eq!(plaintexts, vec![b"ping".to_vec()]);
+        let mut response = Vec::new();
+        assert!(server.seal(peer(1000), b"pong", &mut response));
+        let mut application = Application::default();
+        client
+            .handle(&response, &mut Vec::new(), &mut application)
+            .unwrap();
+        assert_eq!(
+            application.records().collect::<Vec<_>>(),
+            vec![&b"pong"[..]]
+        );
+    }
+}
+
+#[test]
+fn a_hello_without_cookie_leaves_no_state() {
+    let keys = keys(&[("id-7", "dev-7", "secret")]);
+    let now = Instant::now();
+    let mut server = Server::new(ServerConfig::default(), now);
+    let mut hello = Vec::new();
+    Client::new(b"id-7", b"secret", &Suite::ALL).start(&mut hello);
+    let mut reply = Vec::new();
+    let mut application = Application::default();
+    for port in 0..100 {
+        server.handle(now, peer(port), &hello, &keys, &mut reply, &mut application);
+        assert!(reply.len() <= hello.len(), "no amplification");
+    }
+    assert_eq!(server.handshakes_len(), 0);
+    assert_eq!(server.counters().hello_verify_requests, 100);
+}
+
+#[test]
+fn wrong_key_and_unknown_identity_fail_alike() {
+    let keys = keys(&[("id-7", "dev-7", "secret")]);
+    let now = Instant::now();
+    let mut server = Server::new(ServerConfig::default(), now);
+    let mut wrong = Client::new(b"id-7", b"guess", &[Suite::Aes128Ccm8]);
+    assert_eq!(
+        handshake(&mut server, &keys, &mut wrong, peer(1), now),
+        Err(ClientError::Alert(51))
+    );
+    let mut unknown = Client::new(b"nobody", b"secret", &[Suite::Aes128Ccm8]);
+    assert_eq!(
+        handshake(&mut server, &keys, &mut unknown, peer(2), now),
+        Err(ClientError::Alert(51))
+    );
+    assert_eq!(server.sessions_len(), 0);
+    assert_eq!(server.handshakes_len(), 0);
+    assert_eq!(server.counters().handshakes_failed, 2);
+    assert_eq!(server.counters().unknown_identities, 1);
+}
+
+#[test]
+fn replayed_and_forged_records_are_dropped_and_counted() {
+    let keys = keys(&[("id-7", "dev-7", "secret")]);
+    let now = Instant::now();
+    let mut server = Server::new(ServerConfig::default(), now);
+    let mut client = Client::new(b"id-7", b"secret", &[Suite::Aes128Ccm8]);
+    handshake(&mut server, &keys, &mut client, peer(1), now).unwrap();
+    let (datagram, device, _) = send(&mut server, &keys, &mut client, peer(1), now, b"once");
+    assert!(device.is_some());
+    let mut reply = Vec::new();
+    let mut application = Application::default();
+    let again = server.handle(now, peer(1), &datagram, &keys, &mut reply, &mut application);
+    assert!(again.is_none() && application.is_empty());
+    assert_eq!(server.counters().records_replayed, 1);
+    let mut forged = datagram.clone();
+    forged[10] ^= 0x40; // another sequence number: the tag no longer matches
+    server.handle(now, peer(1), &forged, &keys, &mut reply, &mut application);
+    assert!(application.is_empty());
+    assert_eq!(server.counters().records_forged, 1);
+    // The same record from another address has no session there.
+    server.handle(now, peer(2), &datagram, &keys, &mut reply, &mut application);
+    assert_eq!(server.counters().records_without_session, 1);
+}
+
+#[test]
+fn sessions_survive_export_and_import_unless_the_key_changed() {
+    let keys = keys(&[("a", "dev-a", "key-a"), ("b", "dev-b", "key-b")]);
+    let now = Instant::now();
+    let mut server = Server::new(ServerConfig::default(), now);
+    let mut a = Client::new(b"a", b"key-a", &[Suite::Aes128GcmSha256]);
+    let mut b = Client::new(b"b", b"key-b", &[Suite::Aes128Ccm]);
+    handshake(&mut server, &keys, &mut a, peer(1), now).unwrap();
+    handshake(&mut server, &keys, &mut b, peer(2), now).unwrap();
+    send(&mut server, &keys, &mut a, peer(1), now, b"before");
+    let mut file = Vec::new();
+    server.export_sessions(&mut file);
+
+    let changed = self::keys(&[("a", "dev-a", "key-a"), ("b", "dev-b", "new-key")]);
+    let mut restarted = Server::new(ServerConfig::default(), now);
+    assert_eq!(restarted.import_sessions(now, &file, &changed), Ok((1, 1)));
+    let (datagram, device, plaintexts) =
+        send(&mut restarted, &changed, &mut a, peer(1), now, b"after");
+    assert_eq!(device.as_deref(), Some("dev-a"));
+    assert_eq!(plaintexts, vec![b"after".to_vec()]);
+    let mut reply = Vec::new();
+    let mut application = Application::default();
+    restarted.handle(
+        now,
+        peer(1),
+        &datagram,
+        &changed,
+        &mut reply,
+        &mut application,
+    );
+    assert_eq!(restarted.counters().records_replayed, 1);
+
+    let last = file.len() - 1;
+    file[last] ^= 1;
+    assert!(Server::new(ServerConfig::default(), now)
+        .import_sessions(now, &file, &keys)
+        .is_err());
+}
+
+#[test]
+fn rekey_keeps_unchanged_devices_and_ends_the_others() {
+    let keys = keys(&[("a", "dev-a", "key-a"), ("b", "dev-b", "key-b")]);
+    let now = Instant::now();
+    let mut server = Server::new(ServerConfig::default(), now);
+    let mut a = Client::new(b"a", b"key-a", &[Suite::Aes128Ccm8]);
+    let mut b = Client::new(b"b", b"key-b", &[Suite::Aes128Ccm8]);
+    handshake(&mut server, &keys, &mut a, peer(1), now).unwrap();
+    handshake(&mut server, &keys, &mut b, peer(2), now).unwrap();
+    let reloaded = self::keys(&[("a", "dev-a", "key-a"), ("c", "dev-c", "key-c")]);
+    server.rekey(&reloaded);
+    assert_eq!(server.sessions_len(), 1);
+    assert_eq!(server.counters().sessions_revoked, 1);
+    let (_, device, _) = send(&mut server, &reloaded, &mut a, peer(1), now, b"still");
+    assert_eq!(device.as_deref(), Some("dev-a"));
+}
+
+#[test]
+fn the_least_recently_active_sessions_are_evicted_at_the_bound() {
+    let keys = keys(&[("a", "dev-a", "key-a")]);
+    let start = Instant::now();
+    let config = ServerConfig {
+        sessions_max: 32,
+        ..ServerConfig::default()
+    };
+    let mut server = Server::new(config, start);
+    let mut clients = Vec::new();
+    for port in 0..32u16 {
+        let now = start + Duration::from_secs(port as u64);
+        let mut client = Client::new(b"a", b"key-a", &[Suite::Aes128Ccm8]);
+        handshake(&mut server, &keys, &mut client, peer(port), now).unwrap();
+        clients.push(client);
+    }
+    // Port 0 was the first but is active now; port 1 is the least recently active.
+    let now = start + Duration::from_secs(100);
+    send(&mut server, &keys, &mut clients[0], peer(0), now, b"fresh");
+    let mut late = Client::new(b"a", b"key-a", &[Suite::Aes128Ccm8]);
+    handshake(&mut server, &keys, &mut late, peer(99), now).unwrap();
+    assert_eq!(server.sessions_len(), 31, "32 - 32/16 + 1");
+    assert_eq!(server.counters().sessions_evicted, 2);
+    let (_, kept, _) = send(&mut server, &keys, &mut clients[0], peer(0), now, b"x");
+    assert!(kept.is_some());
+    let (_, evicted, _) = send(&mut server, &keys, &mut clients[1], peer(1), now, b"x");
+    assert!(evicted.is_none());
+}
+
+#[test]
+fn handshakes_time_out() {
+    let keys = keys(&[("a", "dev-a", "key-a")]);
+    let now = Instant::now();
+    let mut server = Server::new(ServerConfig::default(), now);
+    let mut client = Client::new(b"a", b"key-a", &[Suite::Aes128Ccm8]);
+    let mut datagram = Vec::new();
+    client.start(&mut datagram);
+    let mut reply = Vec::new();
+    let mut application = Application::default();
+    server.handle(now, peer(1), &datagram, &keys, &mut reply, &mut application);
+    datagram.clear();
+    client
+        .handle(&reply, &mut datagram, &mut application)
+        .unwrap();
+    server.handle(now, peer(1), &datagram, &keys, &mut reply, &mut application);
+    assert_eq!(server.handshakes_len(), 1);
+    server.expire(now + Duration::from_secs(59));
+    assert_eq!(server.handshakes_len(), 1);
+    server.expire(now + Duration::from_secs(60));
+    assert_eq!(server.handshakes_len(), 0);
+    assert_eq!(server.counters().handshakes_timed_out, 1);
+}
