@@ -116,10 +116,26 @@ warm_up() {
     fi
 }
 
-# Runs the load client; its last stdout line (JSON) goes to $WORK/<name>.json.
+# CPU seconds (user + system) a running process has used so far, from /proc/PID/stat.
+cpu_of() {
+    awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$1/stat"
+}
+
+# CPU seconds (user + system) of this shell's waited-for children so far (the load clients),
+# into $WORK/$1. `times` must run in this shell, not in a $(...) subshell.
+children_cpu() {
+    times >"$WORK/$1.times"
+    tail -n 1 "$WORK/$1.times" | awk '{
+        split($1, u, /m|s/); split($2, s, /m|s/); printf "%.2f", u[1] * 60 + u[2] + s[1] * 60 + s[2] }' \
+        >"$WORK/$1"
+}
+
+# Runs the load client; its last stdout line (JSON) goes to $WORK/<name>.json, its CPU seconds
+# to $WORK/<name>.client_cpu.
 run_load() {
     local name=$1
     shift
+    children_cpu "$name.client_cpu_start"
     log "$name: sluice load $*"
     # Bounded: the run plus the CON give-up time of in-flight requests (2 s * 1.5 * 31 < 95 s).
     if ! timeout $((D + 120)) "$SLUICE" load --duration "$D" --json "$@" \
@@ -129,7 +145,46 @@ run_load() {
         return 1
     fi
     tail -n 1 "$WORK/$name.out" >"$WORK/$name.json"
+    children_cpu "$name.client_cpu_end"
+    awk -v a="$(cat "$WORK/$name.client_cpu_start")" -v b="$(cat "$WORK/$name.client_cpu_end")" \
+        'BEGIN {printf "%.2f", b - a}' >"$WORK/$name.client_cpu"
     cat "$WORK/$name.err" >&2
+}
+
+# Server CPU seconds of process $2 during the measured run: call with "start" before, "end" after.
+server_cpu() {
+    local name=$1 pid=$2 phase=$3
+    if [[ $phase == start ]]; then
+        cpu_of "$pid" >"$WORK/$name.server_cpu_start"
+    else
+        awk -v a="$(cat "$WORK/$name.server_cpu_start")" -v b="$(cpu_of "$pid")" \
+            'BEGIN {printf "%.2f", b - a}' >"$WORK/$name.server_cpu"
+    fi
+}
+
+# (0) the ceiling: a recvmmsg sink that only counts (`sluice sink`), fed NON requests with
+# No-Response by the same client and fleet shape; its rate is what it received.
+measure_sink() {
+    local name=$1 port pid
+    port=$(free_port)
+    "$SLUICE" sink --bind "127.0.0.1:$port" --json --idle-exit-ms 1000 --max-seconds $((D + 60)) \
+        >"$WORK/$name.sink.json" 2>"$WORK/$name.sink.err" &
+    pid=$!
+    PIDS+=("$pid")
+    for _ in $(seq 1 50); do
+        [[ -n $(ss -Hlnu "sport = :$port") ]] && break
+        sleep 0.1
+    done
+    server_cpu "$name" "$pid" start
+    run_load "$name" --target "127.0.0.1:$port" --devices 100 --window 1 --mode non --no-response
+    server_cpu "$name" "$pid" end
+    wait "$pid" || { log "$name: sink failed:"; cat "$WORK/$name.sink.err" >&2; return 1; }
+    # The row shows what the sink received, at the rate it received it.
+    jq -c --slurpfile sink "$WORK/$name.sink.json" \
+        '.acknowledged = $sink[0].received | .rate = $sink[0].rate | .latency_us = {"p50": "–", "p99": "–"}' \
+        "$WORK/$name.json" >"$WORK/$name.json.tmp"
+    mv "$WORK/$name.json.tmp" "$WORK/$name.json"
+    echo 1 >"$WORK/$name.rpd"
 }
 
 # Points the store committed (summed over shards), from /metrics.
@@ -153,7 +208,9 @@ measure_libcoap() {
     local load=(--target "127.0.0.1:$port" --path /example_data --method put
         --devices 100 --window 1 --mode con)
     warm_up "$name" "${load[@]}"
+    server_cpu "$name" "$pid" start
     run_load "$name" "${load[@]}"
+    server_cpu "$name" "$pid" end
     stop "$pid"
     echo 1 >"$WORK/$name.rpd"
 }
@@ -175,7 +232,9 @@ measure_sluiced() {
     warm_up "$name" --target "127.0.0.1:$coap" "$@"
     local before after
     before=$(points_stored "$http")
+    server_cpu "$name" "$pid" start
     run_load "$name" --target "127.0.0.1:$coap" "$@"
+    server_cpu "$name" "$pid" end
     after=$(points_stored "$http")
     curl -sf --max-time 5 "http://127.0.0.1:$http/metrics" >"$dir/metrics.txt" || true
     stop "$pid"
@@ -197,6 +256,7 @@ fi
 [[ -x $SLUICED && -x $SLUICE ]] || { echo "e2e.sh: release binaries missing" >&2; exit 1; }
 
 log "scratch directory $WORK, $D s per target"
+measure_sink sink
 measure_libcoap libcoap
 measure_sluiced fsync_con fsync --devices 100 --window 1 --mode con
 measure_sluiced os_con os --devices 100 --window 1 --mode con
@@ -209,7 +269,7 @@ measure_libcoap libcoap_again
 base=$(jq -r '.rate' "$WORK/libcoap.json")
 
 row() {
-    local name=$1 label=$2 json=$WORK/$1.json rpd stored records ratio
+    local name=$1 label=$2 json=$WORK/$1.json rpd stored records ratio cpu
     rpd=$(cat "$WORK/$name.rpd")
     if [[ -f $WORK/$name.stored ]]; then
         records=$(jq -r --argjson rpd "$rpd" '.rate * $rpd | floor' "$json")
@@ -219,17 +279,21 @@ row() {
         stored="–"
     fi
     ratio=$(jq -r '.rate' "$json" | awk -v base="$base" '{printf "%.2f", $1 / base}')
+    # CPU in cores: seconds of CPU over the seconds of the measured run.
+    cpu=$(awk -v c="$(cat "$WORK/$name.client_cpu")" -v s="$(cat "$WORK/$name.server_cpu")" \
+        -v d="$D" 'BEGIN {printf "%.2f / %.2f", c / d, s / d}')
     jq -r --arg name "$label" --arg records "$records" --arg stored "$stored" \
-        --arg ratio "$ratio" '
-        "| \($name) | \(.rate | floor) | \($records) | \(.latency_us.p50) / \(.latency_us.p99) | \(.timeouts) | \(.sent) / \(.acknowledged) / \($stored) | \($ratio) |"' \
+        --arg ratio "$ratio" --arg cpu "$cpu" '
+        "| \($name) | \(.rate | floor) | \($records) | \(.latency_us.p50) / \(.latency_us.p99) | \(.timeouts) | \(.sent) / \(.acknowledged) / \($stored) | \($cpu) | \($ratio) |"' \
         "$json"
 }
 
 echo
 echo "Load: \`sluice load\`, $D s per target after $WARMUP s of warm-up, loopback, $(nproc) cores, $(date -u +%FT%TZ)."
 echo
-echo "| target | requests/s acknowledged | records/s | p50 / p99 µs | timeouts | sent / acked / points stored | × libcoap |"
-echo "|---|---:|---:|---:|---:|---:|---:|"
+echo "| target | requests/s acknowledged | records/s | p50 / p99 µs | timeouts | sent / acked / points stored | CPU client / server (cores) | × libcoap |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+row sink "raw recvmmsg sink (\`sluice sink\`, counts only), NON No-Response, 100 dev: received"
 row libcoap "libcoap coap-server-notls, CON, 100 dev × 1"
 row fsync_con "sluiced fsync, CON, 100 dev × 1"
 row os_con "sluiced os, CON, 100 dev × 1"
