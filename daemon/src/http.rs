@@ -1,41 +1,167 @@
-//! The side HTTP port: queries over committed data, health, readiness and metrics.
-//! The API is documented in `docs/http-api.md`.
+//! The side HTTP port: queries over committed data, the dashboard, health, readiness and
+//! metrics. The API is documented in `docs/http-api.md`.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::hash::{Hash, Hasher};
+use std::hash::Hash;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use bytes::Bytes;
+use hdrhistogram::Histogram;
 use serde_json::{json, Value as Json};
-use sluice_storage::{Reader, Value};
+use sluice_storage::{Reader, StoreError, Value};
 
-use crate::metrics::{self, ShardMetrics};
+use crate::cache::{Answer, QueryCache, ENTRY_BYTES_MAX};
+use crate::metrics::{self, Family, Kind, ShardMetrics, Snapshot};
 
-/// Points one series response may return; a larger range must be narrowed or bucketed.
-pub const POINTS_PER_RESPONSE_MAX: usize = 1_000_000;
-/// Buckets one aggregated response may return (a tiny `step` over a long range).
-pub const BUCKETS_PER_RESPONSE_MAX: usize = 100_000;
+/// Largest `limit` of one page: a page is built in memory before it is sent (its `Link` header
+/// needs to know whether there is more), so it is bounded (about 4 MiB of JSON points).
+pub const PAGE_LIMIT_MAX: usize = 100_000;
+/// Bytes a streamed body gathers before handing a chunk to the connection.
+const STREAM_CHUNK_BYTES: usize = 64 << 10;
+/// Chunks in flight between the scanning thread and the connection: with the scan's own bound
+/// ([`sluice_storage::SCAN_CHUNK_POINTS_MAX`]) this bounds a query's memory, however large
+/// its range; a slow client makes the scan wait.
+const STREAM_CHUNKS_IN_FLIGHT: usize = 4;
+
+/// The query endpoints, each with its own latency summary.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Endpoint {
+    Devices,
+    DeviceLatest,
+    Latest,
+    Series,
+}
+
+impl Endpoint {
+    const ALL: [Endpoint; 4] = [
+        Endpoint::Devices,
+        Endpoint::DeviceLatest,
+        Endpoint::Latest,
+        Endpoint::Series,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Endpoint::Devices => "devices",
+            Endpoint::DeviceLatest => "device_latest",
+            Endpoint::Latest => "latest",
+            Endpoint::Series => "series",
+        }
+    }
+}
 
 pub struct AppState {
-    pub reader: Reader,
-    pub shards: Vec<Arc<ShardMetrics>>,
+    reader: Reader,
+    shards: Vec<Arc<ShardMetrics>>,
     pub ready: AtomicBool,
-    pub query_latency_us: std::sync::Mutex<hdrhistogram::Histogram<u64>>,
+    /// Request to the last byte handed to the connection, per endpoint.
+    query_latency_us: [Mutex<Histogram<u64>>; 4],
+    cache: QueryCache,
+    /// Differs between runs of the daemon, so no ETag outlives the process that made it (a torn
+    /// tail cut at recovery may change an answer without changing its point count).
+    run_nonce: u64,
+}
+
+impl AppState {
+    pub fn new(reader: Reader, shards: Vec<Arc<ShardMetrics>>) -> AppState {
+        AppState {
+            reader,
+            shards,
+            ready: AtomicBool::new(false),
+            query_latency_us: std::array::from_fn(|_| Mutex::new(metrics::latency_histogram())),
+            cache: QueryCache::default(),
+            run_nonce: ahash::RandomState::new().hash_one(std::process::id()),
+        }
+    }
+
+    fn record_query(&self, endpoint: Endpoint, started: Instant) {
+        let index = Endpoint::ALL
+            .iter()
+            .position(|e| *e == endpoint)
+            .expect("every endpoint is listed");
+        if let Ok(mut histogram) = self.query_latency_us[index].lock() {
+            metrics::record(&mut histogram, started.elapsed().as_micros() as u64, 1);
+        }
+    }
+
+    fn etag(&self, key: &str, version: u64) -> String {
+        let hash =
+            ahash::RandomState::with_seeds(1, 2, 3, 4).hash_one((key, version, self.run_nonce));
+        format!("\"{hash:016x}\"")
+    }
+
+    /// Every measurement: the shards', query latency per endpoint and the result cache's.
+    fn snapshot(&self) -> Snapshot {
+        let mut snapshot = Snapshot::of_shards(&self.shards);
+        let latency = Endpoint::ALL
+            .iter()
+            .zip(&self.query_latency_us)
+            .map(|(endpoint, histogram)| {
+                let histogram = histogram
+                    .lock()
+                    .map(|h| h.clone())
+                    .unwrap_or_else(|_| metrics::latency_histogram());
+                (vec![("endpoint", endpoint.label().to_string())], histogram)
+            })
+            .collect();
+        let (hits, misses, entries, bytes) = self.cache.stats();
+        let ratio = if hits + misses == 0 {
+            0.0
+        } else {
+            hits as f64 / (hits + misses) as f64
+        };
+        snapshot.families.extend([
+            Family {
+                name: "sluice_query_latency_seconds",
+                help: "A query, from its request to the last byte handed to the connection.",
+                kind: Kind::Summary(latency),
+            },
+            Family {
+                name: "sluice_query_cache_hits_total",
+                help: "Queries answered from the result cache.",
+                kind: Kind::Counter(vec![(vec![], hits)]),
+            },
+            Family {
+                name: "sluice_query_cache_misses_total",
+                help: "Cacheable queries that had to be computed.",
+                kind: Kind::Counter(vec![(vec![], misses)]),
+            },
+            Family {
+                name: "sluice_query_cache_hit_ratio",
+                help: "Hits over lookups of the result cache since start.",
+                kind: Kind::Gauge(vec![(vec![], ratio)]),
+            },
+            Family {
+                name: "sluice_query_cache_entries",
+                help: "Answers held by the result cache.",
+                kind: Kind::Gauge(vec![(vec![], entries as f64)]),
+            },
+            Family {
+                name: "sluice_query_cache_bytes",
+                help: "Bytes of answers held by the result cache.",
+                kind: Kind::Gauge(vec![(vec![], bytes as f64)]),
+            },
+        ]);
+        snapshot
+    }
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/devices", get(devices))
-        .route("/v1/devices/{device}/latest", get(latest))
+        .route("/v1/devices/{device}/latest", get(device_latest))
+        .route("/v1/latest", get(latest))
         .route("/v1/series", get(series))
+        .route("/v1/stats", get(stats))
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -43,9 +169,313 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-fn error(status: StatusCode, message: String) -> Response {
+pub fn error(status: StatusCode, message: String) -> Response {
     (status, axum::Json(json!({ "error": message }))).into_response()
 }
+
+/// Whether `If-None-Match` names `etag` (or `*`).
+fn not_modified(headers: &HeaderMap, etag: &str) -> bool {
+    headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .map(|t| t.trim().trim_start_matches("W/"))
+                .any(|t| t == etag || t == "*")
+        })
+}
+
+/// ETag and `Cache-Control: no-cache`: the store does not seal partitions yet, so any range may
+/// still take late readings and every answer must be revalidated.
+fn cache_headers(etag: &str) -> [(header::HeaderName, HeaderValue); 2] {
+    [
+        (
+            header::ETAG,
+            HeaderValue::from_str(etag).expect("hex etag is a valid header"),
+        ),
+        (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+    ]
+}
+
+fn answer_response(etag: &str, answer: Answer) -> Response {
+    let mut response = (
+        StatusCode::OK,
+        cache_headers(etag),
+        [(header::CONTENT_TYPE, answer.content_type)],
+        answer.body,
+    )
+        .into_response();
+    if let Some(next) = answer.next {
+        if let Ok(link) = HeaderValue::from_str(&format!("<{next}>; rel=\"next\"")) {
+            response.headers_mut().insert(header::LINK, link);
+        }
+    }
+    response
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parameters
+
+/// Query parameters with each name at most once, except those listed as repeatable.
+struct Params(BTreeMap<String, Vec<String>>);
+
+impl Params {
+    fn parse(
+        pairs: Result<Query<Vec<(String, String)>>, QueryRejection>,
+        known: &[&str],
+        repeatable: &[&str],
+    ) -> Result<Params, String> {
+        let Query(pairs) = pairs.map_err(|rejection| rejection.body_text())?;
+        let mut params: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (key, value) in pairs {
+            if !known.contains(&key.as_str()) {
+                return Err(format!("unknown parameter `{key}`"));
+            }
+            let values = params.entry(key.clone()).or_default();
+            if !values.is_empty() && !repeatable.contains(&key.as_str()) {
+                return Err(format!("`{key}` is given more than once"));
+            }
+            values.push(value);
+        }
+        Ok(Params(params))
+    }
+
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.first()).map(String::as_str)
+    }
+
+    fn required(&self, key: &str) -> Result<String, String> {
+        match self.get(key) {
+            Some(v) if !v.is_empty() => Ok(v.to_string()),
+            _ => Err(format!("`{key}` is required")),
+        }
+    }
+
+    fn limit(&self) -> Result<Option<usize>, String> {
+        self.get("limit")
+            .map(|text| match text.parse::<usize>() {
+                Ok(n) if (1..=PAGE_LIMIT_MAX).contains(&n) => Ok(n),
+                _ => Err(format!(
+                    "`limit`: `{text}` is not a whole number from 1 to {PAGE_LIMIT_MAX}"
+                )),
+            })
+            .transpose()
+    }
+}
+
+/// Unix seconds (`1763900000.5`), RFC 3339 (`2026-11-24T01:00:00Z`, any offset), or `now`
+/// minus an optional duration (`now-1h`).
+fn parse_time(parameter: &str, text: &str, now: f64) -> Result<f64, String> {
+    if let Ok(seconds) = text.parse::<f64>() {
+        if seconds.is_finite() {
+            return Ok(seconds);
+        }
+    }
+    if let Some(rest) = text.strip_prefix("now") {
+        if rest.is_empty() {
+            return Ok(now);
+        }
+        if let Some(ago) = rest.strip_prefix('-').and_then(|d| parse_duration(d).ok()) {
+            return Ok(now - ago);
+        }
+    }
+    text.parse::<jiff::Timestamp>()
+        .map(|t| t.as_nanosecond() as f64 / 1e9)
+        .map_err(|_| {
+            format!("`{parameter}`: `{text}` is not unix seconds, an RFC 3339 time or now-DURATION")
+        })
+}
+
+/// Seconds (`90`, `0.5`) or a duration with units (`5m`, `1h30m`).
+fn parse_duration(text: &str) -> Result<f64, ()> {
+    let seconds = match text.parse::<f64>() {
+        Ok(s) => s,
+        Err(_) => humantime::parse_duration(text)
+            .map_err(|_| ())?
+            .as_secs_f64(),
+    };
+    if seconds.is_finite() && seconds > 0.0 {
+        Ok(seconds)
+    } else {
+        Err(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Aggregate {
+    Avg,
+    Min,
+    Max,
+    Sum,
+    Count,
+    Last,
+}
+
+impl Aggregate {
+    fn name(self) -> &'static str {
+        match self {
+            Aggregate::Avg => "avg",
+            Aggregate::Min => "min",
+            Aggregate::Max => "max",
+            Aggregate::Sum => "sum",
+            Aggregate::Count => "count",
+            Aggregate::Last => "last",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Format {
+    Json,
+    Csv,
+    Ndjson,
+}
+
+impl Format {
+    fn content_type(self) -> &'static str {
+        match self {
+            Format::Json => "application/json",
+            Format::Csv => "text/csv; charset=utf-8",
+            Format::Ndjson => "application/x-ndjson",
+        }
+    }
+}
+
+/// Where a page of a series answer resumes: in the `name`-th name, at points with time
+/// `time` or later, skipping the first `skip` points at exactly `time`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Cursor {
+    name: usize,
+    time: f64,
+    skip: u64,
+}
+
+impl Cursor {
+    fn encode(&self) -> String {
+        use base64::Engine as _;
+        let text = format!("{}:{:x}:{}", self.name, self.time.to_bits(), self.skip);
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(text)
+    }
+
+    fn decode(text: &str) -> Option<Cursor> {
+        use base64::Engine as _;
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(text)
+            .ok()?;
+        let text = String::from_utf8(bytes).ok()?;
+        let mut parts = text.split(':');
+        let cursor = Cursor {
+            name: parts.next()?.parse().ok()?,
+            time: f64::from_bits(u64::from_str_radix(parts.next()?, 16).ok()?),
+            skip: parts.next()?.parse().ok()?,
+        };
+        (parts.next().is_none() && !cursor.time.is_nan()).then_some(cursor)
+    }
+}
+
+/// A validated `/v1/series` query. Its Debug text is the cache key (times resolved).
+#[derive(Debug, Clone, PartialEq)]
+struct SeriesQuery {
+    device: String,
+    names: Vec<String>,
+    from: f64,
+    to: f64,
+    bucket: Option<(f64, Aggregate)>,
+    format: Format,
+    limit: Option<usize>,
+    cursor: Option<Cursor>,
+}
+
+const SERIES_PARAMETERS: [&str; 9] = [
+    "device", "name", "from", "to", "step", "agg", "format", "limit", "cursor",
+];
+
+fn parse_series_query(params: &Params, now: f64) -> Result<SeriesQuery, String> {
+    let device = params.required("device")?;
+    let names: Vec<String> = params.0.get("name").cloned().unwrap_or_default();
+    if names.is_empty() || names.iter().any(String::is_empty) {
+        return Err("`name` is required (repeat it for several series)".to_string());
+    }
+    if let Some(name) = names
+        .iter()
+        .enumerate()
+        .find_map(|(i, n)| names[..i].contains(n).then_some(n))
+    {
+        return Err(format!("`name`: `{name}` is given more than once"));
+    }
+    let from = match params.get("from") {
+        Some(t) => parse_time("from", t, now)?,
+        None => f64::NEG_INFINITY,
+    };
+    let to = match params.get("to") {
+        Some(t) => parse_time("to", t, now)?,
+        None => f64::INFINITY,
+    };
+    if from >= to {
+        return Err("`from` must be before `to`".to_string());
+    }
+    let bucket = match (params.get("step"), params.get("agg")) {
+        (None, None) => None,
+        (Some(_), None) => return Err("`step` needs `agg`".to_string()),
+        (None, Some(_)) => return Err("`agg` needs `step`".to_string()),
+        (Some(step), Some(agg)) => {
+            let seconds = parse_duration(step).map_err(|_| {
+                format!(
+                    "`step`: `{step}` is not a positive number of seconds or a duration like 5m"
+                )
+            })?;
+            let agg = match agg {
+                "avg" => Aggregate::Avg,
+                "min" => Aggregate::Min,
+                "max" => Aggregate::Max,
+                "sum" => Aggregate::Sum,
+                "count" => Aggregate::Count,
+                "last" => Aggregate::Last,
+                other => {
+                    return Err(format!(
+                        "`agg`: `{other}` is not one of avg, min, max, sum, count, last"
+                    ))
+                }
+            };
+            Some((seconds, agg))
+        }
+    };
+    let format = match params.get("format") {
+        None | Some("json") => Format::Json,
+        Some("csv") => Format::Csv,
+        Some("ndjson") => Format::Ndjson,
+        Some(other) => {
+            return Err(format!(
+                "`format`: `{other}` is not one of json, csv, ndjson"
+            ))
+        }
+    };
+    let cursor = params
+        .get("cursor")
+        .map(|text| {
+            Cursor::decode(text)
+                .filter(|c| c.name < names.len())
+                .ok_or_else(|| format!("`cursor`: `{text}` is not a cursor of this query"))
+        })
+        .transpose()?;
+    Ok(SeriesQuery {
+        device,
+        names,
+        from,
+        to,
+        bucket,
+        format,
+        limit: params.limit()?,
+        cursor,
+    })
+}
+
+fn now_seconds() -> f64 {
+    crate::shard::unix_seconds(std::time::SystemTime::now())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Devices and latest values
 
 fn value_json(value: &Value) -> Json {
     match value {
@@ -62,205 +492,176 @@ fn base64url(data: &[u8]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(data)
 }
 
-async fn devices(State(state): State<Arc<AppState>>) -> Response {
+/// A listing of devices (`prefix`, `limit`, `cursor` = the last device of the previous page),
+/// answered from memory and cached per store generation.
+async fn listing(
+    state: Arc<AppState>,
+    endpoint: Endpoint,
+    pairs: Result<Query<Vec<(String, String)>>, QueryRejection>,
+    headers: HeaderMap,
+) -> Response {
     let started = Instant::now();
-    let devices: Vec<Json> = state
-        .reader
-        .devices()
-        .into_iter()
-        .map(|d| json!({ "device": d.device, "last_seen": d.last_seen, "points": d.points }))
-        .collect();
-    let response = axum::Json(json!({ "devices": devices })).into_response();
-    state.record_query(started);
-    response
-}
-
-async fn latest(State(state): State<Arc<AppState>>, Path(device): Path<String>) -> Response {
-    let started = Instant::now();
-    let response = match state.reader.latest(&device) {
-        None => error(StatusCode::NOT_FOUND, format!("unknown device `{device}`")),
-        Some(series) => {
-            let series: serde_json::Map<String, Json> = series
-                .into_iter()
-                .map(|(name, time, value)| (name, json!([time, value_json(&value)])))
-                .collect();
-            axum::Json(json!({ "device": device, "series": series })).into_response()
-        }
-    };
-    state.record_query(started);
-    response
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Aggregate {
-    Avg,
-    Min,
-    Max,
-    Sum,
-    Count,
-    Last,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Format {
-    Json,
-    Csv,
-    Ndjson,
-}
-
-/// A validated `/v1/series` query.
-#[derive(Debug, PartialEq)]
-struct SeriesQuery {
-    device: String,
-    name: String,
-    from: f64,
-    to: f64,
-    bucket: Option<(f64, Aggregate)>,
-    format: Format,
-}
-
-impl Hash for SeriesQuery {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        (
-            &self.device,
-            &self.name,
-            self.from.to_bits(),
-            self.to.to_bits(),
-        )
-            .hash(state);
-        self.bucket.map(|(s, a)| (s.to_bits(), a)).hash(state);
-        self.format.hash(state);
-    }
-}
-
-/// Unix seconds (`1763900000.5`) or RFC 3339 (`2026-11-24T01:00:00Z`, any offset).
-fn parse_time(parameter: &str, text: &str) -> Result<f64, String> {
-    if let Ok(seconds) = text.parse::<f64>() {
-        if seconds.is_finite() {
-            return Ok(seconds);
-        }
-    }
-    text.parse::<jiff::Timestamp>()
-        .map(|t| t.as_nanosecond() as f64 / 1e9)
-        .map_err(|_| {
-            format!("`{parameter}`: `{text}` is neither unix seconds nor an RFC 3339 time")
-        })
-}
-
-fn parse_series_query(pairs: Vec<(String, String)>) -> Result<SeriesQuery, String> {
-    let mut params: BTreeMap<String, String> = BTreeMap::new();
-    for (key, value) in pairs {
-        if params.insert(key.clone(), value).is_some() {
-            return Err(format!("`{key}` is given more than once"));
-        }
-    }
-    let known = ["device", "name", "from", "to", "step", "agg", "format"];
-    if let Some(key) = params.keys().find(|k| !known.contains(&k.as_str())) {
-        return Err(format!("unknown parameter `{key}`"));
-    }
-    let required = |key: &str| -> Result<String, String> {
-        match params.get(key) {
-            Some(v) if !v.is_empty() => Ok(v.clone()),
-            _ => Err(format!("`{key}` is required")),
-        }
-    };
-    let device = required("device")?;
-    let name = required("name")?;
-    let from = match params.get("from") {
-        Some(t) => parse_time("from", t)?,
-        None => f64::NEG_INFINITY,
-    };
-    let to = match params.get("to") {
-        Some(t) => parse_time("to", t)?,
-        None => f64::INFINITY,
-    };
-    if from >= to {
-        return Err("`from` must be before `to`".to_string());
-    }
-    let bucket = match (params.get("step"), params.get("agg")) {
-        (None, None) => None,
-        (Some(_), None) => return Err("`step` needs `agg`".to_string()),
-        (None, Some(_)) => return Err("`agg` needs `step`".to_string()),
-        (Some(step), Some(agg)) => {
-            let seconds = match step.parse::<f64>() {
-                Ok(s) => s,
-                Err(_) => humantime::parse_duration(step)
-                    .map_err(|_| format!("`step`: `{step}` is not seconds or a duration like 5m"))?
-                    .as_secs_f64(),
-            };
-            if !(seconds.is_finite() && seconds > 0.0) {
-                return Err(format!("`step`: `{step}` must be a positive duration"));
-            }
-            let agg = match agg.as_str() {
-                "avg" => Aggregate::Avg,
-                "min" => Aggregate::Min,
-                "max" => Aggregate::Max,
-                "sum" => Aggregate::Sum,
-                "count" => Aggregate::Count,
-                "last" => Aggregate::Last,
-                other => {
-                    return Err(format!(
-                        "`agg`: `{other}` is not one of avg, min, max, sum, count, last"
-                    ))
+    let response = match Params::parse(pairs, &["prefix", "limit", "cursor"], &[]) {
+        Err(message) => error(StatusCode::BAD_REQUEST, message),
+        Ok(params) => match params.limit() {
+            Err(message) => error(StatusCode::BAD_REQUEST, message),
+            Ok(limit) => {
+                let prefix = params.get("prefix").unwrap_or("").to_string();
+                let after = params.get("cursor").map(str::to_string);
+                let key = format!("{endpoint:?}|{prefix:?}|{limit:?}|{after:?}");
+                let version = state.reader.generation();
+                let etag = state.etag(&key, version);
+                if not_modified(&headers, &etag) {
+                    (StatusCode::NOT_MODIFIED, cache_headers(&etag)).into_response()
+                } else if let Some(answer) = state.cache.get(&key, version) {
+                    answer_response(&etag, answer)
+                } else {
+                    let reader = state.reader.clone();
+                    let built = tokio::task::spawn_blocking(move || {
+                        build_listing(&reader, endpoint, &prefix, limit, after.as_deref())
+                    })
+                    .await;
+                    match built {
+                        Ok(answer) => {
+                            state.cache.insert(key, version, answer.clone());
+                            answer_response(&etag, answer)
+                        }
+                        Err(e) => error(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            format!("query failed: {e}"),
+                        ),
+                    }
                 }
-            };
-            Some((seconds, agg))
-        }
+            }
+        },
     };
-    let format = match params.get("format").map(String::as_str) {
-        None | Some("json") => Format::Json,
-        Some("csv") => Format::Csv,
-        Some("ndjson") => Format::Ndjson,
-        Some(other) => {
-            return Err(format!(
-                "`format`: `{other}` is not one of json, csv, ndjson"
-            ))
-        }
-    };
-    Ok(SeriesQuery {
-        device,
-        name,
-        from,
-        to,
-        bucket,
-        format,
-    })
+    state.record_query(endpoint, started);
+    response
 }
 
-/// Buckets aligned to multiples of `step` since the epoch; empty buckets are omitted. Numeric
-/// aggregates look at numeric values only; `count` and `last` at every value.
-fn aggregate(points: &[(f64, Value)], step: f64, agg: Aggregate) -> Vec<(f64, Value)> {
-    let mut out: Vec<(f64, Value)> = Vec::new();
-    let mut i = 0;
-    while i < points.len() {
-        let start = (points[i].0 / step).floor() * step;
-        let mut j = i;
-        while j < points.len() && (points[j].0 / step).floor() * step == start {
-            j += 1;
+fn build_listing(
+    reader: &Reader,
+    endpoint: Endpoint,
+    prefix: &str,
+    limit: Option<usize>,
+    after: Option<&str>,
+) -> Answer {
+    let after_cursor = |device: &str| after.is_none_or(|after| device > after);
+    let limit = limit.unwrap_or(usize::MAX);
+    let mut next = None;
+    let entries: Vec<Json> = if endpoint == Endpoint::Devices {
+        let mut devices: Vec<_> = reader
+            .devices()
+            .into_iter()
+            .filter(|d| d.device.starts_with(prefix) && after_cursor(&d.device))
+            .collect();
+        if devices.len() > limit {
+            devices.truncate(limit);
+            next = devices.last().map(|d| d.device.clone());
         }
-        let bucket = &points[i..j];
-        let numbers = bucket.iter().filter_map(|(_, v)| match v {
-            Value::Number(n) => Some(*n),
-            _ => None,
-        });
-        let value = match agg {
-            Aggregate::Count => Some(Value::Number(bucket.len() as f64)),
-            Aggregate::Last => bucket.last().map(|(_, v)| v.clone()),
-            Aggregate::Sum => numbers.clone().next().map(|_| Value::Number(numbers.sum())),
-            Aggregate::Min => numbers.reduce(f64::min).map(Value::Number),
-            Aggregate::Max => numbers.reduce(f64::max).map(Value::Number),
-            Aggregate::Avg => {
-                let (sum, count) = numbers.fold((0.0, 0usize), |(s, c), n| (s + n, c + 1));
-                (count > 0).then(|| Value::Number(sum / count as f64))
-            }
-        };
-        if let Some(value) = value {
-            out.push((start, value));
+        devices
+            .into_iter()
+            .map(|d| json!({ "device": d.device, "last_seen": d.last_seen, "points": d.points }))
+            .collect()
+    } else {
+        let mut devices: Vec<_> = reader
+            .latest_all(prefix)
+            .into_iter()
+            .filter(|(device, _)| after_cursor(device))
+            .collect();
+        if devices.len() > limit {
+            devices.truncate(limit);
+            next = devices.last().map(|(d, _)| d.clone());
         }
-        i = j;
+        devices
+            .into_iter()
+            .map(|(device, series)| json!({ "device": device, "series": series_json(series) }))
+            .collect()
+    };
+    let mut body = json!({ "devices": entries });
+    let path = if endpoint == Endpoint::Devices {
+        "/v1/devices"
+    } else {
+        "/v1/latest"
+    };
+    let next = next.map(|cursor| {
+        body["next"] = json!(cursor);
+        let mut link = format!("{path}?cursor={}", url_encode(&cursor));
+        if !prefix.is_empty() {
+            link.push_str(&format!("&prefix={}", url_encode(prefix)));
+        }
+        if limit != usize::MAX {
+            link.push_str(&format!("&limit={limit}"));
+        }
+        link
+    });
+    Answer {
+        content_type: "application/json",
+        body: Bytes::from(body.to_string()),
+        next,
     }
-    out
 }
+
+fn series_json(series: Vec<(String, f64, Value)>) -> serde_json::Map<String, Json> {
+    series
+        .into_iter()
+        .map(|(name, time, value)| (name, json!([time, value_json(&value)])))
+        .collect()
+}
+
+fn url_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+async fn devices(
+    State(state): State<Arc<AppState>>,
+    pairs: Result<Query<Vec<(String, String)>>, QueryRejection>,
+    headers: HeaderMap,
+) -> Response {
+    listing(state, Endpoint::Devices, pairs, headers).await
+}
+
+async fn latest(
+    State(state): State<Arc<AppState>>,
+    pairs: Result<Query<Vec<(String, String)>>, QueryRejection>,
+    headers: HeaderMap,
+) -> Response {
+    listing(state, Endpoint::Latest, pairs, headers).await
+}
+
+async fn device_latest(
+    State(state): State<Arc<AppState>>,
+    Path(device): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let started = Instant::now();
+    let key = format!("device_latest|{device:?}");
+    let etag = state.etag(&key, state.reader.generation());
+    let response = if not_modified(&headers, &etag) {
+        (StatusCode::NOT_MODIFIED, cache_headers(&etag)).into_response()
+    } else {
+        match state.reader.latest(&device) {
+            None => error(StatusCode::NOT_FOUND, format!("unknown device `{device}`")),
+            Some(series) => (
+                cache_headers(&etag),
+                axum::Json(json!({ "device": device, "series": series_json(series) })),
+            )
+                .into_response(),
+        }
+    };
+    state.record_query(Endpoint::DeviceLatest, started);
+    response
+}
+
+// ---------------------------------------------------------------------------------------------
+// Series
 
 async fn series(
     State(state): State<Arc<AppState>>,
@@ -268,147 +669,475 @@ async fn series(
     headers: HeaderMap,
 ) -> Response {
     let started = Instant::now();
-    let response = match pairs {
-        Ok(Query(pairs)) => series_response(&state, pairs, &headers).await,
-        Err(rejection) => error(StatusCode::BAD_REQUEST, rejection.body_text()),
-    };
-    state.record_query(started);
-    response
-}
-
-async fn series_response(
-    state: &Arc<AppState>,
-    pairs: Vec<(String, String)>,
-    headers: &HeaderMap,
-) -> Response {
-    let query = match parse_series_query(pairs) {
+    let query = Params::parse(pairs, &SERIES_PARAMETERS, &["name"])
+        .and_then(|params| parse_series_query(&params, now_seconds()));
+    let query = match query {
         Ok(query) => query,
-        Err(message) => return error(StatusCode::BAD_REQUEST, message),
+        Err(message) => {
+            state.record_query(Endpoint::Series, started);
+            return error(StatusCode::BAD_REQUEST, message);
+        }
     };
-    // The generation moves with every commit, so the tag changes whenever the answer can.
-    let generation = state.reader.generation();
-    let hash = ahash::RandomState::with_seeds(1, 2, 3, 4).hash_one(&query);
-    let etag = format!("\"{hash:016x}-{generation}\"");
-    let cache_headers = [
-        (
-            header::ETAG,
-            HeaderValue::from_str(&etag).expect("hex etag is a valid header"),
-        ),
-        (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
-    ];
-    if headers
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"))
-    {
-        return (StatusCode::NOT_MODIFIED, cache_headers).into_response();
-    }
-    let reader = state.reader.clone();
-    let (device, name, from, to) = (
-        query.device.clone(),
-        query.name.clone(),
-        query.from,
-        query.to,
-    );
-    let points =
-        match tokio::task::spawn_blocking(move || reader.series(&device, &name, from, to)).await {
-            Ok(Ok(Some(points))) => points,
-            Ok(Ok(None)) => {
+    // Read before the scan: an answer is never older than the version its ETag names.
+    let mut version = 0u64;
+    for name in &query.names {
+        match state.reader.series_version(&query.device, name) {
+            Some(changes) => version = version.wrapping_add(changes),
+            None => {
+                state.record_query(Endpoint::Series, started);
                 return error(
                     StatusCode::NOT_FOUND,
-                    format!(
-                        "unknown series `{}` of device `{}`",
-                        query.name, query.device
-                    ),
-                )
-            }
-            Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("store: {e}")),
-            Err(e) => {
-                return error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("query failed: {e}"),
-                )
-            }
-        };
-    let points = match query.bucket {
-        Some((step, agg)) => {
-            let first = points.first().map_or(0.0, |p| p.0);
-            let last = points.last().map_or(0.0, |p| p.0);
-            if (last - first) / step > BUCKETS_PER_RESPONSE_MAX as f64 {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    format!("`step`: more than {BUCKETS_PER_RESPONSE_MAX} buckets; use a larger step or a shorter range"),
+                    format!("unknown series `{name}` of device `{}`", query.device),
                 );
             }
-            aggregate(&points, step, agg)
         }
-        None => points,
-    };
-    if points.len() > POINTS_PER_RESPONSE_MAX {
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!("more than {POINTS_PER_RESPONSE_MAX} points; narrow `from`/`to` or use `step` and `agg`"),
-        );
     }
-    let (content_type, body) = render_series(&query, &points);
+    let key = format!("{query:?}");
+    let etag = state.etag(&key, version);
+    if not_modified(&headers, &etag) {
+        state.record_query(Endpoint::Series, started);
+        return (StatusCode::NOT_MODIFIED, cache_headers(&etag)).into_response();
+    }
+    if let Some(answer) = state.cache.get(&key, version) {
+        state.record_query(Endpoint::Series, started);
+        return answer_response(&etag, answer);
+    }
+    let content_type = query.format.content_type();
+    if query.limit.is_some() {
+        // A page: built whole (bounded by PAGE_LIMIT_MAX) so its Link header can name the next.
+        let reader = state.reader.clone();
+        let page_query = query.clone();
+        let built = tokio::task::spawn_blocking(move || {
+            let mut body = Vec::new();
+            let next = write_series(&reader, &page_query, &mut |bytes: &mut Vec<u8>| {
+                body.append(bytes);
+                true
+            })?;
+            Ok::<_, StoreError>((body, next))
+        })
+        .await;
+        let response = match built {
+            Ok(Ok((body, next))) => {
+                let answer = Answer {
+                    content_type,
+                    body: Bytes::from(body),
+                    next: next.map(|cursor| next_link(&query, cursor)),
+                };
+                state.cache.insert(key, version, answer.clone());
+                answer_response(&etag, answer)
+            }
+            Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("store: {e}")),
+            Err(e) => error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("query failed: {e}"),
+            ),
+        };
+        state.record_query(Endpoint::Series, started);
+        return response;
+    }
+    // Streamed: the head goes out now, the body as the scan produces it.
+    let (sender, mut receiver) =
+        tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(STREAM_CHUNKS_IN_FLIGHT);
+    let producer_state = state.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut copy: Option<Vec<u8>> = Some(Vec::new());
+        let mut send = |bytes: &mut Vec<u8>| {
+            if let Some(kept) = copy.as_mut() {
+                if kept.len() + bytes.len() <= ENTRY_BYTES_MAX {
+                    kept.extend_from_slice(bytes);
+                } else {
+                    copy = None;
+                }
+            }
+            let chunk = Bytes::from(std::mem::take(bytes));
+            sender.blocking_send(Ok(chunk)).is_ok()
+        };
+        match write_series(&producer_state.reader, &query, &mut send) {
+            Ok(_) => {
+                if let Some(body) = copy {
+                    let answer = Answer {
+                        content_type,
+                        body: Bytes::from(body),
+                        next: None,
+                    };
+                    producer_state.cache.insert(key, version, answer);
+                }
+            }
+            Err(e) => {
+                // The head is sent: the only way to say so is to cut the body short.
+                tracing::error!(error = %e, "series query failed while streaming");
+                let _ = sender.blocking_send(Err(std::io::Error::other(e.to_string())));
+            }
+        }
+        producer_state.record_query(Endpoint::Series, started);
+    });
+    let stream = futures_util::stream::poll_fn(move |cx| receiver.poll_recv(cx));
     (
         StatusCode::OK,
-        cache_headers,
-        [(header::CONTENT_TYPE, HeaderValue::from_static(content_type))],
-        body,
+        cache_headers(&etag),
+        [(header::CONTENT_TYPE, content_type)],
+        Body::from_stream(stream),
     )
         .into_response()
 }
 
-fn render_series(query: &SeriesQuery, points: &[(f64, Value)]) -> (&'static str, String) {
-    match query.format {
-        Format::Json => {
-            let points: Vec<Json> = points
-                .iter()
-                .map(|(t, v)| json!([t, value_json(v)]))
-                .collect();
-            let mut body = json!({ "device": query.device, "name": query.name, "points": points });
-            if let Some((step, agg)) = query.bucket {
-                body["step"] = json!(step);
-                body["agg"] = json!(format!("{agg:?}").to_lowercase());
-            }
-            ("application/json", body.to_string())
+fn next_link(query: &SeriesQuery, cursor: Cursor) -> String {
+    let mut link = format!("/v1/series?device={}", url_encode(&query.device));
+    for name in &query.names {
+        link.push_str(&format!("&name={}", url_encode(name)));
+    }
+    for (key, value) in [("from", query.from), ("to", query.to)] {
+        if value.is_finite() {
+            link.push_str(&format!("&{key}={value}"));
         }
-        Format::Ndjson => {
-            let mut body = String::new();
-            for (t, v) in points {
-                let _ = writeln!(body, "{}", json!({ "time": t, "value": value_json(v) }));
-            }
-            ("application/x-ndjson", body)
+    }
+    if let Some((step, agg)) = query.bucket {
+        link.push_str(&format!("&step={step}&agg={}", agg.name()));
+    }
+    let format = match query.format {
+        Format::Json => "json",
+        Format::Csv => "csv",
+        Format::Ndjson => "ndjson",
+    };
+    link.push_str(&format!(
+        "&format={format}&limit={}&cursor={}",
+        query.limit.unwrap_or(PAGE_LIMIT_MAX),
+        cursor.encode()
+    ));
+    link
+}
+
+/// Running aggregate of one bucket.
+struct Bucket {
+    start: f64,
+    count: u64,
+    numbers: u64,
+    sum: f64,
+    min: f64,
+    max: f64,
+    last: Option<Value>,
+}
+
+impl Bucket {
+    fn new(start: f64) -> Bucket {
+        Bucket {
+            start,
+            count: 0,
+            numbers: 0,
+            sum: 0.0,
+            min: f64::INFINITY,
+            max: f64::NEG_INFINITY,
+            last: None,
         }
-        Format::Csv => {
-            let mut body = String::from("time,value\n");
-            for (t, v) in points {
-                let value = match v {
-                    Value::Number(n) => n.to_string(),
-                    Value::Bool(b) => b.to_string(),
-                    Value::String(s) => format!("\"{}\"", s.replace('"', "\"\"")),
-                    Value::Data(d) => base64url(d),
-                };
-                let _ = writeln!(body, "{t},{value}");
-            }
-            ("text/csv; charset=utf-8", body)
+    }
+
+    fn add(&mut self, value: Value) {
+        self.count += 1;
+        if let Value::Number(n) = value {
+            self.numbers += 1;
+            self.sum += n;
+            self.min = self.min.min(n);
+            self.max = self.max.max(n);
+        }
+        self.last = Some(value);
+    }
+
+    /// Numeric aggregates look at numbers only; `count` and `last` at every value. A bucket
+    /// without a number has no avg/min/max/sum and is omitted.
+    fn value(self, agg: Aggregate) -> Option<Value> {
+        let numeric = (self.numbers > 0).then_some(());
+        match agg {
+            Aggregate::Count => Some(Value::Number(self.count as f64)),
+            Aggregate::Last => self.last,
+            Aggregate::Sum => numeric.map(|_| Value::Number(self.sum)),
+            Aggregate::Min => numeric.map(|_| Value::Number(self.min)),
+            Aggregate::Max => numeric.map(|_| Value::Number(self.max)),
+            Aggregate::Avg => numeric.map(|_| Value::Number(self.sum / self.numbers as f64)),
         }
     }
 }
 
-async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
-    let mut extra = String::new();
-    if let Ok(histogram) = state.query_latency_us.lock() {
-        metrics::summary(&mut extra, "sluice_query_latency_seconds", &histogram);
+/// Encodes a series answer in its format, one point at a time, into a buffer handed to `emit`
+/// whenever it passes [`STREAM_CHUNK_BYTES`] and at the end; `emit` returns false when the
+/// client is gone.
+struct Encoder<'a> {
+    query: &'a SeriesQuery,
+    buffer: Vec<u8>,
+    emit: &'a mut dyn FnMut(&mut Vec<u8>) -> bool,
+    gone: bool,
+    /// Names whose framing was opened (JSON with several names).
+    series_open: bool,
+    series_written: usize,
+    points_in_series: usize,
+}
+
+impl Encoder<'_> {
+    fn several(&self) -> bool {
+        self.query.names.len() > 1
     }
-    let body = metrics::render(&state.shards, &extra);
+
+    fn start(&mut self) {
+        match self.query.format {
+            Format::Json => {
+                self.buffer.extend_from_slice(b"{\"device\":");
+                json_into(&mut self.buffer, &json!(self.query.device));
+                if let Some((step, agg)) = self.query.bucket {
+                    self.buffer.extend_from_slice(b",\"step\":");
+                    json_into(&mut self.buffer, &json!(step));
+                    self.buffer.extend_from_slice(b",\"agg\":");
+                    json_into(&mut self.buffer, &json!(agg.name()));
+                }
+                if self.several() {
+                    self.buffer.extend_from_slice(b",\"series\":[");
+                }
+            }
+            Format::Csv => {
+                let header: &[u8] = if self.several() {
+                    b"name,time,value\n"
+                } else {
+                    b"time,value\n"
+                };
+                self.buffer.extend_from_slice(header);
+            }
+            Format::Ndjson => {}
+        }
+    }
+
+    fn open_series(&mut self, name: &str) {
+        if self.series_open {
+            return;
+        }
+        self.series_open = true;
+        self.points_in_series = 0;
+        if self.query.format == Format::Json {
+            if self.several() {
+                if self.series_written > 0 {
+                    self.buffer.push(b',');
+                }
+                self.buffer.push(b'{');
+            } else {
+                self.buffer.push(b',');
+            }
+            self.buffer.extend_from_slice(b"\"name\":");
+            json_into(&mut self.buffer, &json!(name));
+            self.buffer.extend_from_slice(b",\"points\":[");
+        }
+    }
+
+    fn close_series(&mut self) {
+        if !self.series_open {
+            return;
+        }
+        self.series_open = false;
+        self.series_written += 1;
+        if self.query.format == Format::Json {
+            self.buffer.push(b']');
+            if self.several() {
+                self.buffer.push(b'}');
+            }
+        }
+    }
+
+    fn point(&mut self, name: &str, time: f64, value: &Value) {
+        self.open_series(name);
+        match self.query.format {
+            Format::Json => {
+                if self.points_in_series > 0 {
+                    self.buffer.push(b',');
+                }
+                self.buffer.push(b'[');
+                json_into(&mut self.buffer, &json!(time));
+                self.buffer.push(b',');
+                json_into(&mut self.buffer, &value_json(value));
+                self.buffer.push(b']');
+            }
+            Format::Csv => {
+                use std::io::Write as _;
+                if self.several() {
+                    self.buffer.extend_from_slice(csv_field(name).as_bytes());
+                    self.buffer.push(b',');
+                }
+                let value = match value {
+                    Value::Number(n) => n.to_string(),
+                    Value::Bool(b) => b.to_string(),
+                    Value::String(s) => csv_field(s),
+                    Value::Data(d) => base64url(d),
+                };
+                let _ = writeln!(self.buffer, "{time},{value}");
+            }
+            Format::Ndjson => {
+                let line = if self.several() {
+                    json!({ "name": name, "time": time, "value": value_json(value) })
+                } else {
+                    json!({ "time": time, "value": value_json(value) })
+                };
+                json_into(&mut self.buffer, &line);
+                self.buffer.push(b'\n');
+            }
+        }
+        self.points_in_series += 1;
+        if self.buffer.len() >= STREAM_CHUNK_BYTES {
+            self.flush();
+        }
+    }
+
+    fn finish(&mut self, next: Option<Cursor>) {
+        if self.query.format == Format::Json {
+            // Names without any point in the answer still appear, with no points.
+            if self.several() {
+                self.buffer.push(b']');
+            } else if self.series_written == 0 {
+                let name = self.query.names[0].clone();
+                self.open_series(&name);
+                self.close_series();
+            }
+            if let Some(cursor) = next {
+                self.buffer.extend_from_slice(b",\"next\":");
+                json_into(&mut self.buffer, &json!(cursor.encode()));
+            }
+            self.buffer.extend_from_slice(b"}");
+        }
+        self.flush();
+    }
+
+    fn flush(&mut self) {
+        if !self.gone && !self.buffer.is_empty() {
+            self.gone = !(self.emit)(&mut self.buffer);
+        }
+        self.buffer.clear();
+    }
+}
+
+fn json_into(buffer: &mut Vec<u8>, value: &Json) {
+    serde_json::to_writer(buffer, value).expect("writing JSON to memory cannot fail");
+}
+
+fn csv_field(text: &str) -> String {
+    if text.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", text.replace('"', "\"\""))
+    } else {
+        text.to_string()
+    }
+}
+
+/// Writes the answer of `query`; returns the cursor of the next page when `limit` cut it.
+fn write_series(
+    reader: &Reader,
+    query: &SeriesQuery,
+    emit: &mut dyn FnMut(&mut Vec<u8>) -> bool,
+) -> Result<Option<Cursor>, StoreError> {
+    let mut encoder = Encoder {
+        query,
+        buffer: Vec::with_capacity(STREAM_CHUNK_BYTES + 4096),
+        emit,
+        gone: false,
+        series_open: false,
+        series_written: 0,
+        points_in_series: 0,
+    };
+    encoder.start();
+    let limit = query.limit.unwrap_or(usize::MAX);
+    let mut emitted = 0usize;
+    let first = query.cursor.map_or(0, |c| c.name);
+    let mut next = None;
+    'names: for (index, name) in query.names.iter().enumerate().skip(first) {
+        let resume = query.cursor.filter(|c| c.name == index);
+        let from = resume.map_or(query.from, |c| c.time.max(query.from));
+        let mut to_skip = resume.map_or(0, |c| c.skip);
+        // Points of the run at the last emitted time, for a cursor that resumes inside it.
+        let (mut run_time, mut run_len) = (f64::NAN, 0u64);
+        let mut bucket: Option<Bucket> = None;
+        if let Some(mut scan) = reader.scan(&query.device, name, from, query.to) {
+            while let Some(chunk) = scan.next_chunk()? {
+                for (time, value) in chunk {
+                    let point = match query.bucket {
+                        None => Some((time, value)),
+                        Some((step, agg)) => {
+                            let start = (time / step).floor() * step;
+                            let done = match bucket.as_mut() {
+                                Some(open) if open.start == start => {
+                                    open.add(value);
+                                    None
+                                }
+                                _ => {
+                                    let mut fresh = Bucket::new(start);
+                                    fresh.add(value);
+                                    bucket.replace(fresh)
+                                }
+                            };
+                            done.and_then(|b| Some((b.start, b.value(agg)?)))
+                        }
+                    };
+                    let Some((time, value)) = point else { continue };
+                    if to_skip > 0 && time == from {
+                        to_skip -= 1;
+                        continue;
+                    }
+                    if emitted == limit {
+                        let skip = if time == run_time { run_len } else { 0 };
+                        next = Some(Cursor {
+                            name: index,
+                            time,
+                            skip,
+                        });
+                        break 'names;
+                    }
+                    encoder.point(name, time, &value);
+                    emitted += 1;
+                    if time == run_time {
+                        run_len += 1;
+                    } else {
+                        (run_time, run_len) = (time, 1);
+                    }
+                    if encoder.gone {
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+        if let (Some((_, agg)), Some(open)) = (query.bucket, bucket) {
+            let start = open.start;
+            if let Some(value) = open.value(agg) {
+                if emitted == limit {
+                    next = Some(Cursor {
+                        name: index,
+                        time: start,
+                        skip: 0,
+                    });
+                    break 'names;
+                }
+                encoder.point(name, start, &value);
+                emitted += 1;
+            }
+        }
+        if query.format == Format::Json && query.names.len() > 1 {
+            encoder.open_series(name);
+        }
+        encoder.close_series();
+    }
+    encoder.close_series();
+    encoder.finish(next);
+    Ok(next)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Measurements and health
+
+async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
     (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        body,
+        state.snapshot().to_prometheus(),
+    )
+        .into_response()
+}
+
+async fn stats(State(state): State<Arc<AppState>>) -> Response {
+    (
+        [(header::CACHE_CONTROL, "no-store")],
+        axum::Json(state.snapshot().to_json()),
     )
         .into_response()
 }
@@ -421,88 +1150,97 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
-impl AppState {
-    fn record_query(&self, started: Instant) {
-        if let Ok(mut histogram) = self.query_latency_us.lock() {
-            metrics::record(&mut histogram, started.elapsed().as_micros() as u64, 1);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn pairs(query: &str) -> Vec<(String, String)> {
+    fn params(query: &str) -> Result<Params, String> {
         let uri: axum::http::Uri = format!("/v1/series?{query}").parse().unwrap();
-        Query::try_from_uri(&uri).unwrap().0
+        Params::parse(Query::try_from_uri(&uri), &SERIES_PARAMETERS, &["name"])
+    }
+
+    fn parse(query: &str) -> Result<SeriesQuery, String> {
+        parse_series_query(&params(query)?, 1_000_000.0)
     }
 
     #[test]
     fn series_query_names_the_bad_parameter() {
-        let err = |q: &str| parse_series_query(pairs(q)).unwrap_err();
+        let err = |q: &str| parse(q).unwrap_err();
         assert!(err("name=t").contains("`device`"));
         assert!(err("device=d").contains("`name`"));
         assert!(err("device=d&name=t&from=yesterday").contains("`from`"));
+        assert!(err("device=d&name=t&to=now-soon").contains("`to`"));
         assert!(err("device=d&name=t&step=60").contains("`agg`"));
         assert!(err("device=d&name=t&step=60&agg=median").contains("`agg`"));
         assert!(err("device=d&name=t&step=-1&agg=avg").contains("`step`"));
         assert!(err("device=d&name=t&format=xml").contains("`format`"));
         assert!(err("device=d&name=t&colour=red").contains("`colour`"));
         assert!(err("device=d&name=t&from=10&to=5").contains("`from`"));
+        assert!(err("device=d&name=t&limit=0").contains("`limit`"));
+        assert!(err("device=d&name=t&limit=many").contains("`limit`"));
+        assert!(err("device=d&name=t&cursor=zzz").contains("`cursor`"));
+        assert!(err("device=d&device=e&name=t").contains("`device`"));
+        assert!(err("device=d&name=t&name=t").contains("`name`"));
     }
 
     #[test]
-    fn series_query_accepts_unix_seconds_and_rfc3339() {
-        let q = parse_series_query(pairs(
-            "device=dev%2D1&name=temp&from=2025-11-24T00:00:00Z&to=1763942400.5&step=5m&agg=avg&format=csv",
-        ))
+    fn series_query_accepts_unix_seconds_rfc3339_and_now() {
+        let q = parse(
+            "device=dev%2D1&name=temp&name=hum&from=2025-11-24T00:00:00Z&to=1763942400.5&step=5m&agg=avg&format=csv&limit=10",
+        )
         .unwrap();
         assert_eq!(q.device, "dev-1");
+        assert_eq!(q.names, ["temp", "hum"]);
         assert_eq!(q.from, 1763942400.0);
         assert_eq!(q.to, 1763942400.5);
         assert_eq!(q.bucket, Some((300.0, Aggregate::Avg)));
         assert_eq!(q.format, Format::Csv);
-        let offset =
-            parse_series_query(pairs("device=d&name=t&from=2025-11-24T02:00:00%2B02:00")).unwrap();
+        assert_eq!(q.limit, Some(10));
+        let offset = parse("device=d&name=t&from=2025-11-24T02:00:00%2B02:00").unwrap();
         assert_eq!(offset.from, 1763942400.0);
+        let relative = parse("device=d&name=t&from=now-1h&to=now").unwrap();
+        assert_eq!(
+            (relative.from, relative.to),
+            (1_000_000.0 - 3600.0, 1_000_000.0)
+        );
     }
 
     #[test]
-    fn buckets_align_to_the_epoch_and_skip_empty_ones() {
-        let points: Vec<(f64, Value)> = [(59.0, 1.0), (60.0, 2.0), (61.0, 4.0), (185.0, 8.0)]
-            .into_iter()
-            .map(|(t, v)| (t, Value::Number(v)))
-            .collect();
-        let avg = aggregate(&points, 60.0, Aggregate::Avg);
-        assert_eq!(
-            avg,
-            vec![
-                (0.0, Value::Number(1.0)),
-                (60.0, Value::Number(3.0)),
-                (180.0, Value::Number(8.0))
-            ]
+    fn cursors_round_trip_and_reject_junk() {
+        let cursor = Cursor {
+            name: 1,
+            time: 1763900000.25,
+            skip: 3,
+        };
+        assert_eq!(Cursor::decode(&cursor.encode()), Some(cursor));
+        assert_eq!(Cursor::decode("bm9wZQ"), None);
+        assert!(
+            parse(&format!("device=d&name=t&cursor={}", cursor.encode()))
+                .unwrap_err()
+                .contains("`cursor`")
         );
+    }
+
+    #[test]
+    fn buckets_skip_values_they_cannot_aggregate() {
+        let mut bucket = Bucket::new(60.0);
+        bucket.add(Value::Bool(true));
         assert_eq!(
-            aggregate(&points, 60.0, Aggregate::Count)[1].1,
-            Value::Number(2.0)
+            Bucket::new(60.0).value(Aggregate::Count),
+            Some(Value::Number(0.0))
         );
-        assert_eq!(
-            aggregate(&points, 60.0, Aggregate::Max)[1].1,
-            Value::Number(4.0)
-        );
-        assert_eq!(
-            aggregate(&points, 60.0, Aggregate::Min)[1].1,
-            Value::Number(2.0)
-        );
-        assert_eq!(
-            aggregate(&points, 60.0, Aggregate::Sum)[1].1,
-            Value::Number(6.0)
-        );
-        assert_eq!(
-            aggregate(&points, 60.0, Aggregate::Last)[2].1,
-            Value::Number(8.0)
-        );
+        let count = {
+            let mut b = Bucket::new(0.0);
+            b.add(Value::Bool(true));
+            b.add(Value::Number(2.0));
+            b.add(Value::Number(4.0));
+            b
+        };
+        assert_eq!(count.value(Aggregate::Avg), Some(Value::Number(3.0)));
+        assert_eq!(bucket.value(Aggregate::Count), Some(Value::Number(1.0)));
+        let mut only_bool = Bucket::new(60.0);
+        only_bool.add(Value::Bool(true));
+        assert_eq!(only_bool.value(Aggregate::Max), None);
     }
 
     #[test]

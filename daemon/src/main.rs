@@ -3,6 +3,7 @@
 //! Exit codes: 0 after a clean shutdown (SIGINT/SIGTERM), 1 when start-up or the run fails
 //! (the log says why), 2 for a bad command line.
 
+mod cache;
 mod coaps;
 mod config;
 mod credentials;
@@ -13,7 +14,7 @@ mod retention;
 mod shard;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
@@ -137,12 +138,7 @@ fn run(mut config: Config) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the HTTP runtime")?;
-    let state = Arc::new(http::AppState {
-        reader: store.reader(),
-        shards: shard_metrics,
-        ready: AtomicBool::new(false),
-        query_latency_us: Mutex::new(metrics::latency_histogram()),
-    });
+    let state = Arc::new(http::AppState::new(store.reader(), shard_metrics));
     let listener = runtime
         .block_on(tokio::net::TcpListener::bind(config.http))
         .with_context(|| format!("cannot bind HTTP on {}", config.http))?;

@@ -1,14 +1,19 @@
-//! Per-shard measurements, written by the shard once per batch and read by the HTTP port.
+//! Measurements: per-shard counters and latency histograms, written by the shard once per batch,
+//! and the query port's own; merged into one [`Snapshot`] when scraped, which renders as the
+//! Prometheus text format (`/metrics`) or JSON (`/v1/stats`).
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use hdrhistogram::Histogram;
+use serde_json::{json, Value as Json};
 use sluice_protocol::Counters;
 
 /// Highest latency a histogram records exactly; above it values are clamped (one minute).
 const LATENCY_US_MAX: u64 = 60_000_000;
+/// Quantiles every latency summary reports.
+pub const QUANTILES: [f64; 4] = [0.5, 0.9, 0.99, 0.999];
 
 /// What one shard publishes. Counters are copied from the shard's own state after each batch,
 /// so the shard never contends on them while handling datagrams.
@@ -26,6 +31,8 @@ pub struct ShardMetrics {
     pub ack_latency_us: Mutex<Histogram<u64>>,
     /// Duration of one group commit (write plus fdatasync under `--durability fsync`).
     pub commit_latency_us: Mutex<Histogram<u64>>,
+    /// Protocol handling of one datagram: parse, dedup, decode of its payload.
+    pub decode_latency_us: Mutex<Histogram<u64>>,
 }
 
 impl ShardMetrics {
@@ -42,6 +49,7 @@ impl ShardMetrics {
             dtls_handshakes: AtomicU64::new(0),
             ack_latency_us: Mutex::new(latency_histogram()),
             commit_latency_us: Mutex::new(latency_histogram()),
+            decode_latency_us: Mutex::new(latency_histogram()),
         }
     }
 }
@@ -54,7 +62,28 @@ pub fn record(histogram: &mut Histogram<u64>, value_us: u64, count: u64) {
     histogram.saturating_record_n(value_us.clamp(1, LATENCY_US_MAX), count);
 }
 
-/// The protocol counters, each with its metric name, help line and, for responses, its code.
+type Labels = Vec<(&'static str, String)>;
+
+/// One metric family: a name, a type and labelled samples.
+pub struct Family {
+    pub name: &'static str,
+    pub help: &'static str,
+    pub kind: Kind,
+}
+
+pub enum Kind {
+    Counter(Vec<(Labels, u64)>),
+    Gauge(Vec<(Labels, f64)>),
+    /// Histograms of microseconds, reported in seconds.
+    Summary(Vec<(Labels, Histogram<u64>)>),
+}
+
+/// Everything `/metrics` and `/v1/stats` report, taken at one moment.
+pub struct Snapshot {
+    pub families: Vec<Family>,
+}
+
+/// The protocol counters, each with its metric name and, for error responses, its code.
 fn protocol_counters(c: &Counters) -> [(&'static str, Option<&'static str>, u64); 19] {
     [
         ("sluice_datagrams_received_total", None, c.datagrams),
@@ -87,142 +116,404 @@ fn protocol_counters(c: &Counters) -> [(&'static str, Option<&'static str>, u64)
     ]
 }
 
+/// Help line of each protocol counter family.
+fn protocol_help(name: &str) -> &'static str {
+    match name {
+        "sluice_datagrams_received_total" => "Datagrams received on the CoAP port.",
+        "sluice_requests_total" => "CoAP requests handled (duplicates excluded).",
+        "sluice_readings_accepted_total" => "Readings decoded and handed to the store.",
+        "sluice_duplicates_total" => "Retransmitted requests answered from the dedup table.",
+        "sluice_malformed_datagrams_total" => "Datagrams that are not CoAP messages.",
+        "sluice_pings_total" => "CoAP pings (empty CON) answered with RST.",
+        "sluice_resets_received_total" => "RST messages received.",
+        "sluice_block1_continues_total" => "Block1 blocks answered with 2.31 Continue.",
+        "sluice_block1_timeouts_total" => "Block1 transfers dropped unfinished.",
+        "sluice_dedup_evictions_total" => "Dedup entries evicted before their lifetime ended.",
+        _ => "Error responses sent, by CoAP code.",
+    }
+}
+
 type CounterField = fn(&ShardMetrics) -> &AtomicU64;
 type HistogramField = fn(&ShardMetrics) -> &Mutex<Histogram<u64>>;
 
-/// Renders every shard's measurements in the Prometheus text format.
-pub fn render(shards: &[std::sync::Arc<ShardMetrics>], extra: &str) -> String {
-    let mut out = String::with_capacity(8192);
-    let _ = writeln!(
-        out,
-        "# HELP sluice_build_info Version of the running sluiced.\n# TYPE sluice_build_info gauge\nsluice_build_info{{version=\"{}\"}} 1",
-        env!("CARGO_PKG_VERSION")
-    );
-    let counters: Vec<Counters> = shards
-        .iter()
-        .map(|s| s.protocol.lock().map(|c| c.clone()).unwrap_or_default())
-        .collect();
-    let mut last_name = "";
-    for row in 0..protocol_counters(&Counters::default()).len() {
-        for (shard, c) in counters.iter().enumerate() {
-            let (name, code, value) = protocol_counters(c)[row];
-            if name != last_name {
-                let _ = writeln!(out, "# TYPE {name} counter");
-                last_name = name;
-            }
-            match code {
-                Some(code) => {
-                    let _ = writeln!(out, "{name}{{shard=\"{shard}\",code=\"{code}\"}} {value}");
+fn shard_label(shard: usize) -> Labels {
+    vec![("shard", shard.to_string())]
+}
+
+impl Snapshot {
+    /// The build, every shard's counters and its merged histograms.
+    pub fn of_shards(shards: &[Arc<ShardMetrics>]) -> Snapshot {
+        let mut families = vec![Family {
+            name: "sluice_build_info",
+            help: "Version of the running sluiced.",
+            kind: Kind::Gauge(vec![(
+                vec![("version", env!("CARGO_PKG_VERSION").to_string())],
+                1.0,
+            )]),
+        }];
+        let counters: Vec<Counters> = shards
+            .iter()
+            .map(|s| s.protocol.lock().map(|c| c.clone()).unwrap_or_default())
+            .collect();
+        for row in 0..protocol_counters(&Counters::default()).len() {
+            for (shard, c) in counters.iter().enumerate() {
+                let (name, code, value) = protocol_counters(c)[row];
+                let mut labels = shard_label(shard);
+                if let Some(code) = code {
+                    labels.push(("code", code.to_string()));
                 }
-                None => {
-                    let _ = writeln!(out, "{name}{{shard=\"{shard}\"}} {value}");
+                match families.last_mut() {
+                    Some(Family {
+                        name: last,
+                        kind: Kind::Counter(samples),
+                        ..
+                    }) if *last == name => samples.push((labels, value)),
+                    _ => families.push(Family {
+                        name,
+                        help: protocol_help(name),
+                        kind: Kind::Counter(vec![(labels, value)]),
+                    }),
                 }
             }
         }
-    }
-    dtls(&mut out, shards);
-    let atomics: [(&str, &str, CounterField); 7] = [
-        ("sluice_commits_total", "counter", |s| &s.commits),
-        ("sluice_commit_errors_total", "counter", |s| {
-            &s.commit_errors
-        }),
-        ("sluice_points_stored_total", "counter", |s| {
-            &s.points_stored
-        }),
-        ("sluice_responses_dropped_total", "counter", |s| {
-            &s.responses_dropped
-        }),
-        ("sluice_dedup_entries", "gauge", |s| &s.dedup_entries),
-        ("sluice_dtls_sessions", "gauge", |s| &s.dtls_sessions),
-        ("sluice_dtls_handshakes_in_progress", "gauge", |s| {
-            &s.dtls_handshakes
-        }),
-    ];
-    for (name, kind, field) in atomics {
-        let _ = writeln!(out, "# TYPE {name} {kind}");
-        for (shard, metrics) in shards.iter().enumerate() {
-            let value = field(metrics).load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}{{shard=\"{shard}\"}} {value}");
+        families.extend(dtls_families(shards));
+        let atomics: [(&'static str, &'static str, bool, CounterField); 7] = [
+            (
+                "sluice_commits_total",
+                "Group commits that succeeded.",
+                true,
+                |s| &s.commits,
+            ),
+            (
+                "sluice_commit_errors_total",
+                "Group commits that failed (answered 5.03).",
+                true,
+                |s| &s.commit_errors,
+            ),
+            (
+                "sluice_points_stored_total",
+                "Readings committed to the store.",
+                true,
+                |s| &s.points_stored,
+            ),
+            (
+                "sluice_responses_dropped_total",
+                "Responses the kernel would not take.",
+                true,
+                |s| &s.responses_dropped,
+            ),
+            (
+                "sluice_dedup_entries",
+                "Entries in the dedup table.",
+                false,
+                |s| &s.dedup_entries,
+            ),
+            (
+                "sluice_dtls_sessions",
+                "Established DTLS sessions.",
+                false,
+                |s| &s.dtls_sessions,
+            ),
+            (
+                "sluice_dtls_handshakes_in_progress",
+                "DTLS handshakes under way.",
+                false,
+                |s| &s.dtls_handshakes,
+            ),
+        ];
+        for (name, help, counter, field) in atomics {
+            let values = shards
+                .iter()
+                .enumerate()
+                .map(|(shard, s)| (shard_label(shard), field(s).load(Ordering::Relaxed)));
+            let kind = if counter {
+                Kind::Counter(values.collect())
+            } else {
+                Kind::Gauge(values.map(|(l, v)| (l, v as f64)).collect())
+            };
+            families.push(Family { name, help, kind });
         }
+        let histograms: [(&'static str, &'static str, HistogramField); 3] = [
+            (
+                "sluice_ack_latency_seconds",
+                "Receive of a datagram to the hand-over of its response to the kernel.",
+                |s| &s.ack_latency_us,
+            ),
+            (
+                "sluice_commit_latency_seconds",
+                "One group commit, fdatasync included under --durability fsync.",
+                |s| &s.commit_latency_us,
+            ),
+            (
+                "sluice_decode_seconds",
+                "Protocol handling and payload decoding of one datagram.",
+                |s| &s.decode_latency_us,
+            ),
+        ];
+        for (name, help, field) in histograms {
+            let mut merged = latency_histogram();
+            for metrics in shards {
+                if let Ok(h) = field(metrics).lock() {
+                    let _ = merged.add(&*h);
+                }
+            }
+            families.push(Family {
+                name,
+                help,
+                kind: Kind::Summary(vec![(vec![], merged)]),
+            });
+        }
+        Snapshot { families }
     }
-    let histograms: [(&str, HistogramField); 2] = [
-        ("sluice_ack_latency_seconds", |s| &s.ack_latency_us),
-        ("sluice_commit_latency_seconds", |s| &s.commit_latency_us),
-    ];
-    for (name, field) in histograms {
-        let mut merged = latency_histogram();
-        for metrics in shards {
-            if let Ok(h) = field(metrics).lock() {
-                let _ = merged.add(&*h);
+
+    /// The Prometheus text exposition format (version 0.0.4).
+    pub fn to_prometheus(&self) -> String {
+        let mut out = String::with_capacity(8192);
+        for family in &self.families {
+            let kind = match family.kind {
+                Kind::Counter(_) => "counter",
+                Kind::Gauge(_) => "gauge",
+                Kind::Summary(_) => "summary",
+            };
+            let _ = writeln!(
+                out,
+                "# HELP {} {}\n# TYPE {} {kind}",
+                family.name, family.help, family.name
+            );
+            let name = family.name;
+            match &family.kind {
+                Kind::Counter(samples) => {
+                    for (labels, value) in samples {
+                        let _ = writeln!(out, "{name}{} {value}", label_text(labels, None));
+                    }
+                }
+                Kind::Gauge(samples) => {
+                    for (labels, value) in samples {
+                        let _ = writeln!(out, "{name}{} {value}", label_text(labels, None));
+                    }
+                }
+                Kind::Summary(samples) => {
+                    for (labels, histogram) in samples {
+                        for quantile in QUANTILES {
+                            let value = histogram.value_at_quantile(quantile) as f64 / 1e6;
+                            let labels = label_text(labels, Some(quantile));
+                            let _ = writeln!(out, "{name}{labels} {value}");
+                        }
+                        let labels = label_text(labels, None);
+                        let _ = writeln!(
+                            out,
+                            "{name}_sum{labels} {}\n{name}_count{labels} {}",
+                            sum_seconds(histogram),
+                            histogram.len()
+                        );
+                    }
+                }
             }
         }
-        summary(&mut out, name, &merged);
+        out
     }
-    out.push_str(extra);
-    out
+
+    /// The same as JSON: `{"name": {"type": ..., "help": ..., "samples": [...]}}`; a summary
+    /// sample has `quantiles` (seconds), `sum` (seconds) and `count`.
+    pub fn to_json(&self) -> Json {
+        let mut out = serde_json::Map::new();
+        for family in &self.families {
+            let labels_json = |labels: &Labels| -> Json {
+                labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), json!(v)))
+                    .collect::<serde_json::Map<_, _>>()
+                    .into()
+            };
+            let (kind, samples): (&str, Vec<Json>) = match &family.kind {
+                Kind::Counter(samples) => (
+                    "counter",
+                    samples
+                        .iter()
+                        .map(|(l, v)| json!({"labels": labels_json(l), "value": v}))
+                        .collect(),
+                ),
+                Kind::Gauge(samples) => (
+                    "gauge",
+                    samples
+                        .iter()
+                        .map(|(l, v)| json!({"labels": labels_json(l), "value": v}))
+                        .collect(),
+                ),
+                Kind::Summary(samples) => (
+                    "summary",
+                    samples
+                        .iter()
+                        .map(|(l, h)| {
+                            let quantiles: serde_json::Map<String, Json> = QUANTILES
+                                .iter()
+                                .map(|q| {
+                                    (q.to_string(), json!(h.value_at_quantile(*q) as f64 / 1e6))
+                                })
+                                .collect();
+                            json!({
+                                "labels": labels_json(l),
+                                "quantiles": quantiles,
+                                "sum": sum_seconds(h),
+                                "count": h.len(),
+                            })
+                        })
+                        .collect(),
+                ),
+            };
+            out.insert(
+                family.name.to_string(),
+                json!({"type": kind, "help": family.help, "samples": samples}),
+            );
+        }
+        Json::Object(out)
+    }
 }
 
 /// The DTLS counters of every shard (zero when CoAPS is off).
-fn dtls(out: &mut String, shards: &[std::sync::Arc<ShardMetrics>]) {
+fn dtls_families(shards: &[Arc<ShardMetrics>]) -> Vec<Family> {
     let counters: Vec<sluice_dtls::Counters> = shards
         .iter()
         .map(|s| s.dtls.lock().map(|c| c.clone()).unwrap_or_default())
         .collect();
     type Field = fn(&sluice_dtls::Counters) -> u64;
-    let rows: [(&str, Field); 14] = [
-        ("sluice_dtls_records_malformed_total", |c| {
-            c.records_malformed
-        }),
-        ("sluice_dtls_hello_verify_requests_total", |c| {
-            c.hello_verify_requests
-        }),
-        ("sluice_dtls_handshakes_started_total", |c| {
-            c.handshakes_started
-        }),
-        ("sluice_dtls_handshakes_completed_total", |c| {
-            c.handshakes_completed
-        }),
-        ("sluice_dtls_handshakes_failed_total", |c| {
-            c.handshakes_failed
-        }),
-        ("sluice_dtls_handshakes_refused_total", |c| {
-            c.handshakes_refused
-        }),
-        ("sluice_dtls_handshakes_timed_out_total", |c| {
-            c.handshakes_timed_out
-        }),
-        ("sluice_dtls_unknown_identities_total", |c| {
-            c.unknown_identities
-        }),
-        ("sluice_dtls_records_replayed_total", |c| c.records_replayed),
-        ("sluice_dtls_records_forged_total", |c| c.records_forged),
-        ("sluice_dtls_records_without_session_total", |c| {
-            c.records_without_session
-        }),
-        ("sluice_dtls_sessions_evicted_total", |c| c.sessions_evicted),
-        ("sluice_dtls_sessions_closed_total", |c| c.sessions_closed),
-        ("sluice_dtls_sessions_revoked_total", |c| c.sessions_revoked),
+    let rows: [(&'static str, &'static str, Field); 14] = [
+        (
+            "sluice_dtls_records_malformed_total",
+            "DTLS records that do not parse.",
+            |c| c.records_malformed,
+        ),
+        (
+            "sluice_dtls_hello_verify_requests_total",
+            "HelloVerifyRequests (cookies) sent.",
+            |c| c.hello_verify_requests,
+        ),
+        (
+            "sluice_dtls_handshakes_started_total",
+            "DTLS handshakes started (after a valid cookie).",
+            |c| c.handshakes_started,
+        ),
+        (
+            "sluice_dtls_handshakes_completed_total",
+            "DTLS handshakes completed.",
+            |c| c.handshakes_completed,
+        ),
+        (
+            "sluice_dtls_handshakes_failed_total",
+            "DTLS handshakes that failed.",
+            |c| c.handshakes_failed,
+        ),
+        (
+            "sluice_dtls_handshakes_refused_total",
+            "DTLS handshakes refused (limits).",
+            |c| c.handshakes_refused,
+        ),
+        (
+            "sluice_dtls_handshakes_timed_out_total",
+            "DTLS handshakes dropped unfinished.",
+            |c| c.handshakes_timed_out,
+        ),
+        (
+            "sluice_dtls_unknown_identities_total",
+            "PSK identities not in the credentials (or disabled).",
+            |c| c.unknown_identities,
+        ),
+        (
+            "sluice_dtls_records_replayed_total",
+            "DTLS records dropped by the replay window.",
+            |c| c.records_replayed,
+        ),
+        (
+            "sluice_dtls_records_forged_total",
+            "DTLS records that failed authentication.",
+            |c| c.records_forged,
+        ),
+        (
+            "sluice_dtls_records_without_session_total",
+            "DTLS application records from peers without a session.",
+            |c| c.records_without_session,
+        ),
+        (
+            "sluice_dtls_sessions_evicted_total",
+            "Idle DTLS sessions evicted by the session bound.",
+            |c| c.sessions_evicted,
+        ),
+        (
+            "sluice_dtls_sessions_closed_total",
+            "DTLS sessions closed by the peer.",
+            |c| c.sessions_closed,
+        ),
+        (
+            "sluice_dtls_sessions_revoked_total",
+            "DTLS sessions ended by a credentials reload.",
+            |c| c.sessions_revoked,
+        ),
     ];
-    for (name, field) in rows {
-        let _ = writeln!(out, "# TYPE {name} counter");
-        for (shard, c) in counters.iter().enumerate() {
-            let _ = writeln!(out, "{name}{{shard=\"{shard}\"}} {}", field(c));
-        }
+    rows.into_iter()
+        .map(|(name, help, field)| Family {
+            name,
+            help,
+            kind: Kind::Counter(
+                counters
+                    .iter()
+                    .enumerate()
+                    .map(|(shard, c)| (shard_label(shard), field(c)))
+                    .collect(),
+            ),
+        })
+        .collect()
+}
+
+fn label_text(labels: &Labels, quantile: Option<f64>) -> String {
+    let mut parts: Vec<String> = labels
+        .iter()
+        .map(|(k, v)| format!("{k}=\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\"")))
+        .collect();
+    if let Some(q) = quantile {
+        parts.push(format!("quantile=\"{q}\""));
+    }
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!("{{{}}}", parts.join(","))
     }
 }
 
-/// A Prometheus summary (quantiles, sum, count) of a histogram of microseconds, in seconds.
-pub fn summary(out: &mut String, name: &str, histogram: &Histogram<u64>) {
-    let _ = writeln!(out, "# TYPE {name} summary");
-    for quantile in ["0.5", "0.9", "0.99", "0.999"] {
-        let q: f64 = quantile.parse().expect("literal quantile");
-        let value = histogram.value_at_quantile(q) as f64 / 1e6;
-        let _ = writeln!(out, "{name}{{quantile=\"{quantile}\"}} {value}");
-    }
-    let sum: f64 = histogram
+fn sum_seconds(histogram: &Histogram<u64>) -> f64 {
+    histogram
         .iter_recorded()
         .map(|v| v.value_iterated_to() as f64 * v.count_at_value() as f64)
         .sum::<f64>()
-        / 1e6;
-    let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {}", histogram.len());
+        / 1e6
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summaries_have_quantiles_sum_and_count_in_seconds() {
+        let shard = Arc::new(ShardMetrics::new());
+        {
+            let mut h = shard.commit_latency_us.lock().unwrap();
+            record(&mut h, 1000, 99);
+            record(&mut h, 50_000, 1);
+        }
+        let snapshot = Snapshot::of_shards(&[shard.clone(), Arc::new(ShardMetrics::new())]);
+        let text = snapshot.to_prometheus();
+        assert!(text.contains("# TYPE sluice_commit_latency_seconds summary"));
+        assert!(text.contains("sluice_commit_latency_seconds{quantile=\"0.5\"} 0.001"));
+        assert!(text.contains("sluice_commit_latency_seconds{quantile=\"0.999\"} 0.05"));
+        assert!(text.contains("sluice_commit_latency_seconds_count 100"));
+        assert!(text.contains("sluice_build_info{version=\""));
+        assert!(text.contains("sluice_error_responses_total{shard=\"1\",code=\"4.00\"} 0"));
+        let json = snapshot.to_json();
+        let sample = &json["sluice_commit_latency_seconds"]["samples"][0];
+        assert_eq!(sample["count"], 100);
+        assert_eq!(sample["quantiles"]["0.5"], 0.001);
+        assert_eq!(
+            json["sluice_commits_total"]["samples"][1]["labels"]["shard"],
+            "1"
+        );
+    }
 }

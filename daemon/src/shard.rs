@@ -74,6 +74,8 @@ impl Shard {
         let mut response: Vec<u8> = Vec::new();
         let mut pending: Vec<Pending> = Vec::new();
         let mut pending_bytes: Vec<u8> = Vec::new();
+        // Protocol time of each datagram of a batch, recorded under one lock per batch.
+        let mut decode_us: Vec<u64> = Vec::new();
         let mut last_expire = Instant::now();
         let mut failing = false;
 
@@ -92,7 +94,8 @@ impl Shard {
                 let (peer, datagram) = receive.datagram(index);
                 let Some(peer) = peer else { continue };
                 readings.clear();
-                match endpoint.handle(
+                let decode_started = Instant::now();
+                let outcome = endpoint.handle(
                     received_at,
                     unix_now,
                     peer,
@@ -100,7 +103,9 @@ impl Shard {
                     datagram,
                     &mut readings,
                     &mut response,
-                ) {
+                );
+                decode_us.push(decode_started.elapsed().as_micros() as u64);
+                match outcome {
                     Outcome::Ignore => {}
                     Outcome::Reply => send.push(peer, &response),
                     Outcome::Store(exchange) => {
@@ -183,6 +188,11 @@ impl Shard {
                 let latency_us = received_at.elapsed().as_micros() as u64;
                 if let Ok(mut histogram) = self.metrics.ack_latency_us.lock() {
                     metrics::record(&mut histogram, latency_us, count as u64);
+                }
+                if let Ok(mut histogram) = self.metrics.decode_latency_us.lock() {
+                    for us in decode_us.drain(..) {
+                        metrics::record(&mut histogram, us, 1);
+                    }
                 }
             }
             if dropped > 0 {

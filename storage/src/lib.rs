@@ -19,7 +19,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 pub use store::{
-    DeviceSummary, Reader, Retention, RetentionReport, Store, RECOVERED_EXCHANGES_MAX,
+    DeviceSummary, LatestValues, Reader, Retention, RetentionReport, SeriesScan, Store,
+    RECOVERED_EXCHANGES_MAX, SCAN_CHUNK_POINTS_MAX,
 };
 pub use tools::{inspect, verify, Inspection, SegmentInspection, VerifyProblem, VerifyReport};
 pub use writer::{check_reading, CommitStats, ShardWriter, EXCHANGES_PER_COMMIT_MAX};

@@ -136,6 +136,9 @@ pub(crate) struct Latest {
 
 pub(crate) struct SeriesState {
     pub id: u32,
+    /// Points added to the series in this shard plus points retention dropped from it: it only
+    /// grows, and grows with every change, so readers use it to tell whether a series changed.
+    pub changes: u64,
     pub latest: Option<Latest>,
 }
 
@@ -171,20 +174,24 @@ impl Summary {
                 last_seen: f64::NEG_INFINITY,
                 ..DeviceState::default()
             });
-        state
-            .series
-            .entry(name.to_string())
-            .or_insert(SeriesState { id, latest: None });
+        state.series.entry(name.to_string()).or_insert(SeriesState {
+            id,
+            changes: 0,
+            latest: None,
+        });
     }
 
     /// Removes points of dropped partitions from the device counts (series id -> points).
     pub fn remove_points(&mut self, dropped: &HashMap<u32, u64>) {
         for (&id, &count) in dropped {
-            let Some(Some((device, _))) = self.names.get(id as usize) else {
+            let Some(Some((device, name))) = self.names.get(id as usize) else {
                 continue;
             };
             if let Some(state) = self.devices.get_mut(device.as_str()) {
                 state.points = state.points.saturating_sub(count);
+                if let Some(series) = state.series.get_mut(name.as_str()) {
+                    series.changes += count;
+                }
             }
         }
     }
@@ -209,6 +216,7 @@ impl Summary {
             return false;
         };
         state.points += count;
+        series.changes += count;
         if time > state.last_seen {
             state.last_seen = time;
         }
@@ -950,6 +958,9 @@ pub struct DeviceSummary {
     pub points: u64,
 }
 
+/// The latest (time, value) of each series of a device, by series name.
+pub type LatestValues = Vec<(String, f64, Value)>;
+
 /// Query handle: sees only published commits.
 #[derive(Clone)]
 pub struct Reader {
@@ -1016,6 +1027,9 @@ impl Reader {
         )
     }
 
+    /// Every point of a series in `[from, to)` in ascending time order (ties in write order);
+    /// None for a series no shard knows. Collects the whole answer: large ranges should use
+    /// [`Reader::scan`].
     pub fn series(
         &self,
         device: &str,
@@ -1023,8 +1037,22 @@ impl Reader {
         from: f64,
         to: f64,
     ) -> Result<Option<Vec<(f64, Value)>>, StoreError> {
-        let mut seen = false;
+        let Some(mut scan) = self.scan(device, name, from, to) else {
+            return Ok(None);
+        };
         let mut points = Vec::new();
+        while let Some(chunk) = scan.next_chunk()? {
+            points.extend(chunk);
+        }
+        Ok(Some(points))
+    }
+
+    /// A scan of a series' committed points in `[from, to)`, handed out in ascending time
+    /// chunks of bounded size; None for a series no shard knows. The scan sees the segments and
+    /// blocks published when it was made.
+    pub fn scan(&self, device: &str, name: &str, from: f64, to: f64) -> Option<SeriesScan> {
+        let mut seen = false;
+        let mut sources = Vec::new();
         for shard in self.shards() {
             let id = {
                 let summary = lock(&shard.summary);
@@ -1036,60 +1064,93 @@ impl Reader {
             };
             let Some(id) = id else { continue };
             seen = true;
-            let segments: Vec<Arc<SegmentShared>> = read_lock(&shard.segments).clone();
-            for segment in segments {
+            for segment in read_segments(&shard).iter() {
                 let window_start = segment.window_start as f64;
                 let window_end = window_start + segment.partition_secs as f64;
-                if !(window_start < to && window_end > from) {
-                    continue;
-                }
-                let blocks: Vec<BlockMeta> = read_lock(&segment.blocks)
-                    .iter()
-                    .filter(|block| block.min_time < to && block.max_time >= from)
-                    .copied()
-                    .collect();
-                let Some(last) = blocks
-                    .iter()
-                    .map(|block| block.payload_offset + block.payload_len as u64)
-                    .max()
-                else {
-                    continue;
-                };
-                let map = match segment.map(last) {
-                    Ok(map) => map,
-                    // Retention dropped it since the catalog was read: it is gone for queries.
-                    Err(_) if segment.dropped.load(Ordering::Acquire) => continue,
-                    Err(error) => return Err(error),
-                };
-                for block in blocks {
-                    points.reserve(block.count as usize);
-                    let start = block.payload_offset as usize;
-                    let payload = &map[start..start + block.payload_len as usize];
-                    let records =
-                        format::access_block(payload).map_err(|reason| StoreError::Corrupt {
-                            path: segment.path.clone(),
-                            offset: block.payload_offset,
-                            reason,
-                        })?;
-                    for ((series, time), value) in records
-                        .series
-                        .iter()
-                        .zip(records.times.iter())
-                        .zip(records.values.iter())
-                    {
-                        let time = time.to_native();
-                        if series.to_native() == id && time >= from && time < to {
-                            points.push((time, archived_value(value)));
-                        }
-                    }
+                if window_start < to && window_end > from {
+                    sources.push((segment.clone(), id));
                 }
             }
         }
         if !seen {
-            return Ok(None);
+            return None;
         }
-        points.sort_by(|a, b| a.0.total_cmp(&b.0));
-        Ok(Some(points))
+        // Chunks follow partition windows: a point belongs to the window of its own time, so a
+        // chunk between two window edges reads only the segments of the windows around it.
+        let mut edges: Vec<f64> = sources
+            .iter()
+            .flat_map(|(segment, _)| {
+                let start = segment.window_start as f64;
+                [start, start + segment.partition_secs as f64]
+            })
+            .map(|edge| edge.clamp(from, to))
+            .collect();
+        edges.sort_by(f64::total_cmp);
+        edges.dedup();
+        let ranges: Vec<(f64, f64)> = edges
+            .windows(2)
+            .rev()
+            .map(|pair| (pair[0], pair[1]))
+            .collect();
+        Some(SeriesScan {
+            sources,
+            ranges,
+            points_max: SCAN_CHUNK_POINTS_MAX,
+            records_scanned: 0,
+        })
+    }
+
+    /// A number that grows whenever a commit adds to the series or retention drops from it
+    /// (None: unknown series): it tells a query cache whether an answer can have changed.
+    pub fn series_version(&self, device: &str, name: &str) -> Option<u64> {
+        let mut total = None;
+        for shard in self.shards() {
+            let summary = lock(&shard.summary);
+            if let Some(series) = summary
+                .devices
+                .get(device)
+                .and_then(|state| state.series.get(name))
+            {
+                *total.get_or_insert(0) += series.changes;
+            }
+        }
+        total
+    }
+
+    /// The latest value of each series of every device whose id starts with `prefix`, sorted by
+    /// device (devices without a committed point are left out).
+    pub fn latest_all(&self, prefix: &str) -> Vec<(String, LatestValues)> {
+        let mut merged: BTreeMap<String, BTreeMap<String, (f64, Value)>> = BTreeMap::new();
+        for shard in self.shards() {
+            let summary = lock(&shard.summary);
+            for (device, state) in &summary.devices {
+                if !device.starts_with(prefix) {
+                    continue;
+                }
+                for (name, series) in &state.series {
+                    let Some(latest) = &series.latest else {
+                        continue;
+                    };
+                    let device = merged.entry(device.clone()).or_default();
+                    let newer = device
+                        .get(name)
+                        .is_none_or(|(time, _)| latest.time >= *time);
+                    if newer {
+                        device.insert(name.clone(), (latest.time, latest.value.clone()));
+                    }
+                }
+            }
+        }
+        merged
+            .into_iter()
+            .map(|(device, series)| {
+                let series = series
+                    .into_iter()
+                    .map(|(name, (time, value))| (name, time, value))
+                    .collect();
+                (device, series)
+            })
+            .collect()
     }
 
     pub fn generation(&self) -> u64 {
@@ -1196,5 +1257,122 @@ impl Retention {
             self.inner.generation.fetch_add(1, Ordering::AcqRel);
         }
         Ok(report)
+    }
+}
+
+/// Points one scan chunk holds before its time range is split in two: bounds the memory of a
+/// query however large its range (about 40 bytes a numeric point, so about 10 MiB).
+pub const SCAN_CHUNK_POINTS_MAX: usize = 256 * 1024;
+
+/// A series scan in progress (see [`Reader::scan`]).
+pub struct SeriesScan {
+    /// Segments whose window overlaps the range, each with the series' id in its shard.
+    sources: Vec<(Arc<SegmentShared>, u32)>,
+    /// Time ranges still to read, the earliest last.
+    ranges: Vec<(f64, f64)>,
+    points_max: usize,
+    records_scanned: u64,
+}
+
+impl SeriesScan {
+    /// The next chunk of points in ascending time order (ties in write order), None at the end.
+    /// A chunk holds at most [`SCAN_CHUNK_POINTS_MAX`] points unless more share one time.
+    pub fn next_chunk(&mut self) -> Result<Option<Vec<(f64, Value)>>, StoreError> {
+        while let Some((from, to)) = self.ranges.pop() {
+            let mut points = Vec::new();
+            let complete = self.read(from, to, &mut points)?;
+            if !complete {
+                let middle = from + (to - from) / 2.0;
+                if middle > from && middle < to {
+                    self.ranges.push((middle, to));
+                    self.ranges.push((from, middle));
+                    continue;
+                }
+                // Every point at one time: the chunk cannot be split, read it whole.
+                points.clear();
+                let points_max = std::mem::replace(&mut self.points_max, usize::MAX);
+                let read = self.read(from, to, &mut points);
+                self.points_max = points_max;
+                read?;
+            }
+            if points.is_empty() {
+                continue;
+            }
+            points.sort_by(|a, b| a.0.total_cmp(&b.0));
+            return Ok(Some(points));
+        }
+        Ok(None)
+    }
+
+    /// Splits chunks at `points_max` points instead of [`SCAN_CHUNK_POINTS_MAX`].
+    pub fn chunk_points_max(mut self, points_max: usize) -> SeriesScan {
+        self.points_max = points_max;
+        self
+    }
+
+    /// Records looked at so far (of every series in the blocks read).
+    pub fn records_scanned(&self) -> u64 {
+        self.records_scanned
+    }
+
+    /// Appends the points in `[from, to)`; false when there are more than `points_max`.
+    fn read(
+        &mut self,
+        from: f64,
+        to: f64,
+        points: &mut Vec<(f64, Value)>,
+    ) -> Result<bool, StoreError> {
+        for (segment, id) in &self.sources {
+            let window_start = segment.window_start as f64;
+            let window_end = window_start + segment.partition_secs as f64;
+            if !(window_start < to && window_end > from) {
+                continue;
+            }
+            let blocks: Vec<BlockMeta> = read_lock(&segment.blocks)
+                .iter()
+                .filter(|block| block.min_time < to && block.max_time >= from)
+                .copied()
+                .collect();
+            let Some(last) = blocks
+                .iter()
+                .map(|block| block.payload_offset + block.payload_len as u64)
+                .max()
+            else {
+                continue;
+            };
+            let map = match segment.map(last) {
+                Ok(map) => map,
+                // Retention dropped it since the scan was made: it is gone for queries.
+                Err(_) if segment.dropped.load(Ordering::Acquire) => continue,
+                Err(error) => return Err(error),
+            };
+            for block in blocks {
+                let start = block.payload_offset as usize;
+                let payload = &map[start..start + block.payload_len as usize];
+                let records =
+                    format::access_block(payload).map_err(|reason| StoreError::Corrupt {
+                        path: segment.path.clone(),
+                        offset: block.payload_offset,
+                        reason,
+                    })?;
+                self.records_scanned += block.count as u64;
+                let whole = block.min_time >= from && block.max_time < to;
+                let times = records.times.as_slice();
+                let values = records.values.as_slice();
+                for (index, series) in records.series.iter().enumerate() {
+                    if series.to_native() != *id {
+                        continue;
+                    }
+                    let time = times[index].to_native();
+                    if whole || (time >= from && time < to) {
+                        points.push((time, archived_value(&values[index])));
+                    }
+                }
+                if points.len() > self.points_max {
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(true)
     }
 }

@@ -1,0 +1,160 @@
+//! In-process cache of recent query answers, keyed by the normalised query. An entry carries
+//! the version of the data it was computed from (the points of the series it covers, or the
+//! store generation for device listings); a lookup with another version is a miss and drops the
+//! entry, so a commit to a series invalidates exactly the answers that cover it.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use bytes::Bytes;
+
+/// Total bytes of cached bodies: hot dashboards and scrapes fit, a bulk export does not evict
+/// everything else (an answer larger than [`ENTRY_BYTES_MAX`] is never cached).
+pub const CACHE_BYTES_MAX: usize = 64 << 20;
+/// Largest body kept: about 30,000 JSON points.
+pub const ENTRY_BYTES_MAX: usize = 1 << 20;
+/// Entries kept, whatever their size (bounds the key table).
+pub const CACHE_ENTRIES_MAX: usize = 16_384;
+
+/// A cached answer.
+#[derive(Clone)]
+pub struct Answer {
+    pub content_type: &'static str,
+    pub body: Bytes,
+    /// The `Link: <...>; rel="next"` target of a page, if there is a next page.
+    pub next: Option<String>,
+}
+
+struct Entry {
+    version: u64,
+    answer: Answer,
+    /// Insertion stamp, to tell a live entry from a stale slot in the eviction queue.
+    stamp: u64,
+}
+
+#[derive(Default)]
+struct Inner {
+    entries: HashMap<String, Entry>,
+    /// Keys in insertion order with their stamps; the oldest is evicted first.
+    order: VecDeque<(String, u64)>,
+    bytes: usize,
+    next_stamp: u64,
+}
+
+#[derive(Default)]
+pub struct QueryCache {
+    inner: Mutex<Inner>,
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+impl QueryCache {
+    pub fn get(&self, key: &str, version: u64) -> Option<Answer> {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let found = match inner.entries.get(key) {
+            Some(entry) if entry.version == version => Some(entry.answer.clone()),
+            Some(_) => {
+                let stale = inner.entries.remove(key).expect("entry just seen");
+                inner.bytes -= stale.answer.body.len();
+                None
+            }
+            None => None,
+        };
+        drop(inner);
+        let counter = if found.is_some() {
+            &self.hits
+        } else {
+            &self.misses
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        found
+    }
+
+    pub fn insert(&self, key: String, version: u64, answer: Answer) {
+        if answer.body.len() > ENTRY_BYTES_MAX {
+            return;
+        }
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let stamp = inner.next_stamp;
+        inner.next_stamp += 1;
+        inner.bytes += answer.body.len();
+        inner.order.push_back((key.clone(), stamp));
+        let entry = Entry {
+            version,
+            answer,
+            stamp,
+        };
+        if let Some(old) = inner.entries.insert(key, entry) {
+            inner.bytes -= old.answer.body.len();
+        }
+        // Stale slots (replaced or dropped entries) are skipped; the queue holds at most one
+        // live slot per entry plus stale ones, and is trimmed whenever it outgrows the table.
+        while inner.bytes > CACHE_BYTES_MAX
+            || inner.entries.len() > CACHE_ENTRIES_MAX
+            || inner.order.len() > 2 * CACHE_ENTRIES_MAX
+        {
+            let Some((key, stamp)) = inner.order.pop_front() else {
+                break;
+            };
+            if inner.entries.get(&key).is_some_and(|e| e.stamp == stamp) {
+                let evicted = inner.entries.remove(&key).expect("entry just seen");
+                inner.bytes -= evicted.answer.body.len();
+            }
+        }
+    }
+
+    /// (hits, misses, entries, bytes)
+    pub fn stats(&self) -> (u64, u64, usize, usize) {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        (
+            self.hits.load(Ordering::Relaxed),
+            self.misses.load(Ordering::Relaxed),
+            inner.entries.len(),
+            inner.bytes,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(len: usize) -> Answer {
+        Answer {
+            content_type: "application/json",
+            body: Bytes::from(vec![b'x'; len]),
+            next: None,
+        }
+    }
+
+    #[test]
+    fn a_new_version_misses_and_drops_the_entry() {
+        let cache = QueryCache::default();
+        assert!(cache.get("q", 1).is_none());
+        cache.insert("q".into(), 1, answer(10));
+        assert!(cache.get("q", 1).is_some());
+        assert!(cache.get("q", 2).is_none());
+        assert!(cache.get("q", 1).is_none());
+        assert_eq!(cache.stats(), (1, 3, 0, 0));
+    }
+
+    #[test]
+    fn bytes_and_entries_stay_bounded() {
+        let cache = QueryCache::default();
+        for i in 0..(CACHE_BYTES_MAX / ENTRY_BYTES_MAX + 10) {
+            cache.insert(format!("big-{i}"), 0, answer(ENTRY_BYTES_MAX));
+        }
+        assert!(cache.stats().3 <= CACHE_BYTES_MAX);
+        assert!(cache.get("big-0", 0).is_none(), "the oldest was evicted");
+        for i in 0..(CACHE_ENTRIES_MAX + 100) {
+            cache.insert(format!("small-{i}"), 0, answer(1));
+            cache.insert("same".into(), i as u64, answer(1));
+        }
+        let (_, _, entries, _) = cache.stats();
+        assert!(entries <= CACHE_ENTRIES_MAX);
+        assert!(cache.inner.lock().unwrap().order.len() <= 2 * CACHE_ENTRIES_MAX + 1);
+        cache.insert("huge".into(), 0, answer(ENTRY_BYTES_MAX + 1));
+        assert!(cache.get("huge", 0).is_none());
+    }
+}
