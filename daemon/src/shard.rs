@@ -180,6 +180,8 @@ impl Shard {
                 pending.clear();
                 pending_bytes.clear();
             }
+            // Counters first: whoever got a response sees the counters that include its request.
+            self.publish(&endpoint, coaps.as_ref());
             let mut dropped = plain.as_ref().map_or(0, |socket| send.flush(socket));
             if let Some(coaps) = &mut coaps {
                 dropped += coaps.send.flush(&coaps.socket);
@@ -207,7 +209,6 @@ impl Shard {
                 }
                 last_expire = received_at;
             }
-            self.publish(&endpoint, coaps.as_ref());
         }
         if let Some(coaps) = &coaps {
             coaps.save_sessions(self.index);
