@@ -20,6 +20,7 @@ use serde_json::{json, Value as Json};
 use sluice_storage::{Reader, StoreError, Value};
 
 use crate::cache::{Answer, QueryCache, ENTRY_BYTES_MAX};
+use crate::dashboard;
 use crate::metrics::{self, Family, Kind, ShardMetrics, Snapshot};
 
 /// Largest `limit` of one page: a page is built in memory before it is sent (its `Link` header
@@ -165,6 +166,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .merge(dashboard::router())
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such resource".to_string()) })
         .with_state(state)
 }

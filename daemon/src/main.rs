@@ -7,6 +7,7 @@ mod cache;
 mod coaps;
 mod config;
 mod credentials;
+mod dashboard;
 mod http;
 mod io;
 mod metrics;
