@@ -410,3 +410,46 @@ fn metrics_and_stats_report_latency_per_endpoint_and_per_datagram() {
         .sum();
     assert_eq!(points, 1);
 }
+
+#[test]
+fn sluice_query_draws_a_series_as_a_terminal_chart_and_filters_devices() {
+    let daemon = Daemon::start(&[]);
+    let mut client = Client::new(daemon.coap);
+    let records: Vec<(&str, i64, f64)> = (0..10)
+        .map(|i| ("temp", T0 + 60 * i, 20.0 + (i % 4) as f64))
+        .collect();
+    post(&mut client, "dev-c", &records);
+    post(&mut client, "other", &[("temp", T0, 1.0)]);
+    let http = daemon.http.to_string();
+    let run = |args: &[&str]| {
+        let mut all = vec!["query", "--http", http.as_str()];
+        all.extend_from_slice(args);
+        let output = common::sluice(&all);
+        assert!(
+            output.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let chart = run(&["series", "dev-c", "temp", "--chart", "--width", "70"]);
+    assert!(chart.starts_with("dev-c temp: 10 points\n"), "{chart}");
+    assert_eq!(chart.matches('█').count(), 10, "{chart}");
+    assert!(chart.lines().nth(1).unwrap().starts_with("23 ┤"), "{chart}");
+    assert!(chart.contains("2025-11-23T12:00:00Z"), "{chart}");
+    assert!(chart.lines().all(|l| l.chars().count() <= 70), "{chart}");
+
+    let buckets = run(&[
+        "series", "dev-c", "temp", "--step", "5m", "--agg", "max", "--chart",
+    ]);
+    assert!(
+        buckets.starts_with("dev-c temp (max per 300.0 s): 2 points\n"),
+        "{buckets}"
+    );
+
+    let devices = run(&["devices", "--prefix", "dev-"]);
+    assert!(
+        devices.contains("dev-c") && !devices.contains("other"),
+        "{devices}"
+    );
+}

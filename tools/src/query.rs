@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
-use serde_json::Value as Json;
+use serde_json::{json, Value as Json};
 
 #[derive(Args, Debug)]
 pub struct QueryArgs {
@@ -26,7 +26,11 @@ pub struct QueryArgs {
 #[derive(Subcommand, Debug)]
 enum What {
     /// Every device with its last-seen time and point count
-    Devices,
+    Devices {
+        /// Only devices whose id starts with this
+        #[arg(long)]
+        prefix: Option<String>,
+    },
     /// The latest value of each series of a device
     Latest { device: String },
     /// Points of one series, raw or in buckets
@@ -45,6 +49,12 @@ enum What {
         /// Aggregate per bucket: avg, min, max, sum, count, last (needs --step)
         #[arg(long, requires = "step")]
         agg: Option<String>,
+        /// Draw the numeric values as a chart in the terminal instead of a table
+        #[arg(long, conflicts_with = "format")]
+        chart: bool,
+        /// Width of the chart in columns (default: $COLUMNS, else 80)
+        #[arg(long, requires = "chart")]
+        width: Option<usize>,
     },
 }
 
@@ -58,7 +68,13 @@ enum OutputFormat {
 pub fn run(args: QueryArgs) -> anyhow::Result<()> {
     let base = format!("http://{}", args.http);
     let (path, query): (String, Vec<(&str, String)>) = match &args.what {
-        What::Devices => ("/v1/devices".into(), vec![]),
+        What::Devices { prefix } => (
+            "/v1/devices".into(),
+            prefix
+                .iter()
+                .map(|prefix| ("prefix", prefix.clone()))
+                .collect(),
+        ),
         What::Latest { device } => (format!("/v1/devices/{}/latest", encode(device)), vec![]),
         What::Series {
             device,
@@ -67,6 +83,7 @@ pub fn run(args: QueryArgs) -> anyhow::Result<()> {
             to,
             step,
             agg,
+            ..
         } => {
             let mut query = vec![("device", device.clone()), ("name", name.clone())];
             for (key, value) in [("from", from), ("to", to), ("step", step), ("agg", agg)] {
@@ -99,6 +116,16 @@ pub fn run(args: QueryArgs) -> anyhow::Result<()> {
     }
     let json: Json =
         serde_json::from_str(&body).context("sluiced answered something that is not JSON")?;
+    if let What::Series {
+        chart: true, width, ..
+    } = &args.what
+    {
+        let width = width
+            .or_else(|| std::env::var("COLUMNS").ok()?.parse().ok())
+            .unwrap_or(80);
+        print!("{}", chart(&json, width));
+        return Ok(());
+    }
     let (header, rows) = rows(&args.what, &json);
     match args.format {
         OutputFormat::Csv => print!("{}", csv(&header, rows)),
@@ -185,7 +212,7 @@ fn csv(header: &[&str], rows: Vec<Vec<String>>) -> String {
 fn rows(what: &What, json: &Json) -> (Vec<&'static str>, Vec<Vec<String>>) {
     let empty = vec![];
     match what {
-        What::Devices => (
+        What::Devices { .. } => (
             vec!["DEVICE", "LAST SEEN", "POINTS"],
             json["devices"]
                 .as_array()
@@ -220,5 +247,98 @@ fn rows(what: &What, json: &Json) -> (Vec<&'static str>, Vec<Vec<String>>) {
                 .map(|p| vec![time(&p[0]), value(&p[1])])
                 .collect(),
         ),
+    }
+}
+
+/// Rows of a terminal chart.
+const CHART_ROWS: usize = 12;
+/// Columns a chart needs at least: its axis labels and a few points.
+const CHART_COLUMNS_MIN: usize = 30;
+
+/// The numeric points of a series answer drawn in `width` columns: each column covers an equal
+/// slice of time and shows the range of the values in it (`█`), with the value axis on the
+/// left and the time axis below.
+fn chart(json: &Json, width: usize) -> String {
+    let empty = vec![];
+    let points: Vec<(f64, f64)> = json["points"]
+        .as_array()
+        .unwrap_or(&empty)
+        .iter()
+        .filter_map(|p| Some((p[0].as_f64()?, p[1].as_f64()?)))
+        .collect();
+    let skipped = json["points"].as_array().map_or(0, Vec::len) - points.len();
+    let mut out = format!("{} {}", value(&json["device"]), value(&json["name"]));
+    if let Some(agg) = json["agg"].as_str() {
+        let _ = write!(out, " ({agg} per {} s)", json["step"]);
+    }
+    let _ = writeln!(out, ": {} points", points.len());
+    if skipped > 0 {
+        let _ = writeln!(out, "({skipped} values that are not numbers are not drawn)");
+    }
+    let (Some(first), Some(last)) = (points.first(), points.last()) else {
+        return out;
+    };
+    let low = points.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
+    let high = points.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
+    let labels = [format!("{high}"), format!("{low}")];
+    let label_width = labels.iter().map(String::len).max().unwrap_or(1);
+    let columns = width.max(CHART_COLUMNS_MIN) - label_width - 2;
+    let span = (last.0 - first.0).max(f64::MIN_POSITIVE);
+    let column_of = |t: f64| (((t - first.0) / span) * (columns - 1) as f64).round() as usize;
+    let row_of = |v: f64| {
+        if high > low {
+            (((high - v) / (high - low)) * (CHART_ROWS - 1) as f64).round() as usize
+        } else {
+            CHART_ROWS / 2
+        }
+    };
+    let mut ranges: Vec<Option<(usize, usize)>> = vec![None; columns];
+    for (time, value) in &points {
+        let row = row_of(*value);
+        let slot = &mut ranges[column_of(*time).min(columns - 1)];
+        *slot = Some(slot.map_or((row, row), |(top, bottom)| (top.min(row), bottom.max(row))));
+    }
+    for row in 0..CHART_ROWS {
+        let label = match row {
+            0 => labels[0].as_str(),
+            r if r == CHART_ROWS - 1 => labels[1].as_str(),
+            _ => "",
+        };
+        let line: String = ranges
+            .iter()
+            .map(|range| match range {
+                Some((top, bottom)) if (*top..=*bottom).contains(&row) => '█',
+                _ => ' ',
+            })
+            .collect();
+        let _ = writeln!(out, "{label:>label_width$} ┤{}", line.trim_end());
+    }
+    let _ = writeln!(out, "{:>label_width$} └{}", "", "─".repeat(columns));
+    let (start, end) = (time(&json!(first.0)), time(&json!(last.0)));
+    let gap = columns.saturating_sub(start.len() + end.len()).max(1);
+    let _ = writeln!(out, "{:>label_width$}  {start}{}{end}", "", " ".repeat(gap));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chart_draws_one_mark_per_point_between_the_extremes() {
+        let json = json!({
+            "device": "dev-1",
+            "name": "temp",
+            "points": [[0.0, 1.0], [10.0, 3.0], [20.0, 2.0], [30.0, "off"]],
+        });
+        let text = chart(&json, 60);
+        assert!(text.starts_with("dev-1 temp: 3 points\n"), "{text}");
+        assert!(text.contains("1 values that are not numbers"), "{text}");
+        assert_eq!(text.matches('█').count(), 3, "{text}");
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[2].starts_with("3 ┤"), "{text}");
+        assert!(lines[2 + CHART_ROWS - 1].starts_with("1 ┤█"), "{text}");
+        assert!(text.contains("1970-01-01T00:00:00Z"), "{text}");
+        assert!(lines.iter().all(|l| l.chars().count() <= 60), "{text}");
     }
 }
