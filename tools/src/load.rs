@@ -20,6 +20,8 @@ use rkyv::util::AlignedVec;
 use sluice_protocol::batch::{Batch, BatchRecord, BatchValue};
 
 use crate::capture::Recorder;
+use crate::credentials;
+use crate::dtls::DtlsUdp;
 use crate::fleet::{Fleet, PlainUdp, ProgressTotal, Settings, Transport};
 
 /// Requests one device may have in flight (closed-loop window, or the open-loop backlog before
@@ -37,8 +39,8 @@ const NO_RESPONSE_ALL: u8 = 2 | 8 | 16;
 #[derive(Args, Debug)]
 pub struct LoadArgs {
     /// CoAP server to drive, HOST:PORT
-    #[arg(long)]
-    target: String,
+    #[arg(long, required_unless_present = "gen_credentials")]
+    target: Option<String>,
     /// Simulated devices, each with its own socket and source port
     #[arg(long, default_value_t = 10)]
     devices: usize,
@@ -91,6 +93,17 @@ pub struct LoadArgs {
     /// End with one JSON line of the results
     #[arg(long)]
     json: bool,
+    /// CoAPS: each device handshakes DTLS 1.2 PSK before the run, with the identity and key of
+    /// one `--credentials` entry (its `id` names the device)
+    #[arg(long, requires = "credentials")]
+    dtls: bool,
+    /// Credentials file (docs/credentials.md) for --dtls: device i uses the i-th enabled entry
+    #[arg(long, requires = "dtls")]
+    credentials: Option<PathBuf>,
+    /// Only write a credentials file of N devices named as load names them (`--device-prefix`),
+    /// with random keys, on stdout (made mode 0600 when it is a file), and exit
+    #[arg(long, value_name = "N", conflicts_with_all = ["target", "dtls"])]
+    gen_credentials: Option<usize>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -218,6 +231,9 @@ struct Encoder {
 }
 
 pub fn run(args: LoadArgs) -> anyhow::Result<()> {
+    if let Some(count) = args.gen_credentials {
+        return credentials::generate(count, &args.device_prefix);
+    }
     if args.devices == 0 || args.devices > DEVICES_MAX {
         bail!("--devices: between 1 and {DEVICES_MAX}");
     }
@@ -243,20 +259,47 @@ pub fn run(args: LoadArgs) -> anyhow::Result<()> {
         (None, Some(_)) => None,
         (None, None) => Some(Duration::from_secs(10)),
     };
-    let target: SocketAddr = args
-        .target
+    let target_text = args.target.as_deref().unwrap_or_default();
+    let target: SocketAddr = target_text
         .to_socket_addrs()
-        .with_context(|| format!("--target: cannot resolve `{}`", args.target))?
+        .with_context(|| format!("--target: cannot resolve `{target_text}`"))?
         .next()
-        .with_context(|| format!("--target: `{}` has no address", args.target))?;
+        .with_context(|| format!("--target: `{target_text}` has no address"))?;
+    let entries = match &args.credentials {
+        Some(path) => {
+            let entries = credentials::read(path)?;
+            if entries.len() < args.devices {
+                bail!(
+                    "--credentials: {} has {} enabled devices, fewer than --devices {}",
+                    path.display(),
+                    entries.len(),
+                    args.devices
+                );
+            }
+            entries
+        }
+        None => Vec::new(),
+    };
 
     let mut rng = rand::rng();
+    let opening = Instant::now();
     let mut transports = Vec::with_capacity(args.devices);
     let mut states = Vec::with_capacity(args.devices);
     for index in 0..args.devices {
-        transports.push(open_transport(&args, target)?);
-        let name = format!("{}{index:04}", args.device_prefix);
+        let entry = entries.get(index);
+        transports.push(open_transport(entry, target)?);
+        let name = match entry {
+            Some(entry) => entry.id.clone(),
+            None => format!("{}{index:04}", args.device_prefix),
+        };
         states.push(DeviceState::new(&args, &name, &mut rng)?);
+    }
+    if args.dtls {
+        let seconds = opening.elapsed().as_secs_f64();
+        eprintln!(
+            "DTLS: {} handshakes in {seconds:.2} s, one after another, before the run",
+            args.devices
+        );
     }
     let recorder = args.record.as_deref().map(Recorder::create).transpose()?;
     let settings = Settings {
@@ -344,8 +387,9 @@ pub fn run(args: LoadArgs) -> anyhow::Result<()> {
         fleet.turn(wake)?;
     }
     let what = format!(
-        "{} devices, {:?}{}, {}",
+        "{} devices{}, {:?}{}, {}",
         args.devices,
+        if args.dtls { " over DTLS" } else { "" },
         args.mode,
         if args.no_response { " no-response" } else { "" },
         match args.rate {
@@ -356,10 +400,16 @@ pub fn run(args: LoadArgs) -> anyhow::Result<()> {
     fleet.finish(&what, args.json)
 }
 
-/// The transport of one device. `--dtls` plugs in here: a DTLS session over a socket of its own,
-/// handshaken before the run starts.
-fn open_transport(_args: &LoadArgs, target: SocketAddr) -> anyhow::Result<Box<dyn Transport>> {
-    Ok(Box::new(PlainUdp::connect(target)?))
+/// The transport of one device: with a credentials entry (`--dtls`), a DTLS session over a
+/// socket of its own, handshaken here, before the run starts; plain UDP otherwise.
+fn open_transport(
+    entry: Option<&credentials::Entry>,
+    target: SocketAddr,
+) -> anyhow::Result<Box<dyn Transport>> {
+    Ok(match entry {
+        Some(entry) => Box::new(DtlsUdp::connect(target, entry)?),
+        None => Box::new(PlainUdp::connect(target)?),
+    })
 }
 
 impl DeviceState {

@@ -4,6 +4,8 @@
 //! command line.
 
 mod capture;
+mod credentials;
+mod dtls;
 mod fleet;
 mod load;
 mod query;
