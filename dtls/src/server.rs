@@ -160,7 +160,9 @@ pub struct Server {
 }
 
 impl Server {
-    pub fn new(config: ServerConfig, now: Instant) -> Self {
+    pub fn new(mut config: ServerConfig, now: Instant) -> Self {
+        // At least one slot: eviction needs a session to evict to make room for the next.
+        config.sessions_max = config.sessions_max.max(1);
         Server {
             config,
             cookie_key: crypto::random(),
@@ -299,6 +301,11 @@ impl Server {
         self.sessions -= revoked_sessions;
         self.handshakes -= revoked_handshakes;
         self.counters.sessions_revoked += revoked_sessions as u64;
+    }
+
+    #[cfg(test)]
+    pub(crate) fn has_state_for(&self, peer: SocketAddr) -> bool {
+        self.peers.contains_key(&peer)
     }
 
     fn remove(&mut self, peer: SocketAddr) {

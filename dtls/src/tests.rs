@@ -276,3 +276,119 @@ fn handshakes_time_out() {
     assert_eq!(server.handshakes_len(), 0);
     assert_eq!(server.counters().handshakes_timed_out, 1);
 }
+
+/// The datagrams of a handshake with `server` from `from`, in order (the first ClientHello, the one
+/// with the cookie, the client's last flight), and two application records if it completed.
+fn recorded_datagrams(server: &mut Server, keys: &Keys, from: SocketAddr) -> Vec<Vec<u8>> {
+    let now = Instant::now();
+    let mut client = Client::new(b"id-7", b"secret", &[Suite::Aes128Ccm8]);
+    let mut datagrams = Vec::new();
+    let mut to_server = Vec::new();
+    client.start(&mut to_server);
+    let mut reply = Vec::new();
+    let mut application = Application::default();
+    for _ in 0..8 {
+        if to_server.is_empty() {
+            break;
+        }
+        datagrams.push(to_server.clone());
+        server.handle(now, from, &to_server, keys, &mut reply, &mut application);
+        to_server.clear();
+        client
+            .handle(&reply, &mut to_server, &mut application)
+            .unwrap();
+    }
+    for message in [&b"first"[..], b"second"] {
+        let mut record = Vec::new();
+        if client.seal(message, &mut record).is_ok() {
+            datagrams.push(record);
+        }
+    }
+    datagrams
+}
+
+mod arbitrary_input {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// One datagram the fuzzer sends: a recorded one, changed or not, or random bytes.
+    #[derive(Debug, Clone)]
+    enum Input {
+        Recorded {
+            index: usize,
+            flips: Vec<(usize, u8)>,
+            truncate: Option<usize>,
+        },
+        Random(Vec<u8>),
+    }
+
+    fn input() -> impl Strategy<Value = Input> {
+        prop_oneof![
+            (
+                0..8usize,
+                proptest::collection::vec((0..512usize, any::<u8>()), 0..4),
+                proptest::option::of(0..512usize),
+            )
+                .prop_map(|(index, flips, truncate)| Input::Recorded {
+                    index,
+                    flips,
+                    truncate
+                }),
+            proptest::collection::vec(any::<u8>(), 0..96).prop_map(Input::Random),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        /// Whatever arrives, from whichever of two addresses, in whatever order: no panic, the
+        /// tables stay within their bounds, and a peer the server holds no state for never gets
+        /// back more bytes than it sent.
+        #[test]
+        fn arbitrary_and_mutated_datagrams_never_panic_or_amplify(
+            sessions_max in 0..3usize,
+            handshakes_max in 0..3usize,
+            steps in proptest::collection::vec((input(), any::<bool>(), 0..90u64), 1..40),
+        ) {
+            let keys = keys(&[("id-7", "dev-7", "secret")]);
+            let start = Instant::now();
+            let config = ServerConfig { sessions_max, handshakes_max, ..ServerConfig::default() };
+            let mut server = Server::new(config, start);
+            // Recorded against this server, so that its cookies are valid here.
+            let recorded = recorded_datagrams(&mut server, &keys, peer(1));
+            let mut reply = Vec::new();
+            let mut application = Application::default();
+            let mut now = start;
+            for (input, other_peer, advance_s) in steps {
+                now += Duration::from_secs(advance_s);
+                let datagram = match input {
+                    Input::Recorded { index, flips, truncate } => {
+                        let mut datagram = recorded[index % recorded.len()].clone();
+                        for (at, byte) in flips {
+                            if !datagram.is_empty() {
+                                let at = at % datagram.len();
+                                datagram[at] = byte;
+                            }
+                        }
+                        if let Some(end) = truncate {
+                            datagram.truncate(end);
+                        }
+                        datagram
+                    }
+                    Input::Random(bytes) => bytes,
+                };
+                let from = peer(if other_peer { 2 } else { 1 });
+                let stateless = !server.has_state_for(from);
+                server.handle(now, from, &datagram, &keys, &mut reply, &mut application);
+                // Only a ClientHello with a valid cookie (the address answered) makes state.
+                let stateless = stateless && !server.has_state_for(from);
+                server.expire(now);
+                prop_assert!(server.sessions_len() <= sessions_max.max(1));
+                prop_assert!(server.handshakes_len() <= handshakes_max);
+                if stateless {
+                    prop_assert!(reply.len() <= datagram.len(), "amplification");
+                }
+            }
+        }
+    }
+}
