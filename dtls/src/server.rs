@@ -4,6 +4,10 @@
 //! §4.2.1). A handshake lives in a box until its Finished is verified or it times out; an
 //! established session keeps only its keys, sequence numbers and replay window (about 150 bytes
 //! with its table slot). Records are opened and sealed in the caller's batch path.
+//!
+//! Handshakes and sessions are two tables: a peer may have both. A new handshake from the address
+//! of an established session leaves the session alone until the new one's Finished verifies
+//! (RFC 6347 §4.2.8), so whoever replays or spoofs a ClientHello cannot end a device's session.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -69,11 +73,6 @@ pub struct Counters {
     pub sessions_closed: u64,
     /// Sessions dropped because their device's credential changed or was removed.
     pub sessions_revoked: u64,
-}
-
-enum Peer {
-    Handshake(Box<Handshake>),
-    Session(Session),
 }
 
 struct Handshake {
@@ -151,9 +150,8 @@ impl Session {
 pub struct Server {
     config: ServerConfig,
     cookie_key: [u8; 32],
-    peers: HashMap<SocketAddr, Peer, ahash::RandomState>,
-    handshakes: usize,
-    sessions: usize,
+    handshakes: HashMap<SocketAddr, Box<Handshake>, ahash::RandomState>,
+    sessions: HashMap<SocketAddr, Session, ahash::RandomState>,
     origin: Instant,
     counters: Counters,
     scratch: Vec<u8>,
@@ -166,9 +164,8 @@ impl Server {
         Server {
             config,
             cookie_key: crypto::random(),
-            peers: HashMap::default(),
-            handshakes: 0,
-            sessions: 0,
+            handshakes: HashMap::default(),
+            sessions: HashMap::default(),
             origin: now,
             counters: Counters::default(),
             scratch: Vec::new(),
@@ -180,11 +177,11 @@ impl Server {
     }
 
     pub fn sessions_len(&self) -> usize {
-        self.sessions
+        self.sessions.len()
     }
 
     pub fn handshakes_len(&self) -> usize {
-        self.handshakes
+        self.handshakes.len()
     }
 
     /// Handles one datagram from `peer`. `reply` gets the datagram to send back (empty: nothing);
@@ -201,6 +198,7 @@ impl Server {
     ) -> Option<Arc<str>> {
         reply.clear();
         application.clear();
+        let mut device = None;
         let mut rest = datagram;
         while !rest.is_empty() {
             let Some((record, next)) = wire::split_record(rest) else {
@@ -217,28 +215,31 @@ impl Server {
             rest = next;
             match record.epoch {
                 0 => self.plain_record(now, peer, &record, keys, reply),
-                1 => self.protected_record(now, peer, &record, reply, application),
+                1 => {
+                    let completed =
+                        self.protected_record(now, peer, &record, reply, application, &mut device);
+                    if completed {
+                        // The records before belong to the session this one replaced: what
+                        // follows in the datagram is not read, so all of `application` is
+                        // `device`'s.
+                        break;
+                    }
+                }
                 _ => self.counters.records_malformed += 1,
             }
         }
-        if application.is_empty() {
-            return None;
-        }
-        match self.peers.get(&peer) {
-            Some(Peer::Session(session)) => Some(session.psk.device.clone()),
-            _ => None,
-        }
+        device
     }
 
     /// Appends an application-data record of `plaintext` for `peer`'s session to `out`. False
     /// when the peer has no session (it was closed or evicted meanwhile).
     pub fn seal(&mut self, peer: SocketAddr, plaintext: &[u8], out: &mut Vec<u8>) -> bool {
-        let Some(Peer::Session(session)) = self.peers.get_mut(&peer) else {
+        let Some(session) = self.sessions.get_mut(&peer) else {
             return false;
         };
         if session.write_sequence > wire::SEQUENCE_MAX {
             // 2^48 records: the session must end rather than wrap its nonces.
-            self.remove(peer);
+            self.sessions.remove(&peer);
             return false;
         }
         session.keys.seal(
@@ -255,65 +256,40 @@ impl Server {
 
     /// Drops handshakes older than the handshake timeout.
     pub fn expire(&mut self, now: Instant) {
-        if self.handshakes == 0 {
-            return;
-        }
         let timeout = self.config.handshake_timeout;
-        let mut expired = 0;
-        self.peers.retain(|_, peer| match peer {
-            Peer::Handshake(handshake) if now.duration_since(handshake.started) >= timeout => {
-                expired += 1;
-                false
-            }
-            _ => true,
-        });
-        self.handshakes -= expired;
-        self.counters.handshakes_timed_out += expired as u64;
+        let before = self.handshakes.len();
+        self.handshakes
+            .retain(|_, handshake| now.duration_since(handshake.started) < timeout);
+        self.counters.handshakes_timed_out += (before - self.handshakes.len()) as u64;
     }
 
     /// Applies new credentials: sessions whose device, identity and key are unchanged continue;
     /// the others end (their devices handshake again, or cannot).
     pub fn rekey(&mut self, keys: &dyn PskLookup) {
-        let mut revoked_sessions = 0;
-        let mut revoked_handshakes = 0;
-        self.peers.retain(|_, peer| {
-            let psk = match peer {
-                Peer::Session(session) => &mut session.psk,
-                Peer::Handshake(handshake) => match &mut handshake.keyed {
-                    Some(Keyed { psk: Some(psk), .. }) => psk,
-                    _ => return true,
-                },
-            };
+        /// Keeps `psk` (taking the current copy) while its device, identity and key are unchanged.
+        fn still_valid(keys: &dyn PskLookup, psk: &mut Arc<Psk>) -> bool {
             match keys.lookup(&psk.identity) {
                 Some(current) if *current == **psk => {
                     *psk = current;
                     true
                 }
-                _ => {
-                    match peer {
-                        Peer::Session(_) => revoked_sessions += 1,
-                        Peer::Handshake(_) => revoked_handshakes += 1,
-                    }
-                    false
-                }
+                _ => false,
             }
-        });
-        self.sessions -= revoked_sessions;
-        self.handshakes -= revoked_handshakes;
-        self.counters.sessions_revoked += revoked_sessions as u64;
+        }
+        let before = self.sessions.len();
+        self.sessions
+            .retain(|_, session| still_valid(keys, &mut session.psk));
+        self.counters.sessions_revoked += (before - self.sessions.len()) as u64;
+        self.handshakes
+            .retain(|_, handshake| match &mut handshake.keyed {
+                Some(Keyed { psk: Some(psk), .. }) => still_valid(keys, psk),
+                _ => true,
+            });
     }
 
     #[cfg(test)]
     pub(crate) fn has_state_for(&self, peer: SocketAddr) -> bool {
-        self.peers.contains_key(&peer)
-    }
-
-    fn remove(&mut self, peer: SocketAddr) {
-        match self.peers.remove(&peer) {
-            Some(Peer::Session(_)) => self.sessions -= 1,
-            Some(Peer::Handshake(_)) => self.handshakes -= 1,
-            None => {}
-        }
+        self.handshakes.contains_key(&peer) || self.sessions.contains_key(&peer)
     }
 
     fn now_s(&self, now: Instant) -> u32 {
@@ -361,7 +337,7 @@ impl Server {
                             self.client_hello(now, peer, record.sequence, &message, reply)
                         }
                         wire::HANDSHAKE_CLIENT_KEY_EXCHANGE => {
-                            self.client_key_exchange(peer, &message, keys, reply)
+                            self.client_key_exchange(peer, &message, keys)
                         }
                         _ => {}
                     }
@@ -369,8 +345,7 @@ impl Server {
             }
             // An unauthenticated alert ends a handshake (the client gave up), never a session.
             wire::CONTENT_ALERT => {
-                if let Some(Peer::Handshake(_)) = self.peers.get(&peer) {
-                    self.remove(peer);
+                if self.handshakes.remove(&peer).is_some() {
                     self.counters.handshakes_failed += 1;
                 }
             }
@@ -417,14 +392,17 @@ impl Server {
             self.counters.hello_verify_requests += 1;
             return;
         }
-        if let Some(Peer::Handshake(handshake)) = self.peers.get(&peer) {
+        if let Some(handshake) = self.handshakes.get(&peer) {
             if handshake.client_random[..] == *hello.random {
                 // Our ServerHello flight was lost: send it again.
                 reply.extend_from_slice(&handshake.flight);
                 return;
             }
         }
-        if self.handshakes >= self.config.handshakes_max {
+        // A new ClientHello replaces the peer's unfinished handshake, if any, in its slot.
+        if !self.handshakes.contains_key(&peer)
+            && self.handshakes.len() >= self.config.handshakes_max
+        {
             self.counters.handshakes_refused += 1;
             return;
         }
@@ -500,10 +478,10 @@ impl Server {
 
         let mut client_random = [0; wire::RANDOM_BYTES];
         client_random.copy_from_slice(hello.random);
-        self.remove(peer);
-        self.peers.insert(
+        // An established session of this peer stays until this handshake's Finished verifies.
+        self.handshakes.insert(
             peer,
-            Peer::Handshake(Box::new(Handshake {
+            Box::new(Handshake {
                 started: now,
                 client_random,
                 server_random,
@@ -514,9 +492,8 @@ impl Server {
                 finished_message_seq: message_seq.wrapping_add(2),
                 flight,
                 keyed: None,
-            })),
+            }),
         );
-        self.handshakes += 1;
         self.counters.handshakes_started += 1;
     }
 
@@ -525,16 +502,11 @@ impl Server {
         peer: SocketAddr,
         message: &wire::Handshake<'_>,
         keys: &dyn PskLookup,
-        reply: &mut Vec<u8>,
     ) {
-        let handshake = match self.peers.get_mut(&peer) {
-            Some(Peer::Handshake(handshake)) => handshake,
-            Some(Peer::Session(session)) => {
-                // The client repeats its last flight: our Finished was lost.
-                session.final_flight(reply);
-                return;
-            }
-            None => return,
+        // Without a handshake, this is a retransmitted last flight (its Finished, in epoch 1,
+        // gets our Finished again once it authenticates) or it is forged: no answer either way.
+        let Some(handshake) = self.handshakes.get_mut(&peer) else {
+            return;
         };
         if handshake.keyed.is_some() {
             return;
@@ -575,6 +547,8 @@ impl Server {
         });
     }
 
+    /// Handles an epoch-1 record: the peer's session's, or the Finished of its handshake. True
+    /// when that Finished completed the handshake (the peer's session is now the new one).
     fn protected_record(
         &mut self,
         now: Instant,
@@ -582,85 +556,38 @@ impl Server {
         record: &Record<'_>,
         reply: &mut Vec<u8>,
         application: &mut Application,
-    ) {
+        device: &mut Option<Arc<str>>,
+    ) -> bool {
+        if record.version != wire::DTLS_1_2 {
+            // Protected records are only ever DTLS 1.2 (and the version is not in their AAD).
+            self.counters.records_malformed += 1;
+            return false;
+        }
         let now_s = self.now_s(now);
-        match self.peers.get_mut(&peer) {
-            None => self.counters.records_without_session += 1,
-            Some(Peer::Handshake(handshake)) => {
-                let Some(keyed) = &mut handshake.keyed else {
-                    // Epoch 1 before our keys: reordered; the client retransmits.
-                    return;
-                };
-                if !keyed.window.is_fresh(record.sequence) {
-                    self.counters.records_replayed += 1;
-                    return;
-                }
-                let opened = keyed.keys.open(Role::Client, record, &mut self.scratch);
-                let finished = opened
-                    .ok()
-                    .filter(|()| record.content_type == wire::CONTENT_HANDSHAKE)
-                    .and_then(|()| wire::split_handshake(&self.scratch))
-                    .filter(|(message, _)| message.message_type == wire::HANDSHAKE_FINISHED);
-                let verified = finished.is_some_and(|(message, _)| {
-                    let expected = crypto::verify_data(
-                        &keyed.master,
-                        b"client finished",
-                        &handshake.transcript,
-                    );
-                    keyed.psk.is_some() && bool::from(message.body.ct_eq(&expected))
-                });
-                if !verified {
-                    // Wrong key or unknown identity: tell the device and forget the handshake.
-                    push_alert(reply, wire::ALERT_DECRYPT_ERROR, handshake.write_sequence);
-                    self.remove(peer);
-                    self.counters.handshakes_failed += 1;
-                    return;
-                }
-                keyed.window.mark(record.sequence);
-                if let Some((message, _)) = wire::split_handshake(&self.scratch) {
-                    handshake.transcript.update(message.whole);
-                }
-                let server_verify =
-                    crypto::verify_data(&keyed.master, b"server finished", &handshake.transcript);
-                let mut session = Session {
-                    psk: keyed.psk.clone().expect("verified handshakes have a key"),
-                    keys: keyed.keys,
-                    write_sequence: 0,
-                    handshake_write_sequence: handshake.write_sequence,
-                    window: keyed.window,
-                    server_verify,
-                    finished_message_seq: handshake.finished_message_seq,
-                    last_active_s: now_s,
-                };
-                session.final_flight(reply);
-                self.remove(peer);
-                self.make_room_for_a_session();
-                self.peers.insert(peer, Peer::Session(session));
-                self.sessions += 1;
-                self.counters.handshakes_completed += 1;
-            }
-            Some(Peer::Session(session)) => {
-                if !session.window.is_fresh(record.sequence) {
-                    self.counters.records_replayed += 1;
-                    return;
-                }
-                if session
+        let keyed_handshake = self
+            .handshakes
+            .get(&peer)
+            .is_some_and(|handshake| handshake.keyed.is_some());
+        if let Some(session) = self.sessions.get_mut(&peer) {
+            let fresh = session.window.is_fresh(record.sequence);
+            if fresh
+                && session
                     .keys
                     .open(Role::Client, record, &mut self.scratch)
-                    .is_err()
-                {
-                    self.counters.records_forged += 1;
-                    return;
-                }
+                    .is_ok()
+            {
                 session.window.mark(record.sequence);
                 session.last_active_s = now_s;
                 match record.content_type {
-                    wire::CONTENT_APPLICATION_DATA => application.push(&self.scratch),
+                    wire::CONTENT_APPLICATION_DATA => {
+                        application.push(&self.scratch);
+                        *device = Some(session.psk.device.clone());
+                    }
                     wire::CONTENT_ALERT => {
                         let closing = self.scratch.first() == Some(&wire::ALERT_LEVEL_FATAL)
                             || self.scratch.get(1) == Some(&wire::ALERT_CLOSE_NOTIFY);
                         if closing {
-                            self.remove(peer);
+                            self.sessions.remove(&peer);
                             self.counters.sessions_closed += 1;
                         }
                     }
@@ -668,43 +595,103 @@ impl Server {
                     wire::CONTENT_HANDSHAKE => session.final_flight(reply),
                     _ => {}
                 }
+                return false;
             }
+            if !keyed_handshake {
+                if fresh {
+                    self.counters.records_forged += 1;
+                } else {
+                    self.counters.records_replayed += 1;
+                }
+                return false;
+            }
+            // Not the session's: perhaps the Finished of the peer's new handshake.
         }
+        let Some(handshake) = self.handshakes.get_mut(&peer) else {
+            self.counters.records_without_session += 1;
+            return false;
+        };
+        let Some(keyed) = &mut handshake.keyed else {
+            // Epoch 1 before our keys: reordered; the client retransmits.
+            return false;
+        };
+        if !keyed.window.is_fresh(record.sequence) {
+            self.counters.records_replayed += 1;
+            return false;
+        }
+        let opened = keyed.keys.open(Role::Client, record, &mut self.scratch);
+        let finished = opened
+            .ok()
+            .filter(|()| record.content_type == wire::CONTENT_HANDSHAKE)
+            .and_then(|()| wire::split_handshake(&self.scratch))
+            .filter(|(message, _)| message.message_type == wire::HANDSHAKE_FINISHED);
+        let verified = finished.is_some_and(|(message, _)| {
+            let expected =
+                crypto::verify_data(&keyed.master, b"client finished", &handshake.transcript);
+            keyed.psk.is_some() && bool::from(message.body.ct_eq(&expected))
+        });
+        if !verified {
+            // Wrong key or unknown identity: tell the device and forget the handshake (an
+            // established session of the same address, if any, goes on).
+            push_alert(reply, wire::ALERT_DECRYPT_ERROR, handshake.write_sequence);
+            self.handshakes.remove(&peer);
+            self.counters.handshakes_failed += 1;
+            return false;
+        }
+        keyed.window.mark(record.sequence);
+        if let Some((message, _)) = wire::split_handshake(&self.scratch) {
+            handshake.transcript.update(message.whole);
+        }
+        let server_verify =
+            crypto::verify_data(&keyed.master, b"server finished", &handshake.transcript);
+        let mut session = Session {
+            psk: keyed.psk.clone().expect("verified handshakes have a key"),
+            keys: keyed.keys,
+            write_sequence: 0,
+            handshake_write_sequence: handshake.write_sequence,
+            window: keyed.window,
+            server_verify,
+            finished_message_seq: handshake.finished_message_seq,
+            last_active_s: now_s,
+        };
+        session.final_flight(reply);
+        self.handshakes.remove(&peer);
+        // The new session replaces the peer's old one, or takes a new slot.
+        if self.sessions.remove(&peer).is_none() {
+            self.make_room_for_a_session();
+        }
+        self.sessions.insert(peer, session);
+        self.counters.handshakes_completed += 1;
+        true
     }
 
     /// At the session bound, evicts the least recently active sixteenth of the sessions: one
     /// pass per 1/16 of the bound keeps eviction O(1) amortised without per-session list links.
     fn make_room_for_a_session(&mut self) {
-        if self.sessions < self.config.sessions_max {
+        if self.sessions.len() < self.config.sessions_max {
             return;
         }
-        let evict = (self.sessions / 16).max(1);
+        let evict = (self.sessions.len() / 16).max(1);
         let mut ages: Vec<u32> = self
-            .peers
+            .sessions
             .values()
-            .filter_map(|peer| match peer {
-                Peer::Session(session) => Some(session.last_active_s),
-                Peer::Handshake(_) => None,
-            })
+            .map(|session| session.last_active_s)
             .collect();
         let (_, &mut threshold, _) = ages.select_nth_unstable(evict - 1);
         let below = ages.iter().filter(|&&age| age < threshold).count();
         let mut at_threshold = evict - below;
-        let mut evicted = 0;
-        self.peers.retain(|_, peer| match peer {
-            Peer::Session(session) if session.last_active_s < threshold => {
-                evicted += 1;
-                false
+        let before = self.sessions.len();
+        self.sessions.retain(|_, session| {
+            if session.last_active_s < threshold {
+                return false;
             }
-            Peer::Session(session) if session.last_active_s == threshold && at_threshold > 0 => {
+            if session.last_active_s == threshold && at_threshold > 0 {
                 at_threshold -= 1;
-                evicted += 1;
-                false
+                return false;
             }
-            _ => true,
+            true
         });
-        self.sessions -= evicted;
-        self.counters.sessions_evicted += evicted as u64;
+        self.counters.sessions_evicted += (before - self.sessions.len()) as u64;
     }
 
     /// Writes every established session to `out` in the session-file format of `docs/dtls.md`.
@@ -712,11 +699,8 @@ impl Server {
     pub fn export_sessions(&self, out: &mut Vec<u8>) {
         let start = out.len();
         out.extend_from_slice(SESSION_FILE_MAGIC);
-        out.extend_from_slice(&(self.sessions as u32).to_be_bytes());
-        for (peer, entry) in &self.peers {
-            let Peer::Session(session) = entry else {
-                continue;
-            };
+        out.extend_from_slice(&(self.sessions.len() as u32).to_be_bytes());
+        for (peer, session) in &self.sessions {
             match peer.ip() {
                 IpAddr::V4(ip) => {
                     out.push(4);
@@ -775,12 +759,10 @@ impl Server {
                 read_session(&mut reader, now_s).ok_or(SessionFileError::Truncated)?;
             match keys.lookup(identity) {
                 Some(psk)
-                    if key_check(&psk.key) == check && self.sessions < self.config.sessions_max =>
+                    if key_check(&psk.key) == check
+                        && self.sessions.len() < self.config.sessions_max =>
                 {
-                    self.remove(peer);
-                    self.peers
-                        .insert(peer, Peer::Session(Session { psk, ..session }));
-                    self.sessions += 1;
+                    self.sessions.insert(peer, Session { psk, ..session });
                     loaded += 1;
                 }
                 _ => skipped += 1,

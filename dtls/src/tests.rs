@@ -392,3 +392,159 @@ mod arbitrary_input {
         }
     }
 }
+
+/// Runs a handshake up to the client's last flight (ClientKeyExchange, ChangeCipherSpec,
+/// Finished) and returns that flight undelivered, with the ClientHello that carried the cookie.
+fn handshake_until_last_flight(
+    server: &mut Server,
+    keys: &Keys,
+    client: &mut Client,
+    from: SocketAddr,
+    now: Instant,
+) -> (Vec<u8>, Vec<u8>) {
+    let mut hello = Vec::new();
+    client.start(&mut hello);
+    let mut reply = Vec::new();
+    let mut application = Application::default();
+    server.handle(now, from, &hello, keys, &mut reply, &mut application);
+    let mut hello_with_cookie = Vec::new();
+    client
+        .handle(&reply, &mut hello_with_cookie, &mut application)
+        .unwrap();
+    server.handle(
+        now,
+        from,
+        &hello_with_cookie,
+        keys,
+        &mut reply,
+        &mut application,
+    );
+    let mut last_flight = Vec::new();
+    client
+        .handle(&reply, &mut last_flight, &mut application)
+        .unwrap();
+    assert!(!last_flight.is_empty());
+    (last_flight, hello_with_cookie)
+}
+
+/// RFC 6347 §4.2.8: a ClientHello from the address of an established session (replayed, spoofed
+/// or from another device behind the same NAT port) must not end that session; only a new
+/// handshake that completes with a valid key replaces it.
+#[test]
+fn a_new_handshake_replaces_a_session_only_once_its_finished_verifies() {
+    let keys = keys(&[("id-7", "dev-7", "secret"), ("id-8", "dev-8", "other")]);
+    let now = Instant::now();
+    let mut server = Server::new(ServerConfig::default(), now);
+    let mut device = Client::new(b"id-7", b"secret", &[Suite::Aes128Ccm8]);
+    let (last_flight, hello_with_cookie) =
+        handshake_until_last_flight(&mut server, &keys, &mut device, peer(1), now);
+    let mut reply = Vec::new();
+    let mut application = Application::default();
+    server.handle(
+        now,
+        peer(1),
+        &last_flight,
+        &keys,
+        &mut reply,
+        &mut application,
+    );
+    device
+        .handle(&reply, &mut Vec::new(), &mut application)
+        .unwrap();
+    assert!(device.is_connected());
+
+    // The ClientHello with its valid cookie, replayed: a new handshake, the session stays.
+    server.handle(
+        now,
+        peer(1),
+        &hello_with_cookie,
+        &keys,
+        &mut reply,
+        &mut application,
+    );
+    assert_eq!(server.handshakes_len(), 1);
+    let (_, writer, plaintexts) = send(&mut server, &keys, &mut device, peer(1), now, b"a");
+    assert_eq!(writer.as_deref(), Some("dev-7"));
+    assert_eq!(plaintexts, vec![b"a".to_vec()]);
+
+    // A handshake with a wrong key from the same address fails and leaves the session.
+    let mut intruder = Client::new(b"id-7", b"guess", &[Suite::Aes128Ccm8]);
+    assert_eq!(
+        handshake(&mut server, &keys, &mut intruder, peer(1), now),
+        Err(ClientError::Alert(51))
+    );
+    let (_, writer, _) = send(&mut server, &keys, &mut device, peer(1), now, b"b");
+    assert_eq!(writer.as_deref(), Some("dev-7"));
+
+    // Another device that completes its handshake from that address takes it over; records of
+    // the old session in the same datagram before its Finished still count as the old device's.
+    let mut successor = Client::new(b"id-8", b"other", &[Suite::Aes128GcmSha256]);
+    let (successor_flight, _) =
+        handshake_until_last_flight(&mut server, &keys, &mut successor, peer(1), now);
+    let mut datagram = Vec::new();
+    device.seal(b"c", &mut datagram).unwrap();
+    datagram.extend_from_slice(&successor_flight);
+    let writer = server.handle(now, peer(1), &datagram, &keys, &mut reply, &mut application);
+    assert_eq!(writer.as_deref(), Some("dev-7"));
+    assert_eq!(application.records().collect::<Vec<_>>(), vec![&b"c"[..]]);
+    successor
+        .handle(&reply, &mut Vec::new(), &mut application)
+        .unwrap();
+    assert!(successor.is_connected());
+    assert_eq!(server.sessions_len(), 1);
+    let (_, writer, _) = send(&mut server, &keys, &mut successor, peer(1), now, b"d");
+    assert_eq!(writer.as_deref(), Some("dev-8"));
+    let (_, writer, _) = send(&mut server, &keys, &mut device, peer(1), now, b"e");
+    assert!(writer.is_none(), "the old session ended");
+}
+
+/// A ClientKeyExchange in epoch 0 is not authenticated: from the address of an established
+/// session it must get no answer (it used to get the server's last flight, about three times
+/// its size: an amplifier for anyone who spoofs a device's address).
+#[test]
+fn an_unauthenticated_client_key_exchange_gets_no_answer() {
+    let keys = keys(&[("id-7", "dev-7", "secret")]);
+    let now = Instant::now();
+    let mut server = Server::new(ServerConfig::default(), now);
+    let mut device = Client::new(b"id-7", b"secret", &[Suite::Aes128Ccm8]);
+    handshake(&mut server, &keys, &mut device, peer(1), now).unwrap();
+    let mut message = Vec::new();
+    crate::wire::push_handshake(
+        &mut message,
+        crate::wire::HANDSHAKE_CLIENT_KEY_EXCHANGE,
+        2,
+        &[],
+    );
+    let mut datagram = Vec::new();
+    crate::wire::push_record(
+        &mut datagram,
+        crate::wire::CONTENT_HANDSHAKE,
+        0,
+        9,
+        &message,
+    );
+    let mut reply = Vec::new();
+    let mut application = Application::default();
+    server.handle(now, peer(1), &datagram, &keys, &mut reply, &mut application);
+    assert!(reply.is_empty(), "{} bytes answered", reply.len());
+    assert_eq!(server.sessions_len(), 1);
+}
+
+/// The record version is not covered by the AEAD's additional data as the server computes it
+/// (always DTLS 1.2), so a protected record claiming another version is refused outright.
+#[test]
+fn protected_records_of_another_version_are_refused() {
+    let keys = keys(&[("id-7", "dev-7", "secret")]);
+    let now = Instant::now();
+    let mut server = Server::new(ServerConfig::default(), now);
+    let mut device = Client::new(b"id-7", b"secret", &[Suite::Aes128Ccm8]);
+    handshake(&mut server, &keys, &mut device, peer(1), now).unwrap();
+    let mut datagram = Vec::new();
+    device.seal(b"x", &mut datagram).unwrap();
+    datagram[1..3].copy_from_slice(&crate::wire::DTLS_1_0.to_be_bytes());
+    let mut reply = Vec::new();
+    let mut application = Application::default();
+    let writer = server.handle(now, peer(1), &datagram, &keys, &mut reply, &mut application);
+    assert!(writer.is_none() && application.is_empty());
+    assert_eq!(server.counters().records_malformed, 1);
+}
