@@ -344,10 +344,8 @@ impl Server {
                 }
             }
             // An unauthenticated alert ends a handshake (the client gave up), never a session.
-            wire::CONTENT_ALERT => {
-                if self.handshakes.remove(&peer).is_some() {
-                    self.counters.handshakes_failed += 1;
-                }
+            wire::CONTENT_ALERT if self.handshakes.remove(&peer).is_some() => {
+                self.counters.handshakes_failed += 1;
             }
             // ChangeCipherSpec carries nothing we need: the Finished that follows proves the keys.
             _ => {}
