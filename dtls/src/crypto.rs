@@ -284,15 +284,19 @@ impl ReplayWindow {
         age < 64 && self.seen & (1 << age) == 0
     }
 
-    /// Marks `sequence` seen; call only after the record authenticated.
+    /// Marks `sequence` seen; call only after the record authenticated. A sequence number
+    /// older than the window changes nothing (`is_fresh` refuses it anyway).
     pub fn mark(&mut self, sequence: u64) {
         if sequence >= self.next {
-            let shift = sequence + 1 - self.next;
+            let shift = sequence - self.next + 1;
             self.seen = if shift >= 64 { 0 } else { self.seen << shift };
             self.seen |= 1;
-            self.next = sequence + 1;
+            self.next = sequence.saturating_add(1);
         } else {
-            self.seen |= 1 << (self.next - 1 - sequence);
+            let age = self.next - 1 - sequence;
+            if age < 64 {
+                self.seen |= 1 << age;
+            }
         }
     }
 }
@@ -362,5 +366,18 @@ mod tests {
         window.mark(100);
         assert!(!window.is_fresh(30), "older than the window");
         assert!(window.is_fresh(99));
+        // The edges: 64 back is outside the window, 63 back inside; marking outside is a no-op.
+        assert!(!window.is_fresh(100 - 64));
+        assert!(window.is_fresh(100 - 63));
+        let before = window;
+        window.mark(3);
+        assert_eq!(window, before);
+        window.mark(100 + 64);
+        assert_eq!(
+            window.seen, 1,
+            "a jump of the window's width forgets all of it"
+        );
+        assert!(!window.is_fresh(100), "64 back: outside");
+        assert!(window.is_fresh(101));
     }
 }

@@ -7,7 +7,8 @@
 //!
 //! Handshakes and sessions are two tables: a peer may have both. A new handshake from the address
 //! of an established session leaves the session alone until the new one's Finished verifies
-//! (RFC 6347 §4.2.8), so whoever replays or spoofs a ClientHello cannot end a device's session.
+//! (stricter than RFC 6347 §4.2.8 asks), so whoever replays or spoofs a ClientHello cannot end a
+//! device's session.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -20,6 +21,12 @@ use subtle::ConstantTimeEq;
 use crate::crypto::{self, ReplayWindow, Role, TrafficKeys, KEY_BLOCK_BYTES, MASTER_SECRET_BYTES};
 use crate::wire::{self, ClientHello, Reader, Record};
 use crate::{Application, Psk, PskLookup, Suite};
+
+/// How long one cookie secret makes cookies. A cookie is accepted under the current secret and
+/// the one before, so it is good for one to two of these: long enough for any client's second
+/// ClientHello, short enough that a captured ClientHello cannot be replayed from its address
+/// (to hold handshake slots, or to reset a handshake) for long.
+pub(crate) const COOKIE_SECRET_LIFETIME: Duration = Duration::from_secs(300);
 
 /// Bounds of one server (one shard).
 #[derive(Debug, Clone)]
@@ -149,7 +156,9 @@ impl Session {
 /// The DTLS server of one shard.
 pub struct Server {
     config: ServerConfig,
-    cookie_key: [u8; 32],
+    /// The current cookie secret and the one before it.
+    cookie_keys: [[u8; 32]; 2],
+    cookie_key_made: Instant,
     handshakes: HashMap<SocketAddr, Box<Handshake>, ahash::RandomState>,
     sessions: HashMap<SocketAddr, Session, ahash::RandomState>,
     origin: Instant,
@@ -163,7 +172,8 @@ impl Server {
         config.sessions_max = config.sessions_max.max(1);
         Server {
             config,
-            cookie_key: crypto::random(),
+            cookie_keys: [crypto::random(), crypto::random()],
+            cookie_key_made: now,
             handshakes: HashMap::default(),
             sessions: HashMap::default(),
             origin: now,
@@ -296,13 +306,34 @@ impl Server {
         now.saturating_duration_since(self.origin).as_secs() as u32
     }
 
-    fn cookie(&self, peer: SocketAddr, hello: &ClientHello<'_>) -> [u8; wire::COOKIE_BYTES] {
+    /// Makes a new cookie secret when the current one has served its lifetime.
+    fn rotate_cookie_key(&mut self, now: Instant) {
+        let age = now.saturating_duration_since(self.cookie_key_made);
+        if age < COOKIE_SECRET_LIFETIME {
+            return;
+        }
+        self.cookie_keys[1] = if age < 2 * COOKIE_SECRET_LIFETIME {
+            self.cookie_keys[0]
+        } else {
+            // Both lifetimes are over: cookies of the secret before must not pass either.
+            crypto::random()
+        };
+        self.cookie_keys[0] = crypto::random();
+        self.cookie_key_made = now;
+    }
+
+    fn cookie(
+        &self,
+        key: &[u8; 32],
+        peer: SocketAddr,
+        hello: &ClientHello<'_>,
+    ) -> [u8; wire::COOKIE_BYTES] {
         let address = match peer.ip() {
             IpAddr::V4(ip) => ip.to_ipv6_mapped().octets(),
             IpAddr::V6(ip) => ip.octets(),
         };
         let mac = crypto::hmac(
-            &self.cookie_key,
+            key,
             &[
                 &address,
                 &peer.port().to_be_bytes(),
@@ -364,8 +395,10 @@ impl Server {
             self.counters.records_malformed += 1;
             return;
         };
-        let cookie = self.cookie(peer, &hello);
-        if !bool::from(hello.cookie.ct_eq(&cookie)) {
+        self.rotate_cookie_key(now);
+        let cookie = self.cookie(&self.cookie_keys[0], peer, &hello);
+        let previous = self.cookie(&self.cookie_keys[1], peer, &hello);
+        if !bool::from(hello.cookie.ct_eq(&cookie) | hello.cookie.ct_eq(&previous)) {
             let mut body = Vec::with_capacity(3 + wire::COOKIE_BYTES);
             body.extend_from_slice(&wire::DTLS_1_0.to_be_bytes());
             body.push(wire::COOKIE_BYTES as u8);
@@ -697,8 +730,16 @@ impl Server {
     pub fn export_sessions(&self, out: &mut Vec<u8>) {
         let start = out.len();
         out.extend_from_slice(SESSION_FILE_MAGIC);
-        out.extend_from_slice(&(self.sessions.len() as u32).to_be_bytes());
+        let count_at = out.len();
+        out.extend_from_slice(&[0; 4]);
+        let mut count: u32 = 0;
         for (peer, session) in &self.sessions {
+            // Identities longer than a one-byte length cannot be written: such devices
+            // handshake again (the daemon's credentials allow 128 bytes at most).
+            let Ok(identity_length) = u8::try_from(session.psk.identity.len()) else {
+                continue;
+            };
+            let entry_start = out.len();
             match peer.ip() {
                 IpAddr::V4(ip) => {
                     out.push(4);
@@ -710,9 +751,8 @@ impl Server {
                 }
             }
             out.extend_from_slice(&peer.port().to_be_bytes());
-            out.push(session.psk.identity.len() as u8);
+            out.push(identity_length);
             out.extend_from_slice(&session.psk.identity);
-            out.extend_from_slice(&key_check(&session.psk.key));
             out.extend_from_slice(&session.keys.suite.code().to_be_bytes());
             out.extend_from_slice(&session.keys.block);
             out.extend_from_slice(&session.write_sequence.to_be_bytes());
@@ -721,13 +761,18 @@ impl Server {
             out.extend_from_slice(&session.window.seen.to_be_bytes());
             out.extend_from_slice(&session.server_verify);
             out.extend_from_slice(&session.finished_message_seq.to_be_bytes());
+            let authenticator = session_authenticator(&session.psk.key, &out[entry_start..]);
+            out.extend_from_slice(&authenticator);
+            count += 1;
         }
+        out[count_at..count_at + 4].copy_from_slice(&count.to_be_bytes());
         let checksum = crc32c::crc32c(&out[start..]);
         out.extend_from_slice(&checksum.to_be_bytes());
     }
 
     /// Loads sessions written by [`Server::export_sessions`]. A session whose identity is gone
-    /// from `keys` or whose key changed is skipped. Returns (loaded, skipped).
+    /// from `keys`, or whose authenticator does not verify under the device's current key (the
+    /// key changed, or the file was altered), is skipped. Returns (loaded, skipped).
     pub fn import_sessions(
         &mut self,
         now: Instant,
@@ -753,11 +798,16 @@ impl Server {
         let now_s = self.now_s(now);
         let (mut loaded, mut skipped) = (0, 0);
         for _ in 0..count {
-            let (peer, identity, check, session) =
+            let entry = reader.remaining();
+            let (peer, identity, session) =
                 read_session(&mut reader, now_s).ok_or(SessionFileError::Truncated)?;
+            let entry = &entry[..entry.len() - reader.remaining().len()];
+            let authenticator = reader
+                .bytes(SESSION_AUTHENTICATOR_BYTES)
+                .ok_or(SessionFileError::Truncated)?;
             match keys.lookup(identity) {
                 Some(psk)
-                    if key_check(&psk.key) == check
+                    if bool::from(authenticator.ct_eq(&session_authenticator(&psk.key, entry)))
                         && self.sessions.len() < self.config.sessions_max =>
                 {
                     self.sessions.insert(peer, Session { psk, ..session });
@@ -770,15 +820,17 @@ impl Server {
     }
 }
 
-/// First bytes of a session file, with its format version.
-const SESSION_FILE_MAGIC: &[u8; 8] = b"SLDTLS\x00\x01";
-const KEY_CHECK_BYTES: usize = 8;
+/// First bytes of a session file, with its format version (2: per-session authenticator).
+const SESSION_FILE_MAGIC: &[u8; 8] = b"SLDTLS\x00\x02";
+const SESSION_AUTHENTICATOR_BYTES: usize = 16;
 
-/// Tells whether a device's key is still the one a saved session was made with, without saving
-/// the key.
-fn key_check(key: &[u8]) -> [u8; KEY_CHECK_BYTES] {
-    let mac = crypto::hmac(key, &[b"sluice session key check"]);
-    mac[..KEY_CHECK_BYTES].try_into().expect("8 of 32 bytes")
+/// Binds a saved session to its device's key: only the key's holder can make or change it, and
+/// a session of a key that changed since does not verify. The key itself is not saved.
+fn session_authenticator(key: &[u8], entry: &[u8]) -> [u8; SESSION_AUTHENTICATOR_BYTES] {
+    let mac = crypto::hmac(key, &[b"sluice session", entry]);
+    mac[..SESSION_AUTHENTICATOR_BYTES]
+        .try_into()
+        .expect("16 of 32 bytes")
 }
 
 /// A placeholder credential for a session being read, replaced by the current one.
@@ -793,7 +845,7 @@ fn placeholder_psk() -> Arc<Psk> {
 fn read_session<'a>(
     reader: &mut Reader<'a>,
     now_s: u32,
-) -> Option<(SocketAddr, &'a [u8], [u8; KEY_CHECK_BYTES], Session)> {
+) -> Option<(SocketAddr, &'a [u8], Session)> {
     let ip: IpAddr = match reader.u8()? {
         4 => <[u8; 4]>::try_from(reader.bytes(4)?).ok()?.into(),
         6 => <[u8; 16]>::try_from(reader.bytes(16)?).ok()?.into(),
@@ -801,7 +853,6 @@ fn read_session<'a>(
     };
     let peer = SocketAddr::new(ip, reader.u16()?);
     let identity = reader.vector8()?;
-    let check = reader.bytes(KEY_CHECK_BYTES)?.try_into().ok()?;
     let suite = Suite::from_code(reader.u16()?)?;
     let block: [u8; KEY_BLOCK_BYTES] = reader.bytes(KEY_BLOCK_BYTES)?.try_into().ok()?;
     let mut u64_field = || {
@@ -825,7 +876,7 @@ fn read_session<'a>(
         finished_message_seq,
         last_active_s: now_s,
     };
-    Some((peer, identity, check, session))
+    Some((peer, identity, session))
 }
 
 /// Why a session file was not loaded.

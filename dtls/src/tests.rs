@@ -548,3 +548,77 @@ fn protected_records_of_another_version_are_refused() {
     assert!(writer.is_none() && application.is_empty());
     assert_eq!(server.counters().records_malformed, 1);
 }
+
+/// A cookie is good under the secret that made it and the next one, not after: a captured
+/// ClientHello with its cookie cannot be replayed from the device's address for ever.
+#[test]
+fn cookies_expire_with_their_secret() {
+    let keys = keys(&[("id-7", "dev-7", "secret")]);
+    let start = Instant::now();
+    let mut server = Server::new(ServerConfig::default(), start);
+    let mut client = Client::new(b"id-7", b"secret", &[Suite::Aes128Ccm8]);
+    let mut hello = Vec::new();
+    client.start(&mut hello);
+    let mut reply = Vec::new();
+    let mut application = Application::default();
+    server.handle(start, peer(1), &hello, &keys, &mut reply, &mut application);
+    let mut hello_with_cookie = Vec::new();
+    client
+        .handle(&reply, &mut hello_with_cookie, &mut application)
+        .unwrap();
+    assert_eq!(server.counters().hello_verify_requests, 1);
+
+    // Under the next secret it still passes.
+    let later = start + crate::server::COOKIE_SECRET_LIFETIME + Duration::from_secs(1);
+    server.handle(
+        later,
+        peer(1),
+        &hello_with_cookie,
+        &keys,
+        &mut reply,
+        &mut application,
+    );
+    assert_eq!(server.counters().handshakes_started, 1);
+    assert_eq!(server.counters().hello_verify_requests, 1);
+
+    // Two secrets later it gets a HelloVerifyRequest again, not the handshake's flight.
+    let much_later = later + crate::server::COOKIE_SECRET_LIFETIME;
+    server.handle(
+        much_later,
+        peer(1),
+        &hello_with_cookie,
+        &keys,
+        &mut reply,
+        &mut application,
+    );
+    assert_eq!(server.counters().hello_verify_requests, 2);
+    assert_eq!(reply[13], crate::wire::HANDSHAKE_HELLO_VERIFY_REQUEST);
+}
+
+/// A session file is only a CRC away from any change: a session whose sequence numbers were set
+/// back (so that the server would reuse AEAD nonces) must not be restored.
+#[test]
+fn a_session_altered_in_the_file_is_not_restored() {
+    let keys = keys(&[("id-7", "dev-7", "secret")]);
+    let now = Instant::now();
+    let mut server = Server::new(ServerConfig::default(), now);
+    let mut device = Client::new(b"id-7", b"secret", &[Suite::Aes128Ccm8]);
+    handshake(&mut server, &keys, &mut device, peer(1), now).unwrap();
+    // The server's next epoch-1 write sequence number goes to 300 (0x012c).
+    for _ in 0..299 {
+        assert!(server.seal(peer(1), b"response", &mut Vec::new()));
+    }
+    let mut file = Vec::new();
+    server.export_sessions(&mut file);
+    let written = 300u64.to_be_bytes();
+    let at = file
+        .windows(8)
+        .position(|bytes| bytes == written)
+        .expect("the write sequence number is in the file");
+    file[at..at + 8].copy_from_slice(&1u64.to_be_bytes());
+    let body = file.len() - 4;
+    let checksum = crc32c::crc32c(&file[..body]);
+    file[body..].copy_from_slice(&checksum.to_be_bytes());
+    let mut restarted = Server::new(ServerConfig::default(), now);
+    assert_eq!(restarted.import_sessions(now, &file, &keys), Ok((0, 1)));
+}

@@ -189,6 +189,11 @@ impl<'a> Reader<'a> {
     pub fn is_empty(&self) -> bool {
         self.data.is_empty()
     }
+
+    /// What is left to read.
+    pub fn remaining(&self) -> &'a [u8] {
+        self.data
+    }
 }
 
 /// The fields of a ClientHello a PSK server looks at.
