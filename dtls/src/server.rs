@@ -391,6 +391,11 @@ impl Server {
         message: &wire::Handshake<'_>,
         reply: &mut Vec<u8>,
     ) {
+        if !reply.is_empty() {
+            // One ClientHello answered per datagram: a client sends one; more would only give a
+            // reflector more work and a larger datagram to send to a spoofed address.
+            return;
+        }
         let Some(hello) = ClientHello::parse(message.body) else {
             self.counters.records_malformed += 1;
             return;
@@ -435,6 +440,13 @@ impl Server {
             && self.handshakes.len() >= self.config.handshakes_max
         {
             self.counters.handshakes_refused += 1;
+            return;
+        }
+        // client_version is the highest the client speaks (DTLS versions count down: 1.0 is
+        // 0xfeff, 1.2 0xfefd, 1.3 0xfefc); below 1.2 there is nothing to negotiate.
+        if !(0xfe00..=wire::DTLS_1_2).contains(&hello.version) {
+            push_alert(reply, wire::ALERT_PROTOCOL_VERSION, record_sequence);
+            self.counters.handshakes_failed += 1;
             return;
         }
         let suite = hello.suites().find_map(Suite::from_code);
@@ -595,10 +607,6 @@ impl Server {
             return false;
         }
         let now_s = self.now_s(now);
-        let keyed_handshake = self
-            .handshakes
-            .get(&peer)
-            .is_some_and(|handshake| handshake.keyed.is_some());
         if let Some(session) = self.sessions.get_mut(&peer) {
             let fresh = session.window.is_fresh(record.sequence);
             if fresh
@@ -628,6 +636,10 @@ impl Server {
                 }
                 return false;
             }
+            let keyed_handshake = self
+                .handshakes
+                .get(&peer)
+                .is_some_and(|handshake| handshake.keyed.is_some());
             if !keyed_handshake {
                 if fresh {
                     self.counters.records_forged += 1;

@@ -622,3 +622,74 @@ fn a_session_altered_in_the_file_is_not_restored() {
     let mut restarted = Server::new(ServerConfig::default(), now);
     assert_eq!(restarted.import_sessions(now, &file, &keys), Ok((0, 1)));
 }
+
+/// A datagram of one ClientHello offering `version` at most, TLS_PSK_WITH_AES_128_CCM_8 and
+/// `cookie`, built by hand (the client only speaks DTLS 1.2).
+fn client_hello_datagram(version: u16, cookie: &[u8]) -> Vec<u8> {
+    let mut body = version.to_be_bytes().to_vec();
+    body.extend_from_slice(&[7; 32]);
+    body.push(0);
+    body.push(cookie.len() as u8);
+    body.extend_from_slice(cookie);
+    body.extend_from_slice(&[0, 2, 0xc0, 0xa8, 1, 0]);
+    let mut message = Vec::new();
+    crate::wire::push_handshake(&mut message, crate::wire::HANDSHAKE_CLIENT_HELLO, 0, &body);
+    let mut datagram = Vec::new();
+    crate::wire::push_record(
+        &mut datagram,
+        crate::wire::CONTENT_HANDSHAKE,
+        0,
+        0,
+        &message,
+    );
+    datagram
+}
+
+/// The cookie of a HelloVerifyRequest datagram (record header, handshake header, version,
+/// length).
+fn cookie_of(hello_verify_request: &[u8]) -> Vec<u8> {
+    hello_verify_request[13 + 12 + 3..].to_vec()
+}
+
+/// A client whose highest version is DTLS 1.0 gets a protocol_version alert, not a DTLS 1.2
+/// ServerHello it cannot read (RFC 5246 Appendix E.1).
+#[test]
+fn a_client_below_dtls_1_2_gets_a_protocol_version_alert() {
+    let keys = keys(&[("id-7", "dev-7", "secret")]);
+    let now = Instant::now();
+    let mut server = Server::new(ServerConfig::default(), now);
+    let mut reply = Vec::new();
+    let mut application = Application::default();
+    let dtls_1_0 = crate::wire::DTLS_1_0;
+    let first = client_hello_datagram(dtls_1_0, &[]);
+    server.handle(now, peer(1), &first, &keys, &mut reply, &mut application);
+    let second = client_hello_datagram(dtls_1_0, &cookie_of(&reply));
+    server.handle(now, peer(1), &second, &keys, &mut reply, &mut application);
+    assert_eq!(reply[0], crate::wire::CONTENT_ALERT);
+    assert_eq!(&reply[13..], &[2, 70]);
+    assert_eq!(server.handshakes_len(), 0);
+
+    // DTLS 1.2 (and a client that also speaks 1.3, 0xfefc) gets its ServerHello.
+    for version in [crate::wire::DTLS_1_2, 0xfefc] {
+        let first = client_hello_datagram(version, &[]);
+        server.handle(now, peer(2), &first, &keys, &mut reply, &mut application);
+        let second = client_hello_datagram(version, &cookie_of(&reply));
+        server.handle(now, peer(2), &second, &keys, &mut reply, &mut application);
+        assert_eq!(reply[13], crate::wire::HANDSHAKE_SERVER_HELLO);
+    }
+}
+
+/// Several ClientHellos in one datagram get one HelloVerifyRequest.
+#[test]
+fn one_client_hello_is_answered_per_datagram() {
+    let keys = keys(&[("id-7", "dev-7", "secret")]);
+    let now = Instant::now();
+    let mut server = Server::new(ServerConfig::default(), now);
+    let hello = client_hello_datagram(crate::wire::DTLS_1_2, &[]);
+    let datagram = [&hello[..], &hello, &hello].concat();
+    let mut reply = Vec::new();
+    let mut application = Application::default();
+    server.handle(now, peer(1), &datagram, &keys, &mut reply, &mut application);
+    assert_eq!(reply.len(), 13 + 12 + 3 + crate::wire::COOKIE_BYTES);
+    assert_eq!(server.counters().hello_verify_requests, 1);
+}

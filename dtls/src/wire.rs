@@ -18,6 +18,7 @@ pub const HANDSHAKE_FINISHED: u8 = 20;
 pub const ALERT_LEVEL_FATAL: u8 = 2;
 pub const ALERT_CLOSE_NOTIFY: u8 = 0;
 pub const ALERT_HANDSHAKE_FAILURE: u8 = 40;
+pub const ALERT_PROTOCOL_VERSION: u8 = 70;
 pub const ALERT_DECRYPT_ERROR: u8 = 51;
 
 pub const EXTENSION_EXTENDED_MASTER_SECRET: u16 = 0x0017;
@@ -199,6 +200,8 @@ impl<'a> Reader<'a> {
 /// The fields of a ClientHello a PSK server looks at.
 #[derive(Debug, Clone)]
 pub struct ClientHello<'a> {
+    /// client_version: the highest version the client speaks.
+    pub version: u16,
     pub random: &'a [u8],
     pub cookie: &'a [u8],
     pub cipher_suites: &'a [u8],
@@ -213,7 +216,7 @@ pub struct ClientHello<'a> {
 impl<'a> ClientHello<'a> {
     pub fn parse(body: &'a [u8]) -> Option<Self> {
         let mut reader = Reader::new(body);
-        let _client_version = reader.u16()?;
+        let version = reader.u16()?;
         let random = reader.bytes(RANDOM_BYTES)?;
         let _session_id = reader.vector8()?;
         let before_cookie = &body[..body.len() - reader.data.len()];
@@ -230,6 +233,7 @@ impl<'a> ClientHello<'a> {
             reader.vector16()?
         };
         Some(ClientHello {
+            version,
             random,
             cookie,
             cipher_suites,
