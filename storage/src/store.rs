@@ -655,6 +655,8 @@ pub(crate) fn recover_shard(
         report,
         running_index: 0,
         exchanges,
+        block_series: Vec::new(),
+        block_touched: Vec::new(),
     };
     // The greatest commit_seq of any segment frame: the shard's last commit.
     let mut last_commit: Option<u64> = None;
@@ -796,6 +798,12 @@ struct Applier<'a> {
     /// their positions in the commit did.
     running_index: u64,
     exchanges: &'a mut Vec<ExchangeRecord>,
+    /// Per known series id (indexed by id, as long as the dictionary's id range), for the
+    /// block being applied: points, greatest time and the position of the latest record (ties
+    /// to the later one). Reused across blocks.
+    block_series: Vec<(u64, f64, usize)>,
+    /// Ids with an entry in `block_series` for the current block (at most `BLOCK_RECORDS_MAX`).
+    block_touched: Vec<u32>,
 }
 
 impl Applier<'_> {
@@ -820,24 +828,43 @@ impl Applier<'_> {
         }
         format::with_aligned(payload, |payload| {
             let block = format::access_block(payload).map_err(corrupt)?;
-            for ((id, time), value) in block
-                .series
-                .iter()
-                .zip(block.times.iter())
-                .zip(block.values.iter())
-            {
-                self.running_index += 1;
-                let summary = &mut *self.summary;
-                summary.id_floor = summary.id_floor.max(id.to_native().saturating_add(1));
+            // The summary is updated once per series of the block, not once per record.
+            let summary = &mut *self.summary;
+            let known_ids = summary.names.len();
+            self.block_series
+                .resize(known_ids, (0, f64::NEG_INFINITY, 0));
+            for (position, (id, time)) in block.series.iter().zip(block.times.iter()).enumerate() {
+                let id = id.to_native();
+                summary.id_floor = summary.id_floor.max(id.saturating_add(1));
+                let Some(entry) = self.block_series.get_mut(id as usize) else {
+                    self.report.unknown_series_points += 1;
+                    continue;
+                };
+                if entry.0 == 0 {
+                    self.block_touched.push(id);
+                }
+                let time = time.to_native();
+                entry.0 += 1;
+                if time >= entry.1 {
+                    entry.1 = time;
+                    entry.2 = position;
+                }
+            }
+            let first_index = self.running_index + 1;
+            self.running_index += block.series.len() as u64;
+            for id in self.block_touched.drain(..) {
+                let entry = &mut self.block_series[id as usize];
+                let (count, time, position) = *entry;
+                *entry = (0, f64::NEG_INFINITY, 0);
                 let known = summary.apply(
-                    id.to_native(),
-                    1,
-                    time.to_native(),
-                    (commit_seq, self.running_index),
-                    || archived_value(value),
+                    id,
+                    count,
+                    time,
+                    (commit_seq, first_index + position as u64),
+                    || archived_value(&block.values[position]),
                 );
                 if !known {
-                    self.report.unknown_series_points += 1;
+                    self.report.unknown_series_points += count;
                 }
             }
             Ok::<(), StoreError>(())
