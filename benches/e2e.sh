@@ -247,6 +247,53 @@ measure_sluiced() {
     echo "$rpd" >"$WORK/$name.rpd"
 }
 
+# CoAPS: one sluiced with plain CoAP and CoAPS (a generated credentials file of the measured
+# devices `dev-NNNN` and the warm-up devices `warm-NNNN`); the same devices and load shape first
+# in plain CoAP ($1, names dev-NNNN), then over DTLS ($2, every device handshaken before its run).
+# $3 = durability, the rest = load arguments.
+measure_coaps() {
+    local plain=$1 dtls=$2 durability=$3
+    shift 3
+    local coap coaps http pid dir=$WORK/$dtls devices=100 prev=""
+    for arg in "$@"; do
+        [[ $prev == --devices ]] && devices=$arg
+        prev=$arg
+    done
+    mkdir -p "$dir"
+    "$SLUICE" load --gen-credentials "$devices" --device-prefix dev- >"$dir/devices.toml"
+    "$SLUICE" load --gen-credentials "$devices" --device-prefix warm- >"$dir/warm.toml"
+    cat "$dir/devices.toml" "$dir/warm.toml" >"$dir/credentials.toml"
+    chmod 600 "$dir/credentials.toml"
+    coap=$(free_port)
+    coaps=$(free_port)
+    http=$(free_port)
+    "$SLUICED" --data-dir "$dir/data" --coap "127.0.0.1:$coap" --coaps "127.0.0.1:$coaps" \
+        --credentials "$dir/credentials.toml" --http "127.0.0.1:$http" \
+        --durability "$durability" >"$dir/sluiced.log" 2>&1 &
+    pid=$!
+    PIDS+=("$pid")
+    wait_ready "$pid" "$http" "$dir/sluiced.log"
+    local name target before after
+    for name in "$plain" "$dtls"; do
+        if [[ $name == "$plain" ]]; then
+            warm_up "$name" --target "127.0.0.1:$coap" "$@"
+            target=(--target "127.0.0.1:$coap" --device-prefix dev-)
+        else
+            warm_up "$name" --target "127.0.0.1:$coaps" --dtls --credentials "$dir/warm.toml" "$@"
+            target=(--target "127.0.0.1:$coaps" --dtls --credentials "$dir/devices.toml")
+        fi
+        before=$(points_stored "$http")
+        server_cpu "$name" "$pid" start
+        run_load "$name" "${target[@]}" "$@"
+        server_cpu "$name" "$pid" end
+        after=$(points_stored "$http")
+        echo $((after - before)) >"$WORK/$name.stored"
+        echo 1 >"$WORK/$name.rpd"
+    done
+    curl -sf --max-time 5 "http://127.0.0.1:$http/metrics" >"$dir/metrics.txt" || true
+    stop "$pid"
+}
+
 if [[ ${SLUICE_E2E_NO_BUILD:-0} != 1 ]]; then
     log "building release binaries"
     # The root package is the workspace's only default member: name the packages.
@@ -263,6 +310,8 @@ measure_sluiced os_con os --devices 100 --window 1 --mode con
 measure_sluiced fsync_non fsync --devices 100 --window 4 --mode non
 measure_sluiced fsync_rkyv64 fsync --devices 20 --window 2 --mode con \
     --format rkyv --records-per-datagram 64
+measure_coaps coap_fsync coaps_fsync fsync --devices 100 --window 1 --mode con
+measure_coaps coap_os coaps_os os --devices 100 --window 1 --mode con
 # libcoap again, last: how much the machine's load drifted during the run.
 measure_libcoap libcoap_again
 
@@ -299,6 +348,10 @@ row fsync_con "sluiced fsync, CON, 100 dev × 1"
 row os_con "sluiced os, CON, 100 dev × 1"
 row fsync_non "sluiced fsync, NON, 100 dev × 4"
 row fsync_rkyv64 "sluiced fsync, CON rkyv × 64 records, 20 dev × 2"
+row coap_fsync "sluiced fsync, CON, 100 dev × 1 (plain CoAP, daemon shared with the next row)"
+row coaps_fsync "sluiced fsync, **CoAPS** CON (DTLS PSK, CCM_8), 100 dev × 1"
+row coap_os "sluiced os, CON, 100 dev × 1 (plain CoAP, daemon shared with the next row)"
+row coaps_os "sluiced os, **CoAPS** CON (DTLS PSK, CCM_8), 100 dev × 1"
 row libcoap_again "libcoap coap-server-notls again (drift check)"
 echo
 
@@ -309,3 +362,14 @@ if jq -en --argjson a "$fsync" --argjson b "$base" --argjson c "$again" '$a >= $
 else
     echo "Target (sluiced fsync CON req/s ≥ libcoap's, both libcoap runs of this run): **not met**."
 fi
+
+# CoAPS against plain CoAP, same daemon, same devices, same run (target: at least 0.60).
+for durability in fsync os; do
+    ratio=$(awk -v d="$(jq -r '.rate' "$WORK/coaps_$durability.json")" \
+        -v p="$(jq -r '.rate' "$WORK/coap_$durability.json")" 'BEGIN {printf "%.2f", d / p}')
+    handshakes=$(grep -o 'DTLS: [0-9]* handshakes in [0-9.]* s' "$WORK/coaps_$durability.err" || true)
+    met="not met"
+    jq -en --argjson r "$ratio" '$r >= 0.6' >/dev/null && met=met
+    echo
+    echo "CoAPS / plain CoAP CON req/s, $durability: **$ratio** (target ≥ 0.60: **$met**; $handshakes before the run)."
+done
