@@ -174,3 +174,56 @@ fn a_key_the_server_does_not_hold_fails_the_handshake_before_the_run() {
     assert_eq!(daemon.metric("sluice_dtls_handshakes_failed_total"), 1.0);
     assert_eq!(daemon.metric("sluice_points_stored_total"), 0.0);
 }
+
+#[test]
+fn a_dtls_recording_replayed_over_dtls_stores_the_same_readings() {
+    let dir = tempfile::tempdir().unwrap();
+    let credentials = dir.path().join("credentials.toml");
+    gen_credentials(&credentials, 4, "rep-");
+    let capture = dir.path().join("run.pcap");
+    let (original, original_coaps) = start(&credentials, &dir.path().join("original"));
+    let output = load_dtls(
+        original_coaps,
+        &credentials,
+        &[
+            "--devices",
+            "4",
+            "--count",
+            "100",
+            "--record",
+            capture.to_str().unwrap(),
+        ],
+    );
+    assert!(output.status.success(), "load --dtls: {}", stderr(&output));
+
+    let (copy, copy_coaps) = start(&credentials, &dir.path().join("copy"));
+    let output = sluice(&[
+        "replay",
+        capture.to_str().unwrap(),
+        "--target",
+        &copy_coaps.to_string(),
+        "--dtls",
+        "--credentials",
+        credentials.to_str().unwrap(),
+        "--max",
+        "--json",
+        "--quiet",
+    ]);
+    assert!(
+        output.status.success(),
+        "replay --dtls: {}",
+        stderr(&output)
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let report: Json = serde_json::from_str(stdout.lines().last().expect("a JSON line")).unwrap();
+    assert_eq!(report["acknowledged"], 100, "{report}");
+    assert_eq!(report["responses"]["2.04"], 100, "{report}");
+
+    let listed = original.get_json("/v1/devices")["devices"].clone();
+    assert_eq!(listed.as_array().unwrap().len(), 4, "{listed}");
+    assert_eq!(listed, copy.get_json("/v1/devices")["devices"]);
+    assert_eq!(
+        original.points("rep-0001", "temperature"),
+        copy.points("rep-0001", "temperature")
+    );
+}

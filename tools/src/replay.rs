@@ -18,6 +18,8 @@ use anyhow::{bail, Context};
 use clap::Args;
 
 use crate::capture;
+use crate::credentials;
+use crate::dtls::DtlsUdp;
 use crate::fleet::{self, Fleet, PlainUdp, ProgressTotal, Settings, Transport};
 
 /// RFC 7252 §4.8.2 EXCHANGE_LIFETIME: a Message ID repeated by the same source within this time
@@ -56,6 +58,14 @@ pub struct ReplayArgs {
     /// End with one JSON line of the results (the same as `sluice load --json`)
     #[arg(long)]
     json: bool,
+    /// CoAPS: each source handshakes DTLS 1.2 PSK before the replay, with the identity and key of
+    /// one `--credentials` entry
+    #[arg(long, requires = "credentials")]
+    dtls: bool,
+    /// Credentials file (docs/credentials.md) for --dtls: the i-th source of the capture (in
+    /// order of its first request) uses the i-th enabled entry
+    #[arg(long, requires = "dtls")]
+    credentials: Option<PathBuf>,
 }
 
 struct Pending {
@@ -150,9 +160,27 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<()> {
         bail!("{}: no CoAP requests to replay", args.file.display());
     }
 
+    let entries = match &args.credentials {
+        Some(path) => {
+            let entries = credentials::read(path)?;
+            if entries.len() < destinations.len() {
+                bail!(
+                    "--credentials: {} has {} enabled devices, fewer than the {} sources of the capture",
+                    path.display(),
+                    entries.len(),
+                    destinations.len()
+                );
+            }
+            entries
+        }
+        None => Vec::new(),
+    };
     let mut transports: Vec<Box<dyn Transport>> = Vec::with_capacity(queues.len());
-    for destination in &destinations {
-        transports.push(Box::new(PlainUdp::connect(*destination)?));
+    for (index, destination) in destinations.iter().enumerate() {
+        transports.push(match entries.get(index) {
+            Some(entry) => Box::new(DtlsUdp::connect(*destination, entry)?),
+            None => Box::new(PlainUdp::connect(*destination)?),
+        });
     }
     let settings = Settings {
         ack_timeout: Duration::from_millis(args.ack_timeout_ms.max(1)),
