@@ -6,7 +6,7 @@
 
 use std::io::Write as _;
 use std::net::{SocketAddr, UdpSocket};
-use std::os::unix::fs::OpenOptionsExt as _;
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -69,9 +69,7 @@ impl Coaps {
         let now = Instant::now();
         let credentials = shared.current();
         let mut server = Server::new(ServerConfig::default(), now);
-        if let Ok(bytes) = std::fs::read(&session_file) {
-            // Deleted at once: a crash later must not bring back sequence numbers already used.
-            let _ = std::fs::remove_file(&session_file);
+        if let Some(bytes) = take_session_file(&session_file, shard) {
             match server.import_sessions(now, &bytes, &*credentials) {
                 Ok((loaded, skipped)) => {
                     tracing::info!(shard, loaded, skipped, "DTLS sessions restored")
@@ -157,17 +155,7 @@ impl Coaps {
     pub fn save_sessions(&self, shard: usize) {
         let mut bytes = Vec::new();
         self.server.export_sessions(&mut bytes);
-        let written = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&self.session_file)
-            .and_then(|mut file| {
-                file.write_all(&bytes)?;
-                file.sync_all()
-            });
-        match written {
+        match write_session_file(&self.session_file, &bytes) {
             Ok(()) => tracing::info!(
                 shard,
                 sessions = self.server.sessions_len(),
@@ -178,6 +166,39 @@ impl Coaps {
             }
         }
     }
+}
+
+/// Reads the session file and deletes it. None when there is none, when it cannot be deleted (a
+/// crash later would restore sequence numbers already used, and the server would reuse AEAD
+/// nonces), or when others than the daemon's user could read it (its keys may be known).
+fn take_session_file(path: &Path, shard: usize) -> Option<Vec<u8>> {
+    let bytes = std::fs::read(path).ok()?;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode();
+    if let Err(error) = std::fs::remove_file(path) {
+        tracing::warn!(shard, %error, file = %path.display(), "DTLS sessions not restored: the session file cannot be deleted");
+        return None;
+    }
+    if mode & 0o077 != 0 {
+        tracing::warn!(shard, mode = format!("{:o}", mode & 0o777), file = %path.display(), "DTLS sessions not restored: the session file was readable by others");
+        return None;
+    }
+    Some(bytes)
+}
+
+/// Writes a new session file, mode 0600: whatever was at the path before (a file with another
+/// mode, a symbolic link) is removed, and the new file is created, never opened.
+fn write_session_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(error),
+        _ => {}
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
 }
 
 /// Adds the CoAPS endpoint's counters to the plain one's, so `/metrics` counts requests and
@@ -204,4 +225,56 @@ pub fn add_counters(total: &mut Counters, more: &Counters) {
     total.block1_continues += more.block1_continues;
     total.block1_timeouts += more.block1_timeouts;
     total.dedup_evictions += more.dedup_evictions;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("sluice-coaps-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_session_file_is_written_0600_over_whatever_was_there() {
+        let dir = scratch_dir("write");
+        let path = dir.join("dtls-sessions-0-of-1.bin");
+        std::fs::write(&path, b"old").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        write_session_file(&path, b"new").unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+
+        // A symbolic link at the path is replaced, not written through.
+        let target = dir.join("elsewhere");
+        std::fs::write(&target, b"untouched").unwrap();
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        write_session_file(&path, b"new").unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"untouched");
+        assert_eq!(std::fs::read(&path).unwrap(), b"new");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_session_file_is_taken_once_and_only_if_private() {
+        let dir = scratch_dir("take");
+        let path = dir.join("dtls-sessions-0-of-1.bin");
+        write_session_file(&path, b"sessions").unwrap();
+        assert_eq!(
+            take_session_file(&path, 0).as_deref(),
+            Some(&b"sessions"[..])
+        );
+        assert!(!path.exists(), "deleted when taken");
+        assert_eq!(take_session_file(&path, 0), None);
+
+        std::fs::write(&path, b"sessions").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(take_session_file(&path, 0), None, "readable by others");
+        assert!(!path.exists(), "deleted all the same");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
