@@ -278,8 +278,13 @@ fn handshakes_time_out() {
 }
 
 /// The datagrams of a handshake with `server` from `from`, in order (the first ClientHello, the one
-/// with the cookie, the client's last flight), and two application records if it completed.
-fn recorded_datagrams(server: &mut Server, keys: &Keys, from: SocketAddr) -> Vec<Vec<u8>> {
+/// with the cookie, the client's last flight), and two application records if it completed; and
+/// the client.
+fn recorded_datagrams(
+    server: &mut Server,
+    keys: &Keys,
+    from: SocketAddr,
+) -> (Vec<Vec<u8>>, Client) {
     let now = Instant::now();
     let mut client = Client::new(b"id-7", b"secret", &[Suite::Aes128Ccm8]);
     let mut datagrams = Vec::new();
@@ -304,7 +309,7 @@ fn recorded_datagrams(server: &mut Server, keys: &Keys, from: SocketAddr) -> Vec
             datagrams.push(record);
         }
     }
-    datagrams
+    (datagrams, client)
 }
 
 mod arbitrary_input {
@@ -342,8 +347,9 @@ mod arbitrary_input {
         #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
         /// Whatever arrives, from whichever of two addresses, in whatever order: no panic, the
-        /// tables stay within their bounds, and a peer the server holds no state for never gets
-        /// back more bytes than it sent.
+        /// tables stay within their bounds, a peer the server holds no state for never gets
+        /// back more bytes than it sent, and the device's established session survives all of
+        /// it (nothing sent without its keys can end it).
         #[test]
         fn arbitrary_and_mutated_datagrams_never_panic_or_amplify(
             sessions_max in 0..3usize,
@@ -355,7 +361,7 @@ mod arbitrary_input {
             let config = ServerConfig { sessions_max, handshakes_max, ..ServerConfig::default() };
             let mut server = Server::new(config, start);
             // Recorded against this server, so that its cookies are valid here.
-            let recorded = recorded_datagrams(&mut server, &keys, peer(1));
+            let (recorded, mut device) = recorded_datagrams(&mut server, &keys, peer(1));
             let mut reply = Vec::new();
             let mut application = Application::default();
             let mut now = start;
@@ -388,6 +394,12 @@ mod arbitrary_input {
                 if stateless {
                     prop_assert!(reply.len() <= datagram.len(), "amplification");
                 }
+            }
+            if device.is_connected() {
+                let (_, writer, plaintexts) =
+                    send(&mut server, &keys, &mut device, peer(1), now, b"still here");
+                prop_assert_eq!(writer.as_deref(), Some("dev-7"));
+                prop_assert_eq!(plaintexts, vec![b"still here".to_vec()]);
             }
         }
     }
