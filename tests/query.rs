@@ -133,6 +133,15 @@ fn series_answers_raw_bucketed_several_names_in_json_csv_and_ndjson() {
             T0 + 185
         )
     );
+    let above = json(&get(
+        &daemon,
+        "/v1/series?device=dev-s&name=temp&above=2",
+        None,
+    ));
+    assert_eq!(
+        above["points"],
+        serde_json::json!([[t(61), 4.0], [t(185), 8.0]])
+    );
     let ndjson = get(
         &daemon,
         "/v1/series?device=dev-s&name=hum&format=ndjson",

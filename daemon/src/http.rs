@@ -386,10 +386,12 @@ struct SeriesQuery {
     format: Format,
     limit: Option<usize>,
     cursor: Option<Cursor>,
+    /// Only numeric points greater than this (before any bucketing).
+    above: Option<f64>,
 }
 
-const SERIES_PARAMETERS: [&str; 9] = [
-    "device", "name", "from", "to", "step", "agg", "format", "limit", "cursor",
+const SERIES_PARAMETERS: [&str; 10] = [
+    "device", "name", "from", "to", "step", "agg", "format", "limit", "cursor", "above",
 ];
 
 fn parse_series_query(params: &Params, now: f64) -> Result<SeriesQuery, String> {
@@ -460,6 +462,13 @@ fn parse_series_query(params: &Params, now: f64) -> Result<SeriesQuery, String> 
                 .ok_or_else(|| format!("`cursor`: `{text}` is not a cursor of this query"))
         })
         .transpose()?;
+    let above = params
+        .get("above")
+        .map(|text| match text.parse::<f64>() {
+            Ok(value) if value.is_finite() => Ok(value),
+            _ => Err(format!("`above`: `{text}` is not a number")),
+        })
+        .transpose()?;
     Ok(SeriesQuery {
         device,
         names,
@@ -469,6 +478,7 @@ fn parse_series_query(params: &Params, now: f64) -> Result<SeriesQuery, String> 
         format,
         limit: params.limit()?,
         cursor,
+        above,
     })
 }
 
@@ -796,6 +806,9 @@ fn next_link(query: &SeriesQuery, cursor: Cursor) -> String {
     if let Some((step, agg)) = query.bucket {
         link.push_str(&format!("&step={step}&agg={}", agg.name()));
     }
+    if let Some(above) = query.above {
+        link.push_str(&format!("&above={above}"));
+    }
     let format = match query.format {
         Format::Json => "json",
         Format::Csv => "csv",
@@ -1052,6 +1065,11 @@ fn write_series(
         if let Some(mut scan) = reader.scan(&query.device, name, from, query.to) {
             while let Some(chunk) = scan.next_chunk()? {
                 for (time, value) in chunk {
+                    if let Some(threshold) = query.above {
+                        if !matches!(value, Value::Number(n) if n > threshold) {
+                            continue;
+                        }
+                    }
                     let point = match query.bucket {
                         None => Some((time, value)),
                         Some((step, agg)) => {
@@ -1181,6 +1199,7 @@ mod tests {
         assert!(err("device=d&name=t&limit=0").contains("`limit`"));
         assert!(err("device=d&name=t&limit=many").contains("`limit`"));
         assert!(err("device=d&name=t&cursor=zzz").contains("`cursor`"));
+        assert!(err("device=d&name=t&above=high").contains("`above`"));
         assert!(err("device=d&device=e&name=t").contains("`device`"));
         assert!(err("device=d&name=t&name=t").contains("`name`"));
     }
