@@ -162,6 +162,12 @@ fn run(mut config: Config) -> anyhow::Result<()> {
         .transpose()?;
 
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    // No Nagle delay: a streamed answer's last small chunk must not wait for the client's ACK.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::debug!(%error, "cannot set TCP_NODELAY");
+        }
+    });
     let server = axum::serve(listener, http::router(state.clone())).with_graceful_shutdown(async {
         let _ = http_stopped.await;
     });
