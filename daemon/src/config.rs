@@ -58,6 +58,12 @@ pub struct Options {
     #[arg(long, env = "SLUICE_PARTITION", value_name = "DURATION")]
     pub partition: Option<String>,
 
+    /// How long after its window ends a partition still takes writes before it is sealed
+    /// (immutable, indexed); later readings are still stored, in a late segment [default: a
+    /// quarter of --partition]
+    #[arg(long, env = "SLUICE_PARTITION_GRACE", value_name = "DURATION")]
+    pub partition_grace: Option<String>,
+
     /// Drop partitions whose window ended longer ago than this, e.g. 30d, or `keep` [default: keep]
     #[arg(long, env = "SLUICE_RETENTION", value_name = "DURATION")]
     pub retention: Option<String>,
@@ -91,6 +97,8 @@ pub struct Config {
     pub shards: usize,
     pub durability: DurabilityMode,
     pub partition: Duration,
+    /// How long after its window a partition is sealed.
+    pub partition_grace: Duration,
     /// Partitions whose window ended longer ago than this are dropped; None keeps everything.
     pub retention: Option<Duration>,
     pub log_format: LogFormat,
@@ -144,6 +152,16 @@ impl Options {
         if partition.as_secs() == 0 || partition.subsec_nanos() != 0 {
             bail!("--partition: must be a whole number of seconds, at least 1s");
         }
+        let partition_grace = match self.partition_grace.as_deref() {
+            None => Duration::from_secs(partition.as_secs() / 4),
+            Some(text) => {
+                let grace = parse_duration("--partition-grace", text)?;
+                if grace.subsec_nanos() != 0 {
+                    bail!("--partition-grace: must be a whole number of seconds");
+                }
+                grace
+            }
+        };
         let retention = match self.retention.as_deref() {
             None | Some("keep") => None,
             Some(text) => {
@@ -164,6 +182,7 @@ impl Options {
             shards,
             durability: self.durability.unwrap_or(DurabilityMode::Fsync),
             partition,
+            partition_grace,
             retention,
             log_format: self.log_format.unwrap_or(LogFormat::Text),
         })
@@ -182,6 +201,7 @@ impl Options {
             shards,
             durability,
             partition,
+            partition_grace,
             retention,
             log_format
         );
@@ -277,6 +297,15 @@ mod tests {
         assert!(options(&["--credentials", "/nonexistent/credentials.toml"])
             .resolve()
             .is_err());
+    }
+
+    #[test]
+    fn partition_grace_defaults_to_a_quarter_of_the_partition() {
+        let config = options(&["--partition", "1h"]).resolve().unwrap();
+        assert_eq!(config.partition_grace, Duration::from_secs(900));
+        let config = options(&["--partition-grace", "2h"]).resolve().unwrap();
+        assert_eq!(config.partition_grace, Duration::from_secs(7200));
+        assert!(options(&["--partition-grace", "1.5s"]).resolve().is_err());
     }
 
     #[test]

@@ -60,6 +60,7 @@ fn run(mut config: Config) -> anyhow::Result<()> {
     let (store, recovery) = Store::open(StoreConfig {
         dir: config.data_dir.clone(),
         partition_secs: config.partition.as_secs(),
+        partition_grace_secs: config.partition_grace.as_secs(),
         durability: match config.durability {
             DurabilityMode::Fsync => Durability::Fsync,
             DurabilityMode::Os => Durability::Os,

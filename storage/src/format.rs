@@ -12,6 +12,7 @@ pub const FORMAT_VERSION: u32 = 2;
 
 pub const SEGMENT_MAGIC: [u8; 8] = *b"SLUICESG";
 pub const DICTIONARY_MAGIC: [u8; 8] = *b"SLUICEDI";
+pub const SEAL_MAGIC: [u8; 8] = *b"SLUICESX";
 
 /// File header: magic 0..8, version 8..12, shard 12..16, window_start 16..24,
 /// partition_secs 24..32, seq 32..40, reserved 40..44, header_crc 44..48.
@@ -60,6 +61,8 @@ const _: () = assert!(core::mem::align_of::<rkyv::Archived<u32>>() == 4);
 pub enum FileKind {
     Segment,
     Dictionary,
+    /// A segment's seal index (no frames).
+    Seal,
 }
 
 impl FileKind {
@@ -67,6 +70,7 @@ impl FileKind {
         match self {
             FileKind::Segment => SEGMENT_MAGIC,
             FileKind::Dictionary => DICTIONARY_MAGIC,
+            FileKind::Seal => SEAL_MAGIC,
         }
     }
     /// The kind of frame a magic announces, if this file kind holds such frames.
@@ -656,4 +660,102 @@ mod tests {
                       40e0ffffff01000000e0ffffff01000000e0ffffff01000000";
         assert_eq!(hex, pinned.replace(' ', ""));
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Seal file (docs/storage-format.md, "Seal file")
+
+/// Fixed part of a seal file after the file header.
+const SEAL_FIXED_BYTES: usize = 32;
+/// Bytes of one block entry in a seal file.
+const SEAL_BLOCK_BYTES: usize = 32;
+
+/// A sealed segment's index.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SealIndex {
+    pub segment_len: u64,
+    pub min_time: f64,
+    pub max_time: f64,
+    /// Series ids present, ascending.
+    pub series: Vec<u32>,
+    /// (payload_offset, payload_len, count, min_time, max_time) per block, in file order.
+    pub blocks: Vec<(u64, u32, u32, f64, f64)>,
+}
+
+pub fn encode_seal(header: &FileHeader, index: &SealIndex) -> Vec<u8> {
+    let mut out = Vec::with_capacity(
+        FILE_HEADER_BYTES
+            + SEAL_FIXED_BYTES
+            + 4 * index.series.len()
+            + SEAL_BLOCK_BYTES * index.blocks.len()
+            + 4,
+    );
+    out.extend_from_slice(&header.encode());
+    out.extend_from_slice(&index.segment_len.to_le_bytes());
+    out.extend_from_slice(&index.min_time.to_le_bytes());
+    out.extend_from_slice(&index.max_time.to_le_bytes());
+    out.extend_from_slice(&(index.series.len() as u32).to_le_bytes());
+    out.extend_from_slice(&(index.blocks.len() as u32).to_le_bytes());
+    for id in &index.series {
+        out.extend_from_slice(&id.to_le_bytes());
+    }
+    for &(offset, len, count, min_time, max_time) in &index.blocks {
+        out.extend_from_slice(&offset.to_le_bytes());
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&count.to_le_bytes());
+        out.extend_from_slice(&min_time.to_le_bytes());
+        out.extend_from_slice(&max_time.to_le_bytes());
+    }
+    let crc = crc32c::crc32c(&out[FILE_HEADER_BYTES..]);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out
+}
+
+pub fn decode_seal(bytes: &[u8]) -> Result<(FileHeader, SealIndex), String> {
+    let header = FileHeader::decode(bytes, FileKind::Seal)?;
+    let body = &bytes[FILE_HEADER_BYTES..];
+    if body.len() < SEAL_FIXED_BYTES + 4 {
+        return Err("seal file is cut short".to_string());
+    }
+    let (body, crc) = body.split_at(body.len() - 4);
+    if crc32c::crc32c(body) != read_u32(crc, 0) {
+        return Err("seal checksum mismatch".to_string());
+    }
+    let series_count = read_u32(body, 24) as usize;
+    let block_count = read_u32(body, 28) as usize;
+    let expected = series_count
+        .checked_mul(4)
+        .and_then(|series| {
+            block_count
+                .checked_mul(SEAL_BLOCK_BYTES)?
+                .checked_add(series)
+        })
+        .and_then(|lists| lists.checked_add(SEAL_FIXED_BYTES));
+    if expected != Some(body.len()) {
+        return Err("seal file length does not match its counts".to_string());
+    }
+    let series = (0..series_count)
+        .map(|i| read_u32(body, SEAL_FIXED_BYTES + 4 * i))
+        .collect();
+    let blocks_at = SEAL_FIXED_BYTES + 4 * series_count;
+    let blocks = (0..block_count)
+        .map(|i| {
+            let at = blocks_at + SEAL_BLOCK_BYTES * i;
+            (
+                read_u64(body, at),
+                read_u32(body, at + 8),
+                read_u32(body, at + 12),
+                f64::from_bits(read_u64(body, at + 16)),
+                f64::from_bits(read_u64(body, at + 24)),
+            )
+        })
+        .collect();
+    let index = SealIndex {
+        segment_len: read_u64(body, 0),
+        min_time: f64::from_bits(read_u64(body, 8)),
+        max_time: f64::from_bits(read_u64(body, 16)),
+        series,
+        blocks,
+    };
+    Ok((header, index))
 }

@@ -60,6 +60,9 @@ pub struct StoreConfig {
     pub dir: PathBuf,
     /// Width of a time partition in seconds (> 0).
     pub partition_secs: u64,
+    /// How long after its window ends a partition still takes writes before it is sealed
+    /// (docs/storage-format.md, "Sealing").
+    pub partition_grace_secs: u64,
     pub durability: Durability,
 }
 
@@ -158,6 +161,8 @@ pub struct RecoveryReport {
     pub commits_rolled_back: u64,
     /// Exchange records of complete commits found.
     pub exchanges: u64,
+    /// Seal files that did not match their segment (removed; the segment is sealed again).
+    pub seals_discarded: u64,
 }
 
 impl std::fmt::Display for RecoveryReport {

@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 
 use memmap2::Mmap;
 use rkyv::util::AlignedVec;
@@ -36,6 +36,16 @@ pub(crate) fn segment_path(shard_dir: &Path, window_start: i64, seq: u64) -> Pat
         .join(format!("segment-{seq}.seg"))
 }
 
+/// The seal file of a segment (`segment-<seq>.seal` next to it).
+pub(crate) fn seal_path(segment: &Path) -> PathBuf {
+    segment.with_extension("seal")
+}
+
+/// Where a seal is written before the rename that makes it the seal.
+pub(crate) fn seal_tmp_path(segment: &Path) -> PathBuf {
+    segment.with_extension("seal.tmp")
+}
+
 /// Locks a mutex, recovering the data if a thread panicked while holding it (the summary and
 /// catalog are only changed by complete, non-panicking updates).
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -44,7 +54,7 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn read_lock<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+pub(crate) fn read_lock<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
     lock.read().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
@@ -74,6 +84,10 @@ pub(crate) struct SegmentShared {
     pub blocks: RwLock<Vec<BlockMeta>>,
     /// Set when retention dropped the segment (its file is gone or going).
     pub dropped: AtomicBool,
+    /// Set when the segment is sealed (immutable): the series ids present, ascending.
+    pub sealed: OnceLock<Vec<u32>>,
+    /// Wall-clock unix seconds of the last commit that wrote to it in this process (0: none).
+    pub last_write_unix_s: AtomicU64,
     map: Mutex<Option<Arc<Mmap>>>,
 }
 
@@ -94,12 +108,14 @@ impl SegmentShared {
             published_len: AtomicU64::new(len),
             blocks: RwLock::new(blocks),
             dropped: AtomicBool::new(false),
+            sealed: OnceLock::new(),
+            last_write_unix_s: AtomicU64::new(0),
             map: Mutex::new(None),
         }
     }
 
     /// A map covering at least `needed` bytes (remapped when the file has grown).
-    fn map(&self, needed: u64) -> Result<Arc<Mmap>, StoreError> {
+    pub(crate) fn map(&self, needed: u64) -> Result<Arc<Mmap>, StoreError> {
         let mut slot = lock(&self.map);
         if let Some(map) = slot.as_ref() {
             if map.len() as u64 >= needed {
@@ -534,6 +550,9 @@ pub(crate) fn load_file(path: &Path, kind: FileKind) -> Result<LoadedFile, Store
         FileKind::Dictionary => format::scan(&bytes, kind, &mut |header, payload| {
             format::decode_dictionary(header, payload).map(|_| ())
         }),
+        FileKind::Seal => format::scan(&bytes, kind, &mut |_, _| {
+            Err("seal files hold no frames".to_string())
+        }),
     };
     Ok(LoadedFile::Valid {
         header,
@@ -762,19 +781,22 @@ pub(crate) fn recover_shard(
         }
     }
     keep_newest(applier.exchanges);
-    let segments = recovered
-        .into_iter()
-        .map(|segment| {
-            Arc::new(SegmentShared::new(
-                segment.path,
-                segment.window,
-                segment.partition_secs,
-                segment.seq,
-                segment.len,
-                segment.blocks,
-            ))
-        })
-        .collect();
+    let mut segments = Vec::with_capacity(recovered.len());
+    for segment in recovered {
+        let sealed = recover_seal(shard, &segment, cut, applier.report)?;
+        let shared = SegmentShared::new(
+            segment.path,
+            segment.window,
+            segment.partition_secs,
+            segment.seq,
+            segment.len,
+            segment.blocks,
+        );
+        if let Some(series) = sealed {
+            let _ = shared.sealed.set(series);
+        }
+        segments.push(Arc::new(shared));
+    }
     Ok(ShardShared::new(
         shard,
         dir.to_path_buf(),
@@ -783,6 +805,46 @@ pub(crate) fn recover_shard(
         dictionary_len,
         next_commit_seq,
     ))
+}
+
+/// The series list of a recovered segment's seal, if it has a seal that matches it (see "Sealing"
+/// in docs/storage-format.md). A seal that does not match is removed (with `cut`) and counted;
+/// the writer seals the segment again. A seal being written (`.seal.tmp`) is removed.
+fn recover_seal(
+    shard: u32,
+    segment: &RecoveredSegment,
+    cut: bool,
+    report: &mut RecoveryReport,
+) -> Result<Option<Vec<u32>>, StoreError> {
+    let tmp = seal_tmp_path(&segment.path);
+    if cut && tmp.exists() {
+        std::fs::remove_file(&tmp).map_err(|error| StoreError::io("remove", &tmp, error))?;
+    }
+    let path = seal_path(&segment.path);
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(StoreError::io("read seal", &path, error)),
+    };
+    let matches = format::decode_seal(&bytes).ok().filter(|(header, index)| {
+        header.shard == shard
+            && header.window_start == segment.window
+            && header.seq == segment.seq
+            && header.partition_secs == segment.partition_secs
+            && index.segment_len == segment.len
+            && index.blocks.len() == segment.blocks.len()
+    });
+    match matches {
+        Some((_, index)) => Ok(Some(index.series)),
+        None => {
+            report.seals_discarded += 1;
+            if cut {
+                std::fs::remove_file(&path)
+                    .map_err(|error| StoreError::io("remove seal", &path, error))?;
+            }
+            Ok(None)
+        }
+    }
 }
 
 fn payload_of<'a>(bytes: &'a [u8], frame: &format::ScannedFrame) -> &'a [u8] {
@@ -999,6 +1061,28 @@ impl Reader {
         read_lock(&self.inner.shards).values().cloned().collect()
     }
 
+    /// A time `T` (unix seconds) before which every partition is sealed: a query whose range
+    /// ends at or before `T` reads only immutable segments, and its answer changes only if a
+    /// reading later than the grace period arrives for that range (it is stored, in a late
+    /// segment) or retention drops the partition. See "Sealing" in docs/storage-format.md.
+    pub fn sealed_before(&self) -> f64 {
+        let config = &self.inner.config;
+        let now = writer::unix_now();
+        let not_due = writer::window_of(
+            now - config.partition_grace_secs as f64,
+            config.partition_secs,
+        ) as f64;
+        let mut before = not_due;
+        for shard in self.shards() {
+            for segment in read_segments(&shard).iter() {
+                if segment.sealed.get().is_none() && !segment.dropped.load(Ordering::Acquire) {
+                    before = before.min(segment.window_start as f64);
+                }
+            }
+        }
+        before
+    }
+
     pub fn devices(&self) -> Vec<DeviceSummary> {
         let mut merged: BTreeMap<String, DeviceSummary> = BTreeMap::new();
         for shard in self.shards() {
@@ -1094,7 +1178,12 @@ impl Reader {
             for segment in read_segments(&shard).iter() {
                 let window_start = segment.window_start as f64;
                 let window_end = window_start + segment.partition_secs as f64;
-                if window_start < to && window_end > from {
+                // A sealed segment's index says whether the series is in it at all.
+                let may_hold = segment
+                    .sealed
+                    .get()
+                    .is_none_or(|series| series.binary_search(&id).is_ok());
+                if window_start < to && window_end > from && may_hold {
                     sources.push((segment.clone(), id));
                 }
             }

@@ -28,12 +28,60 @@ pub struct SegmentInspection {
     pub torn_bytes: u64,
     /// Invalid regions followed by valid frames.
     pub corrupt_regions: u64,
+    /// The segment has a seal that matches it (immutable, indexed).
+    pub sealed: bool,
 }
 
 impl SegmentInspection {
     pub fn bytes_per_point(&self) -> Option<f64> {
         (self.points > 0).then(|| self.file_bytes as f64 / self.points as f64)
     }
+}
+
+/// Whether a segment has a seal, and if it has one, whether the seal matches the scanned segment
+/// (docs/storage-format.md, "Seal file"). A mismatch is a problem; recovery discards such a seal
+/// and the writer seals the segment again.
+fn check_seal(
+    segment: &Path,
+    header: &format::FileHeader,
+    scan: &format::Scan,
+) -> Result<bool, String> {
+    let path = store::seal_path(segment);
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(error) => return Err(format!("seal {}: {error}", path.display())),
+    };
+    let (seal_header, index) =
+        format::decode_seal(&bytes).map_err(|reason| format!("seal: {reason}"))?;
+    let blocks: Vec<(u64, u32, u32, f64, f64)> = scan
+        .frames
+        .iter()
+        .filter(|frame| frame.header.kind == format::FrameKind::Block)
+        .map(|frame| {
+            (
+                frame.payload_offset(),
+                frame.header.payload_len,
+                frame.header.count,
+                frame.header.min_time,
+                frame.header.max_time,
+            )
+        })
+        .collect();
+    let same_file = seal_header.shard == header.shard
+        && seal_header.window_start == header.window_start
+        && seal_header.seq == header.seq
+        && seal_header.partition_secs == header.partition_secs;
+    if !same_file || index.segment_len != scan.valid_end || index.blocks != blocks {
+        return Err(format!(
+            "seal does not match the segment (seal: {} bytes, {} blocks; segment: {} bytes, {} blocks)",
+            index.segment_len,
+            index.blocks.len(),
+            scan.valid_end,
+            blocks.len()
+        ));
+    }
+    Ok(true)
 }
 
 /// What `inspect` found in a data directory.
@@ -117,10 +165,11 @@ impl fmt::Display for Inspection {
                 time_text(segment.min_time),
                 time_text(segment.max_time),
                 segment.torn_bytes,
-                if segment.corrupt_regions > 0 {
-                    format!("  {} corrupt regions", segment.corrupt_regions)
-                } else {
-                    String::new()
+                match (segment.sealed, segment.corrupt_regions) {
+                    (true, 0) => "  sealed".to_string(),
+                    (true, regions) => format!("  sealed, {regions} corrupt regions"),
+                    (false, 0) => String::new(),
+                    (false, regions) => format!("  {regions} corrupt regions"),
                 }
             )?;
         }
@@ -316,6 +365,7 @@ fn walk(dir: &Path, repair: bool) -> Result<(Inspection, VerifyReport), StoreErr
                 max_time: None,
                 torn_bytes: 0,
                 corrupt_regions: 0,
+                sealed: false,
             };
             match store::load_file(&path, FileKind::Segment) {
                 Err(error) => add_problem(
@@ -415,6 +465,12 @@ fn walk(dir: &Path, repair: bool) -> Result<(Inspection, VerifyReport), StoreErr
                                     !known.get(id.to_native() as usize).copied().unwrap_or(false)
                                 })
                                 .count() as u64;
+                        }
+                    }
+                    match check_seal(&path, &header, &scan) {
+                        Ok(sealed) => segment.sealed = sealed,
+                        Err(what) => {
+                            add_problem(&mut report, &mut inspection, &path, 0, what, false)
                         }
                     }
                     if unknown > 0 {

@@ -14,8 +14,8 @@ use crate::format::{
     NAME_BYTES_MAX, VALUE_BYTES_MAX,
 };
 use crate::store::{
-    lock, segment_path, sync_dir, write_lock, BlockMeta, HashMap, Inner, SegmentShared,
-    ShardShared, DICTIONARY_FILE,
+    lock, read_lock, seal_path, seal_tmp_path, segment_path, sync_dir, write_lock, BlockMeta,
+    HashMap, Inner, SegmentShared, ShardShared, DICTIONARY_FILE,
 };
 use crate::{Durability, StoreError, Value, ValueRef, OPEN_SEGMENTS_MAX, SEGMENT_BYTES_MAX};
 
@@ -28,6 +28,10 @@ pub const EXCHANGES_PER_COMMIT_MAX: usize = 65_536;
 /// computing partition windows.
 const TIME_ABS_MAX: f64 = 9_007_199_254_740_992.0;
 
+/// How often a commit looks for segments due to be sealed: a scan of the shard's catalog per
+/// second costs nothing next to commits, and a partition is sealed at most this late.
+const SEAL_CHECK_INTERVAL_MS: u64 = 1000;
+
 /// What a commit did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CommitStats {
@@ -37,6 +41,9 @@ pub struct CommitStats {
     pub synced: bool,
     /// Readings not written because retention dropped their partition while they were buffered.
     pub expired_points: usize,
+    /// Readings later than the partition grace period (stored in a late segment of their
+    /// partition; docs/storage-format.md, "Sealing").
+    pub late_points: usize,
 }
 
 struct Pending {
@@ -108,6 +115,9 @@ pub struct ShardWriter {
     frame_buffer: Vec<u8>,
     faults: Faults,
     segment_bytes_max: u64,
+    partition_grace_secs: u64,
+    /// When the last look for segments due to be sealed happened.
+    last_seal_check: Option<std::time::Instant>,
 }
 
 impl ShardWriter {
@@ -150,6 +160,8 @@ impl ShardWriter {
             frame_buffer: Vec::new(),
             faults: Faults::default(),
             segment_bytes_max: SEGMENT_BYTES_MAX,
+            partition_grace_secs: config.partition_grace_secs,
+            last_seal_check: None,
             inner,
             shard,
         };
@@ -392,6 +404,12 @@ impl ShardWriter {
 
     fn commit_inner(&mut self) -> Result<CommitStats, StoreError> {
         self.cut_back()?;
+        let check_due = self.last_seal_check.is_none_or(|last| {
+            last.elapsed() >= std::time::Duration::from_millis(SEAL_CHECK_INTERVAL_MS)
+        });
+        if check_due {
+            self.seal_due_locked()?;
+        }
         if self.dictionary.is_none() {
             self.open_dictionary()?;
         }
@@ -408,6 +426,7 @@ impl ShardWriter {
                 bytes: 0,
                 synced: false,
                 expired_points,
+                late_points: 0,
             });
         }
         let sync = self.durability == Durability::Fsync;
@@ -481,6 +500,15 @@ impl ShardWriter {
 
         // 3. Blocks, grouped by window, written to each window's active segment.
         let points = self.pending.len();
+        let due_before = window_of(
+            unix_now() - self.partition_grace_secs as f64,
+            self.partition_secs,
+        );
+        let late_points = self
+            .pending
+            .iter()
+            .filter(|reading| reading.window < due_before)
+            .count();
         let mut by_window: BTreeMap<i64, Vec<Pending>> = BTreeMap::new();
         for reading in self.pending.drain(..) {
             by_window.entry(reading.window).or_default().push(reading);
@@ -549,7 +577,9 @@ impl ShardWriter {
         self.shard
             .dictionary_len
             .store(dictionary_end, Ordering::Release);
+        let now_s = unix_now() as u64;
         for (segment, meta, end) in published {
+            segment.last_write_unix_s.store(now_s, Ordering::Release);
             write_lock(&segment.blocks).push(meta);
             segment.published_len.fetch_max(end, Ordering::AcqRel);
         }
@@ -572,6 +602,7 @@ impl ShardWriter {
             bytes: bytes_written,
             synced: sync,
             expired_points,
+            late_points,
         })
     }
 
@@ -683,11 +714,9 @@ impl ShardWriter {
     fn segment_for(&mut self, window: i64, frame_len: u64) -> Result<(), StoreError> {
         self.tick += 1;
         let tick = self.tick;
-        if self
-            .open
-            .get(&window)
-            .is_some_and(|segment| segment.shared.dropped.load(Ordering::Acquire))
-        {
+        if self.open.get(&window).is_some_and(|segment| {
+            segment.shared.dropped.load(Ordering::Acquire) || segment.shared.sealed.get().is_some()
+        }) {
             // Retention dropped it (a segment of another partition width in this window).
             self.open.remove(&window);
         }
@@ -721,7 +750,9 @@ impl ShardWriter {
                 .copied()
                 .cloned();
             (
-                newest.filter(|segment| segment.partition_secs == self.partition_secs),
+                newest.filter(|segment| {
+                    segment.partition_secs == self.partition_secs && segment.sealed.get().is_none()
+                }),
                 next_seq,
             )
         };
@@ -819,6 +850,126 @@ impl ShardWriter {
         Ok(())
     }
 
+    /// Seals every segment of this shard whose partition window plus the grace period has
+    /// passed (docs/storage-format.md, "Sealing"); returns how many. Commits call this at most
+    /// once per `SEAL_CHECK_INTERVAL_MS`.
+    pub fn seal_due(&mut self) -> Result<usize, StoreError> {
+        let shard = self.shard.clone();
+        let _files = lock(&shard.files);
+        self.cut_back()?;
+        self.seal_due_locked()
+    }
+
+    /// `seal_due` with the shard's file lock held and no failed commit left to cut back.
+    fn seal_due_locked(&mut self) -> Result<usize, StoreError> {
+        self.last_seal_check = Some(std::time::Instant::now());
+        let horizon = unix_now() - self.partition_grace_secs as f64;
+        // Due: the window ended more than the grace period ago, and the segment was not written
+        // for the grace period (a late segment stays open while a device backfills).
+        let due: Vec<Arc<SegmentShared>> = read_lock(&self.shard.segments)
+            .iter()
+            .filter(|segment| {
+                segment.sealed.get().is_none()
+                    && !segment.dropped.load(Ordering::Acquire)
+                    && (segment.window_start as f64 + segment.partition_secs as f64) <= horizon
+                    && segment.last_write_unix_s.load(Ordering::Acquire) as f64 <= horizon
+            })
+            .cloned()
+            .collect();
+        for segment in &due {
+            self.seal(segment)?;
+        }
+        Ok(due.len())
+    }
+
+    /// Seals one segment: closes it here, syncs it, writes its index and renames it into place.
+    fn seal(&mut self, segment: &Arc<SegmentShared>) -> Result<(), StoreError> {
+        if self
+            .open
+            .get(&segment.window_start)
+            .is_some_and(|open| Arc::ptr_eq(&open.shared, segment))
+        {
+            self.open.remove(&segment.window_start);
+        }
+        let path = &segment.path;
+        let file = File::open(path).map_err(|error| StoreError::io("open", path, error))?;
+        file.sync_data()
+            .map_err(|error| StoreError::io("fdatasync", path, error))?;
+        let segment_len = segment.published_len.load(Ordering::Acquire);
+        let blocks: Vec<BlockMeta> = read_lock(&segment.blocks).clone();
+        let mut series: Vec<u32> = Vec::new();
+        if !blocks.is_empty() {
+            let map = segment.map(segment_len)?;
+            for meta in &blocks {
+                let start = meta.payload_offset as usize;
+                let payload = &map[start..start + meta.payload_len as usize];
+                let block =
+                    format::access_block(payload).map_err(|reason| StoreError::Corrupt {
+                        path: path.clone(),
+                        offset: meta.payload_offset,
+                        reason,
+                    })?;
+                series.extend(block.series.iter().map(|id| id.to_native()));
+                series.sort_unstable();
+                series.dedup();
+            }
+        }
+        let index = format::SealIndex {
+            segment_len,
+            min_time: blocks
+                .iter()
+                .map(|meta| meta.min_time)
+                .reduce(f64::min)
+                .unwrap_or(0.0),
+            max_time: blocks
+                .iter()
+                .map(|meta| meta.max_time)
+                .reduce(f64::max)
+                .unwrap_or(0.0),
+            series: series.clone(),
+            blocks: blocks
+                .iter()
+                .map(|meta| {
+                    (
+                        meta.payload_offset,
+                        meta.payload_len,
+                        meta.count,
+                        meta.min_time,
+                        meta.max_time,
+                    )
+                })
+                .collect(),
+        };
+        let header = FileHeader {
+            kind: FileKind::Seal,
+            shard: self.shard.shard,
+            window_start: segment.window_start,
+            partition_secs: segment.partition_secs,
+            seq: segment.seq,
+        };
+        let bytes = format::encode_seal(&header, &index);
+        let tmp = seal_tmp_path(path);
+        let seal = seal_path(path);
+        let tmp_file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(|error| StoreError::io("create", &tmp, error))?;
+        tmp_file
+            .write_all_at(&bytes, 0)
+            .map_err(|error| StoreError::io("write", &tmp, error))?;
+        tmp_file
+            .sync_data()
+            .map_err(|error| StoreError::io("fdatasync", &tmp, error))?;
+        std::fs::rename(&tmp, &seal).map_err(|error| StoreError::io("rename", &tmp, error))?;
+        if let Some(dir) = seal.parent() {
+            sync_dir(dir)?;
+        }
+        let _ = segment.sealed.set(series);
+        Ok(())
+    }
+
     /// Segment files open right now (bounded by `OPEN_SEGMENTS_MAX`).
     pub fn open_segments(&self) -> usize {
         self.open.len()
@@ -878,6 +1029,13 @@ pub(crate) fn expired(window: i64, partition_secs: u64, floor: i64) -> bool {
 /// End of the commit's last block (where its commit record goes).
 fn last_block_end(published: &[(Arc<SegmentShared>, BlockMeta, u64)]) -> u64 {
     published.last().map_or(0, |(_, _, end)| *end)
+}
+
+/// Wall-clock unix seconds.
+pub(crate) fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |since| since.as_secs_f64())
 }
 
 pub(crate) fn window_of(time: f64, partition_secs: u64) -> i64 {

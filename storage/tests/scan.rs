@@ -8,6 +8,8 @@ fn store(dir: &std::path::Path) -> Store {
     let config = StoreConfig {
         dir: dir.to_path_buf(),
         partition_secs: 3600,
+        // Sealing is not under test here: partitions never become due.
+        partition_grace_secs: u64::MAX,
         durability: Durability::Os,
     };
     Store::open(config).unwrap().0

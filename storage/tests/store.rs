@@ -14,6 +14,8 @@ fn config(dir: &Path, durability: Durability) -> StoreConfig {
     StoreConfig {
         dir: dir.to_path_buf(),
         partition_secs: HOUR,
+        // Sealing is not under test here: partitions never become due.
+        partition_grace_secs: u64::MAX,
         durability,
     }
 }
