@@ -178,6 +178,13 @@ impl std::fmt::Display for RecoveryReport {
             self.files_truncated,
             self.commits_rolled_back
         )?;
+        if self.seals_discarded > 0 {
+            write!(
+                f,
+                "; discarded {} seals that did not match their segments (sealed again)",
+                self.seals_discarded
+            )?;
+        }
         if self.corrupt_regions > 0 || self.unknown_series_points > 0 {
             write!(
                 f,

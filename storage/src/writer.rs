@@ -31,6 +31,10 @@ const TIME_ABS_MAX: f64 = 9_007_199_254_740_992.0;
 /// How often a commit looks for segments due to be sealed: a scan of the shard's catalog per
 /// second costs nothing next to commits, and a partition is sealed at most this late.
 const SEAL_CHECK_INTERVAL_MS: u64 = 1000;
+/// Segments one check seals at most (the rest at the next checks): sealing reads and validates
+/// the segment (up to 64 MiB) in the commit path, so after a restart or an upgrade with many
+/// unsealed old segments, commits are delayed by at most two segments' worth per second.
+const SEALS_PER_CHECK_MAX: usize = 2;
 
 /// What a commit did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -851,8 +855,8 @@ impl ShardWriter {
     }
 
     /// Seals every segment of this shard whose partition window plus the grace period has
-    /// passed (docs/storage-format.md, "Sealing"); returns how many. Commits call this at most
-    /// once per `SEAL_CHECK_INTERVAL_MS`.
+    /// passed (docs/storage-format.md, "Sealing"), at most `SEALS_PER_CHECK_MAX` per call;
+    /// returns how many. Commits call this at most once per `SEAL_CHECK_INTERVAL_MS`.
     pub fn seal_due(&mut self) -> Result<usize, StoreError> {
         let shard = self.shard.clone();
         let _files = lock(&shard.files);
@@ -874,6 +878,7 @@ impl ShardWriter {
                     && (segment.window_start as f64 + segment.partition_secs as f64) <= horizon
                     && segment.last_write_unix_s.load(Ordering::Acquire) as f64 <= horizon
             })
+            .take(SEALS_PER_CHECK_MAX)
             .cloned()
             .collect();
         for segment in &due {
