@@ -56,6 +56,7 @@ fn load(dir: &Path, devices: u64, points: u64) {
     let (store, _) = Store::open(StoreConfig {
         dir: dir.to_path_buf(),
         partition_secs: 3600,
+        partition_grace_secs: u64::MAX,
         durability: Durability::Os,
     })
     .expect("open store");
@@ -102,6 +103,7 @@ fn scan_rate(dir: &Path) -> (u64, f64, f64) {
     let (store, report) = Store::open(StoreConfig {
         dir: dir.to_path_buf(),
         partition_secs: 3600,
+        partition_grace_secs: u64::MAX,
         durability: Durability::Os,
     })
     .expect("open store");

@@ -218,7 +218,16 @@ struct Device {
 
 impl Device {
     fn connect(server: SocketAddr, identity: &str, key: &[u8]) -> Device {
-        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        Device::connect_from(
+            UdpSocket::bind("127.0.0.1:0").unwrap(),
+            server,
+            identity,
+            key,
+        )
+    }
+
+    /// Handshakes over `socket` (e.g. one bound to a port another device used before).
+    fn connect_from(socket: UdpSocket, server: SocketAddr, identity: &str, key: &[u8]) -> Device {
         socket.connect(server).unwrap();
         socket
             .set_read_timeout(Some(Duration::from_millis(500)))
@@ -399,4 +408,25 @@ fn a_session_continues_across_a_graceful_restart() {
         0.0,
         "no new handshake"
     );
+}
+
+#[test]
+fn a_new_session_on_a_reused_port_is_not_answered_from_the_old_sessions_exchanges() {
+    let coaps = start(CREDENTIALS);
+    let port = {
+        let mut first = Device::connect(coaps.addr, "id-7", b"secret seven");
+        first.message_id = 100;
+        first.post_and_expect(r#"[{"n":"x","v":1}]"#, "2.04");
+        first.socket.local_addr().unwrap().port()
+    };
+    // Another device handshakes from the very same address and port and reuses Message ID 101:
+    // CoAP Message IDs are scoped to the DTLS session, so this is a new request.
+    let socket = UdpSocket::bind(("127.0.0.1", port)).unwrap();
+    let key: Vec<u8> = (0..16u8).collect();
+    let mut second = Device::connect_from(socket, coaps.addr, "dev-8", &key);
+    second.message_id = 100;
+    second.post_and_expect(r#"[{"n":"y","v":2}]"#, "2.04");
+    assert_eq!(coaps.daemon.metric("sluice_duplicates_total"), 0.0);
+    assert_eq!(coaps.daemon.points("dev-8", "y").len(), 1);
+    assert_eq!(coaps.daemon.points("dev-7", "x").len(), 1);
 }

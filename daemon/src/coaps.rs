@@ -105,8 +105,14 @@ impl Coaps {
     }
 
     /// Handles one datagram: queues any handshake answer and leaves the authenticated CoAP
-    /// messages in `self.application`. Returns the peer's device when there are any.
-    pub fn open(&mut self, now: Instant, peer: SocketAddr, datagram: &[u8]) -> Option<Arc<str>> {
+    /// messages in `self.application`. Returns the peer's device and DTLS session id when there
+    /// are any (CoAP Message IDs are scoped to the session).
+    pub fn open(
+        &mut self,
+        now: Instant,
+        peer: SocketAddr,
+        datagram: &[u8],
+    ) -> Option<(Arc<str>, u64)> {
         let device = self.server.handle(
             now,
             peer,
@@ -118,7 +124,7 @@ impl Coaps {
         if !self.reply.is_empty() {
             self.send.push(peer, &self.reply);
         }
-        device
+        Some((device?, self.server.session_id(&peer)?))
     }
 
     /// Queues `plaintext` to `peer` in a record of its session. A peer whose session ended

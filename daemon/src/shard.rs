@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use sluice_protocol::{Endpoint, EndpointConfig, Exchange, Outcome, Reading, Value};
+use sluice_protocol::{Endpoint, EndpointConfig, Exchange, Identity, Outcome, Reading, Value};
 use sluice_storage::{ExchangeRecord, ShardWriter, ValueRef};
 
 use crate::coaps::Coaps;
@@ -131,7 +131,7 @@ impl Shard {
                 for index in 0..secure_count {
                     let (peer, datagram) = receive.datagram(index);
                     let Some(peer) = peer else { continue };
-                    let Some(device) = coaps.open(received_at, peer, datagram) else {
+                    let Some((device, session)) = coaps.open(received_at, peer, datagram) else {
                         continue;
                     };
                     let application = std::mem::take(&mut coaps.application);
@@ -141,7 +141,10 @@ impl Shard {
                             received_at,
                             unix_now,
                             peer,
-                            Some(&device),
+                            Some(Identity {
+                                device: &device,
+                                session,
+                            }),
                             message,
                             &mut readings,
                             &mut response,

@@ -110,6 +110,9 @@ struct Keyed {
 
 /// An established session: what protecting records needs, nothing more.
 struct Session {
+    /// Unique within this server's life: what is said over one session (CoAP Message IDs) is
+    /// scoped to it, and a new session of the same peer starts a new scope.
+    id: u64,
     psk: Arc<Psk>,
     keys: TrafficKeys,
     /// Next epoch-1 record sequence number.
@@ -161,6 +164,7 @@ pub struct Server {
     cookie_key_made: Instant,
     handshakes: HashMap<SocketAddr, Box<Handshake>, ahash::RandomState>,
     sessions: HashMap<SocketAddr, Session, ahash::RandomState>,
+    next_session_id: u64,
     origin: Instant,
     counters: Counters,
     scratch: Vec<u8>,
@@ -176,6 +180,7 @@ impl Server {
             cookie_key_made: now,
             handshakes: HashMap::default(),
             sessions: HashMap::default(),
+            next_session_id: 1,
             origin: now,
             counters: Counters::default(),
             scratch: Vec::new(),
@@ -184,6 +189,17 @@ impl Server {
 
     pub fn counters(&self) -> &Counters {
         &self.counters
+    }
+
+    /// The id of `peer`'s established session: changes whenever the peer handshakes anew.
+    pub fn session_id(&self, peer: &SocketAddr) -> Option<u64> {
+        self.sessions.get(peer).map(|session| session.id)
+    }
+
+    fn new_session_id(&mut self) -> u64 {
+        let id = self.next_session_id;
+        self.next_session_id += 1;
+        id
     }
 
     pub fn sessions_len(&self) -> usize {
@@ -688,6 +704,11 @@ impl Server {
         let server_verify =
             crypto::verify_data(&keyed.master, b"server finished", &handshake.transcript);
         let mut session = Session {
+            id: {
+                let id = self.next_session_id;
+                self.next_session_id += 1;
+                id
+            },
             psk: keyed.psk.clone().expect("verified handshakes have a key"),
             keys: keyed.keys,
             write_sequence: 0,
@@ -822,7 +843,8 @@ impl Server {
                     if bool::from(authenticator.ct_eq(&session_authenticator(&psk.key, entry)))
                         && self.sessions.len() < self.config.sessions_max =>
                 {
-                    self.sessions.insert(peer, Session { psk, ..session });
+                    let id = self.new_session_id();
+                    self.sessions.insert(peer, Session { id, psk, ..session });
                     loaded += 1;
                 }
                 _ => skipped += 1,
@@ -879,6 +901,7 @@ fn read_session<'a>(
     let server_verify = reader.bytes(wire::VERIFY_DATA_BYTES)?.try_into().ok()?;
     let finished_message_seq = reader.u16()?;
     let session = Session {
+        id: 0,
         psk: placeholder_psk(),
         keys: TrafficKeys { suite, block },
         write_sequence,

@@ -163,6 +163,9 @@ enum DedupState {
 }
 
 struct DedupEntry {
+    /// The DTLS session the request came over ([`PLAIN`] for plain CoAP, [`ANY_SESSION`] for
+    /// an exchange restored from the store): Message IDs are only unique within one session.
+    session: u64,
     sequence: u64,
     inserted: Instant,
     confirmable: bool,
@@ -171,6 +174,19 @@ struct DedupEntry {
     token_len: u8,
     no_response: u8,
     response: Vec<u8>,
+}
+
+/// The session scope of plain CoAP requests.
+const PLAIN: u64 = 0;
+/// The session scope of restored exchanges: they match a retransmission over any session.
+const ANY_SESSION: u64 = u64::MAX;
+
+/// Who sent a request over DTLS: the device its PSK identity maps to, and the id of the DTLS
+/// session (unique per endpoint, never 0 nor u64::MAX; a new handshake gives a new id).
+#[derive(Clone, Copy, Debug)]
+pub struct Identity<'a> {
+    pub device: &'a str,
+    pub session: u64,
 }
 
 /// Insertion-ordered expiry queue item; stale when the entry's sequence differs.
@@ -188,6 +204,7 @@ struct Transfer {
 
 /// The request fields the response depends on.
 struct Request<'a> {
+    session: u64,
     confirmable: bool,
     message_id: u16,
     token: &'a [u8],
@@ -282,15 +299,16 @@ impl Endpoint {
         self.transfers.len()
     }
 
-    /// Handles one datagram from `peer`. `identity`: the authenticated device id when the
-    /// datagram came over DTLS; None on plain CoAP. Clears `response` first. Never panics.
+    /// Handles one datagram from `peer`. `identity`: the authenticated device and its DTLS
+    /// session when the datagram came over DTLS; None on plain CoAP. Clears `response` first.
+    /// Never panics.
     #[allow(clippy::too_many_arguments)]
     pub fn handle(
         &mut self,
         now: Instant,
         unix_now: f64,
         peer: SocketAddr,
-        identity: Option<&str>,
+        identity: Option<Identity<'_>>,
         datagram: &[u8],
         readings: &mut Vec<Reading>,
         response: &mut Vec<u8>,
@@ -337,9 +355,11 @@ impl Endpoint {
         self.counters.requests += 1;
 
         let key = (peer, message_id);
+        let session = identity.map_or(PLAIN, |identity| identity.session);
         if let Some(entry) = self.dedup.get(&key) {
             let lifetime = self.lifetime(entry.confirmable);
-            if now.saturating_duration_since(entry.inserted) < lifetime {
+            let same_scope = entry.session == session || entry.session == ANY_SESSION;
+            if same_scope && now.saturating_duration_since(entry.inserted) < lifetime {
                 self.counters.duplicates += 1;
                 if confirmable && entry.state == DedupState::Done && !entry.response.is_empty() {
                     response.extend_from_slice(&entry.response);
@@ -354,13 +374,15 @@ impl Endpoint {
             .and_then(|value| uint(value))
             .map_or(0, |bits| bits as u8);
         let request = Request {
+            session,
             confirmable,
             message_id,
             token: packet.get_token(),
             no_response,
         };
         let readings_at_entry = readings.len();
-        let answer = self.process(now, unix_now, peer, identity, &packet, readings);
+        let device = identity.map(|identity| identity.device);
+        let answer = self.process(now, unix_now, peer, device, &packet, readings);
         match answer {
             Answer::Reject => self.reject(confirmable, message_id, response),
             Answer::Error {
@@ -457,6 +479,7 @@ impl Endpoint {
             .min(8);
         let token = response.get(4..4 + token_len).unwrap_or(&[]);
         let request = Request {
+            session: ANY_SESSION,
             confirmable,
             message_id,
             token,
@@ -536,6 +559,7 @@ impl Endpoint {
         response: &mut Vec<u8>,
     ) {
         let request = Request {
+            session: entry.session,
             confirmable: entry.confirmable,
             message_id: exchange.message_id,
             token: &entry.token[..usize::from(entry.token_len)],
@@ -681,6 +705,7 @@ impl Endpoint {
         self.dedup.insert(
             key,
             DedupEntry {
+                session: request.session,
                 sequence,
                 inserted: now,
                 confirmable: request.confirmable,

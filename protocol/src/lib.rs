@@ -7,7 +7,7 @@ pub mod batch;
 mod endpoint;
 pub mod senml;
 
-pub use endpoint::{Counters, Endpoint, EndpointConfig, Exchange, Outcome};
+pub use endpoint::{Counters, Endpoint, EndpointConfig, Exchange, Identity, Outcome};
 
 /// SenML JSON (RFC 8428).
 pub const CONTENT_FORMAT_SENML_JSON: u16 = 110;

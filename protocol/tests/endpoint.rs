@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
-use sluice_protocol::{Endpoint, EndpointConfig, Exchange, Outcome, Reading, Value};
+use sluice_protocol::{Endpoint, EndpointConfig, Exchange, Identity, Outcome, Reading, Value};
 
 const NOW: f64 = 1_700_000_000.0;
 
@@ -72,6 +72,17 @@ impl Harness {
         secs: u64,
         from: SocketAddr,
         identity: Option<&str>,
+        datagram: &[u8],
+    ) -> Outcome {
+        let identity = identity.map(|device| Identity { device, session: 1 });
+        self.send_identified(secs, from, identity, datagram)
+    }
+
+    fn send_identified(
+        &mut self,
+        secs: u64,
+        from: SocketAddr,
+        identity: Option<Identity<'_>>,
         datagram: &[u8],
     ) -> Outcome {
         self.readings.clear();
@@ -198,6 +209,42 @@ fn rejected_answers_400_and_duplicates_get_it_again_without_storing() {
     assert!(matches!(h.send(&packet), Outcome::Reply));
     assert_eq!(h.response, response);
     assert!(h.readings.is_empty());
+}
+
+#[test]
+fn message_ids_are_scoped_to_their_dtls_session() {
+    let mut h = Harness::new();
+    let packet = post(MessageType::Confirmable, 77, &["t"], BODY);
+    let session = |device, session| Some(Identity { device, session });
+    let Outcome::Store(first) = h.send_identified(0, peer(1), session("dev-7", 1), &bytes(&packet))
+    else {
+        panic!("expected Store")
+    };
+    h.endpoint.committed(&first);
+    // The same session retransmits: a duplicate.
+    let again = h.send_identified(1, peer(1), session("dev-7", 1), &bytes(&packet));
+    assert!(matches!(again, Outcome::Reply), "{again:?}");
+    // Another device handshakes from the same address and port and happens to reuse the
+    // Message ID: a new request, stored under its own device.
+    let Outcome::Store(other) = h.send_identified(2, peer(1), session("dev-8", 2), &bytes(&packet))
+    else {
+        panic!("a new session's request is not a duplicate of the old session's")
+    };
+    assert_eq!(other.device, "dev-8");
+    assert_eq!(h.readings.len(), 1);
+    // A restored exchange (no session known) matches a retransmission over any session.
+    let mut restored = Harness::new();
+    let response = bytes(&packet); // any datagram stands in for the stored response
+    assert!(restored.endpoint.restore(
+        restored.t0,
+        Duration::from_secs(1),
+        peer(1),
+        77,
+        true,
+        &response
+    ));
+    let retransmitted = restored.send_identified(0, peer(1), session("dev-7", 5), &bytes(&packet));
+    assert!(matches!(retransmitted, Outcome::Reply), "{retransmitted:?}");
 }
 
 #[test]

@@ -128,7 +128,10 @@ fn run(seed: u64, steps: usize) {
         }
         let peer = SocketAddr::from(([198, 51, 100, rng.random_range(0..4)], 5683));
         let identity = if rng.random_bool(0.3) {
-            Some("dev")
+            Some(sluice_protocol::Identity {
+                device: "dev",
+                session: rng.random_range(1..3),
+            })
         } else {
             None
         };
