@@ -462,3 +462,49 @@ fn sluice_query_draws_a_series_as_a_terminal_chart_and_filters_devices() {
         "{devices}"
     );
 }
+
+#[test]
+fn answers_that_lie_in_sealed_partitions_are_immutable_the_rest_revalidated() {
+    let daemon = Daemon::start(&["--partition", "1h", "--partition-grace", "1s"]);
+    let mut client = Client::new(daemon.coap);
+    // An hour long past: its partition is sealed at a commit's next seal check.
+    post(
+        &mut client,
+        "dev-s",
+        &[("a", T0 + 10, 1.0), ("a", T0 + 20, 2.0)],
+    );
+    let sealed_range = format!("/v1/series?device=dev-s&name=a&from={T0}&to={}", T0 + 3600);
+    let open_range = "/v1/series?device=dev-s&name=a";
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut tick = 0;
+    let answer = loop {
+        let answer = get(&daemon, &sealed_range, None);
+        if answer.cache_control.as_deref() != Some("no-cache") {
+            break answer;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the partition was never sealed"
+        );
+        // Seal checks run with commits: keep committing (now-dated readings of another device).
+        tick += 1;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        post(&mut client, "dev-tick", &[("t", now, tick as f64)]);
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(answer.status, 200);
+    assert_eq!(
+        answer.cache_control.as_deref(),
+        Some("public, max-age=86400, immutable")
+    );
+    let points: serde_json::Value = serde_json::from_str(&answer.body).unwrap();
+    assert_eq!(points["points"].as_array().unwrap().len(), 2);
+    // A range reaching into time that is not sealed must be revalidated.
+    assert_eq!(
+        get(&daemon, open_range, None).cache_control.as_deref(),
+        Some("no-cache")
+    );
+}

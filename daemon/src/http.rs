@@ -187,22 +187,34 @@ fn not_modified(headers: &HeaderMap, etag: &str) -> bool {
         })
 }
 
-/// ETag and `Cache-Control: no-cache`: the store does not seal partitions yet, so any range may
-/// still take late readings and every answer must be revalidated.
-fn cache_headers(etag: &str) -> [(header::HeaderName, HeaderValue); 2] {
+/// How long a cache may keep a series answer whose range lies in sealed partitions without
+/// asking again: a day. Such an answer changes only if a reading later than the partition's
+/// grace period arrives (it is stored, in a late segment) or retention drops the partition;
+/// the ETag changes then, and a cache that revalidates sees it.
+pub const SEALED_MAX_AGE_S: u32 = 86_400;
+
+/// ETag and `Cache-Control`: `public, max-age=…, immutable` for an answer that lies in sealed
+/// data, `no-cache` (revalidate every time) otherwise.
+fn cache_headers(etag: &str, sealed: bool) -> [(header::HeaderName, HeaderValue); 2] {
+    let cache_control = if sealed {
+        HeaderValue::from_str(&format!("public, max-age={SEALED_MAX_AGE_S}, immutable"))
+            .expect("a valid header")
+    } else {
+        HeaderValue::from_static("no-cache")
+    };
     [
         (
             header::ETAG,
             HeaderValue::from_str(etag).expect("hex etag is a valid header"),
         ),
-        (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+        (header::CACHE_CONTROL, cache_control),
     ]
 }
 
-fn answer_response(etag: &str, answer: Answer) -> Response {
+fn answer_response(etag: &str, sealed: bool, answer: Answer) -> Response {
     let mut response = (
         StatusCode::OK,
-        cache_headers(etag),
+        cache_headers(etag, sealed),
         [(header::CONTENT_TYPE, answer.content_type)],
         answer.body,
     )
@@ -524,9 +536,9 @@ async fn listing(
                 let version = state.reader.generation();
                 let etag = state.etag(&key, version);
                 if not_modified(&headers, &etag) {
-                    (StatusCode::NOT_MODIFIED, cache_headers(&etag)).into_response()
+                    (StatusCode::NOT_MODIFIED, cache_headers(&etag, false)).into_response()
                 } else if let Some(answer) = state.cache.get(&key, version) {
-                    answer_response(&etag, answer)
+                    answer_response(&etag, false, answer)
                 } else {
                     let reader = state.reader.clone();
                     let built = tokio::task::spawn_blocking(move || {
@@ -536,7 +548,7 @@ async fn listing(
                     match built {
                         Ok(answer) => {
                             state.cache.insert(key, version, answer.clone());
-                            answer_response(&etag, answer)
+                            answer_response(&etag, false, answer)
                         }
                         Err(e) => error(
                             StatusCode::INTERNAL_SERVER_ERROR,
@@ -657,12 +669,12 @@ async fn device_latest(
     let key = format!("device_latest|{device:?}");
     let etag = state.etag(&key, state.reader.generation());
     let response = if not_modified(&headers, &etag) {
-        (StatusCode::NOT_MODIFIED, cache_headers(&etag)).into_response()
+        (StatusCode::NOT_MODIFIED, cache_headers(&etag, false)).into_response()
     } else {
         match state.reader.latest(&device) {
             None => error(StatusCode::NOT_FOUND, format!("unknown device `{device}`")),
             Some(series) => (
-                cache_headers(&etag),
+                cache_headers(&etag, false),
                 axum::Json(json!({ "device": device, "series": series_json(series) })),
             )
                 .into_response(),
@@ -706,13 +718,14 @@ async fn series(
     }
     let key = format!("{query:?}");
     let etag = state.etag(&key, version);
+    let sealed = query.to <= state.reader.sealed_before();
     if not_modified(&headers, &etag) {
         state.record_query(Endpoint::Series, started);
-        return (StatusCode::NOT_MODIFIED, cache_headers(&etag)).into_response();
+        return (StatusCode::NOT_MODIFIED, cache_headers(&etag, sealed)).into_response();
     }
     if let Some(answer) = state.cache.get(&key, version) {
         state.record_query(Endpoint::Series, started);
-        return answer_response(&etag, answer);
+        return answer_response(&etag, sealed, answer);
     }
     let content_type = query.format.content_type();
     if query.limit.is_some() {
@@ -736,7 +749,7 @@ async fn series(
                     next: next.map(|cursor| next_link(&query, cursor)),
                 };
                 state.cache.insert(key, version, answer.clone());
-                answer_response(&etag, answer)
+                answer_response(&etag, sealed, answer)
             }
             Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("store: {e}")),
             Err(e) => error(
@@ -786,7 +799,7 @@ async fn series(
     let stream = futures_util::stream::poll_fn(move |cx| receiver.poll_recv(cx));
     (
         StatusCode::OK,
-        cache_headers(&etag),
+        cache_headers(&etag, sealed),
         [(header::CONTENT_TYPE, content_type)],
         Body::from_stream(stream),
     )
