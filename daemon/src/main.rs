@@ -37,8 +37,8 @@ fn main() {
     };
     init_logging(config.log_format);
     if let Err(error) = run(config) {
+        // The log goes to stderr: the reason is printed once, in the log's format.
         tracing::error!("{error:#}");
-        eprintln!("sluiced: {error:#}");
         std::process::exit(1);
     }
 }

@@ -66,7 +66,7 @@ fn main() {
             .map_err(anyhow::Error::from),
         Command::Verify { data_dir, repair } => match sluice_storage::verify(&data_dir, repair) {
             Ok(report) => {
-                print!("{report}");
+                println!("{report}");
                 if !report.is_clean() {
                     std::process::exit(1);
                 }
