@@ -61,6 +61,8 @@ fn a_reading_later_than_the_grace_period_is_stored_and_its_partition_sealed() {
         "2.04"
     );
     assert_eq!(daemon.points("backfill", "t").len(), 2);
+    // Both readings were past their partition's grace period when they were stored.
+    assert_eq!(daemon.metric("sluice_late_points_total"), 2.0);
     let output = sluice(&["verify", "--data-dir", daemon.data_dir.to_str().unwrap()]);
     assert!(
         output.status.success(),

@@ -22,6 +22,8 @@ pub struct ShardMetrics {
     pub commits: AtomicU64,
     pub commit_errors: AtomicU64,
     pub points_stored: AtomicU64,
+    /// Stored readings whose partition was already past its grace period (a late segment).
+    pub late_points: AtomicU64,
     pub responses_dropped: AtomicU64,
     pub dedup_entries: AtomicU64,
     pub dtls: Mutex<sluice_dtls::Counters>,
@@ -42,6 +44,7 @@ impl ShardMetrics {
             commits: AtomicU64::new(0),
             commit_errors: AtomicU64::new(0),
             points_stored: AtomicU64::new(0),
+            late_points: AtomicU64::new(0),
             responses_dropped: AtomicU64::new(0),
             dedup_entries: AtomicU64::new(0),
             dtls: Mutex::new(sluice_dtls::Counters::default()),
@@ -84,11 +87,11 @@ pub struct Snapshot {
 }
 
 /// The protocol counters, each with its metric name and, for error responses, its code.
-fn protocol_counters(c: &Counters) -> [(&'static str, Option<&'static str>, u64); 19] {
+fn protocol_counters(c: &Counters) -> [(&'static str, Option<&'static str>, u64); 21] {
     [
         ("sluice_datagrams_received_total", None, c.datagrams),
         ("sluice_requests_total", None, c.requests),
-        ("sluice_readings_accepted_total", None, c.readings),
+        ("sluice_readings_decoded_total", None, c.readings),
         ("sluice_duplicates_total", None, c.duplicates),
         ("sluice_malformed_datagrams_total", None, c.malformed),
         ("sluice_pings_total", None, c.pings),
@@ -98,6 +101,7 @@ fn protocol_counters(c: &Counters) -> [(&'static str, Option<&'static str>, u64)
         ("sluice_dedup_evictions_total", None, c.dedup_evictions),
         ("sluice_error_responses_total", Some("4.00"), c.bad_request),
         ("sluice_error_responses_total", Some("4.01"), c.unauthorized),
+        ("sluice_error_responses_total", Some("4.02"), c.bad_option),
         ("sluice_error_responses_total", Some("4.03"), c.forbidden),
         ("sluice_error_responses_total", Some("4.04"), c.not_found),
         (
@@ -113,6 +117,11 @@ fn protocol_counters(c: &Counters) -> [(&'static str, Option<&'static str>, u64)
             c.unsupported_format,
         ),
         ("sluice_error_responses_total", Some("5.03"), c.unavailable),
+        (
+            "sluice_error_responses_total",
+            Some("5.05"),
+            c.proxying_not_supported,
+        ),
     ]
 }
 
@@ -121,7 +130,9 @@ fn protocol_help(name: &str) -> &'static str {
     match name {
         "sluice_datagrams_received_total" => "Datagrams received on the CoAP port.",
         "sluice_requests_total" => "CoAP requests handled (duplicates excluded).",
-        "sluice_readings_accepted_total" => "Readings decoded and handed to the store.",
+        "sluice_readings_decoded_total" => {
+            "Readings decoded from requests (stored ones: sluice_points_stored_total)."
+        }
         "sluice_duplicates_total" => "Retransmitted requests answered from the dedup table.",
         "sluice_malformed_datagrams_total" => "Datagrams that are not CoAP messages.",
         "sluice_pings_total" => "CoAP pings (empty CON) answered with RST.",
@@ -177,7 +188,7 @@ impl Snapshot {
             }
         }
         families.extend(dtls_families(shards));
-        let atomics: [(&'static str, &'static str, bool, CounterField); 7] = [
+        let atomics: [(&'static str, &'static str, bool, CounterField); 8] = [
             (
                 "sluice_commits_total",
                 "Group commits that succeeded.",
@@ -195,6 +206,12 @@ impl Snapshot {
                 "Readings committed to the store.",
                 true,
                 |s| &s.points_stored,
+            ),
+            (
+                "sluice_late_points_total",
+                "Readings stored after their partition's grace period (in a late segment).",
+                true,
+                |s| &s.late_points,
             ),
             (
                 "sluice_responses_dropped_total",

@@ -307,6 +307,9 @@ impl Shard {
                 self.metrics
                     .points_stored
                     .fetch_add(stats.points as u64, Ordering::Relaxed);
+                self.metrics
+                    .late_points
+                    .fetch_add(stats.late_points as u64, Ordering::Relaxed);
                 if let Ok(mut histogram) = self.metrics.commit_latency_us.lock() {
                     metrics::record(&mut histogram, commit_us, 1);
                 }

@@ -286,10 +286,25 @@ impl Client {
             .expect("a response from sluiced")
     }
 
-    /// Sends and waits for the response.
+    /// Sends and waits for the response. A CON is retransmitted as a device would (RFC 7252
+    /// §4.2: ACK_TIMEOUT 2 s, doubling, MAX_RETRANSMIT 4): on a loaded machine a commit can
+    /// take seconds, and sluiced answers a retransmission of a stored request from its dedup
+    /// table without storing it again.
     pub fn exchange(&self, packet: &Packet) -> Packet {
         self.send(packet);
-        self.receive()
+        if packet.header.get_type() != MessageType::Confirmable {
+            return self.receive();
+        }
+        let mut timeout = Duration::from_secs(2);
+        for _ in 0..4 {
+            if let Some(response) = self.receive_within(timeout) {
+                return response;
+            }
+            self.send(packet);
+            timeout *= 2;
+        }
+        self.receive_within(timeout)
+            .expect("a response from sluiced within the CON retransmission schedule")
     }
 
     /// A CON POST to `path` with a content format (None: no option) and payload.
