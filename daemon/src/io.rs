@@ -239,32 +239,29 @@ impl SendBatch {
     }
 }
 
-/// Waits until either socket has a datagram, or `RECEIVE_TIMEOUT` passes; says which are
-/// readable. For a shard serving both CoAP and CoAPS.
-pub fn wait_readable(first: &UdpSocket, second: &UdpSocket) -> (bool, bool) {
-    use std::os::fd::AsRawFd;
-    let mut fds = [
-        libc::pollfd {
-            fd: first.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: second.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    // SAFETY: `fds` is a live array of two pollfd for the duration of the call.
+/// Waits until one of `fds` is readable, or `RECEIVE_TIMEOUT` passes; says which are. A shard
+/// polls its CoAP and CoAPS sockets and, while a commit is being synced, the sync thread's
+/// wake-up descriptor (None: not polled).
+pub fn wait_readable(fds: [Option<std::os::fd::RawFd>; 3]) -> [bool; 3] {
+    if fds.iter().all(Option::is_none) {
+        return [false; 3];
+    }
+    let mut polled = fds.map(|fd| libc::pollfd {
+        fd: fd.unwrap_or(-1),
+        events: libc::POLLIN,
+        revents: 0,
+    });
+    // SAFETY: `polled` is a live array of three pollfd for the duration of the call; poll
+    // ignores entries with a negative descriptor.
     let ready = unsafe {
         libc::poll(
-            fds.as_mut_ptr(),
-            fds.len() as libc::nfds_t,
+            polled.as_mut_ptr(),
+            polled.len() as libc::nfds_t,
             RECEIVE_TIMEOUT.as_millis() as libc::c_int,
         )
     };
     if ready <= 0 {
-        return (false, false);
+        return [false; 3];
     }
-    (fds[0].revents != 0, fds[1].revents != 0)
+    polled.map(|p| p.revents != 0)
 }

@@ -2,12 +2,13 @@
 //! its store writer. Per batch: receive, decode, append, group commit, then send the responses.
 
 use std::net::UdpSocket;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use sluice_protocol::{Endpoint, EndpointConfig, Exchange, Identity, Outcome, Reading, Value};
-use sluice_storage::{ExchangeRecord, ShardWriter, ValueRef};
+use sluice_storage::{Durability, ExchangeRecord, Prepared, ShardWriter, StoreError, ValueRef};
 
 use crate::coaps::Coaps;
 use crate::credentials::SharedCredentials;
@@ -18,6 +19,90 @@ use crate::metrics::{self, ShardMetrics};
 pub const UNAVAILABLE_MAX_AGE_S: u32 = 30;
 /// How often expired dedup entries and Block1 transfers are dropped.
 const EXPIRE_INTERVAL: Duration = Duration::from_secs(1);
+/// Requests buffered behind the commit in flight before the shard stops receiving until that
+/// commit is durable: bounds the next commit (the store records at most
+/// `EXCHANGES_PER_COMMIT_MAX` exchanges in one) and the memory a slow disk can pin.
+const PENDING_EXCHANGES_MAX: usize = 4096;
+
+/// A group commit written to its segments whose fdatasync runs on the sync thread; its
+/// requests are answered when it is durable.
+struct InFlight {
+    pending: Vec<Pending>,
+    pending_bytes: Vec<u8>,
+    started: Instant,
+}
+
+/// The thread that makes a shard's commits durable (fdatasync), so the shard receives and
+/// decodes the next batch meanwhile. One commit at a time: channels of one slot.
+struct Syncer {
+    requests: Option<mpsc::SyncSender<Prepared>>,
+    results: mpsc::Receiver<(Prepared, Result<(), StoreError>)>,
+    /// Readable when a result is waiting (an eventfd the shard polls with its sockets).
+    wake: Arc<OwnedFd>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Syncer {
+    fn start(shard: usize) -> Syncer {
+        // SAFETY: eventfd returns a new descriptor we own, or -1.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        assert!(fd >= 0, "eventfd: {}", std::io::Error::last_os_error());
+        // SAFETY: `fd` is a valid descriptor owned by nobody else.
+        let wake = Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
+        let (requests, work) = mpsc::sync_channel::<Prepared>(1);
+        let (done, results) = mpsc::sync_channel(1);
+        let thread_wake = wake.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("sluiced-sync-{shard}"))
+            .spawn(move || {
+                for prepared in work {
+                    let result = prepared.sync();
+                    if done.send((prepared, result)).is_err() {
+                        return;
+                    }
+                    let one: u64 = 1;
+                    // SAFETY: an 8-byte write of a u64 to our eventfd.
+                    unsafe { libc::write(thread_wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
+                }
+            })
+            .expect("cannot start a sync thread");
+        Syncer {
+            requests: Some(requests),
+            results,
+            wake,
+            thread: Some(thread),
+        }
+    }
+
+    fn wake_fd(&self) -> RawFd {
+        self.wake.as_raw_fd()
+    }
+
+    fn sync(&self, prepared: Prepared) {
+        if let Some(requests) = &self.requests {
+            // One commit is in flight at a time, so the slot is free.
+            let _ = requests.send(prepared);
+        }
+    }
+
+    /// The commit in flight, once its fdatasync returned.
+    fn finished(&self) -> Option<(Prepared, Result<(), StoreError>)> {
+        let result = self.results.try_recv().ok()?;
+        let mut count = [0u8; 8];
+        // SAFETY: reading the eventfd's counter resets it; non-blocking.
+        unsafe { libc::read(self.wake.as_raw_fd(), count.as_mut_ptr().cast(), 8) };
+        Some(result)
+    }
+}
+
+impl Drop for Syncer {
+    fn drop(&mut self) {
+        self.requests.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
 
 pub struct Shard {
     pub index: usize,
@@ -40,6 +125,8 @@ pub struct CoapsSetup {
 
 /// A stored exchange whose response waits for the commit that covers it.
 struct Pending {
+    /// When the datagram was received (for the receive-to-acknowledge latency).
+    received: Instant,
     /// Came over CoAPS: answered by the CoAPS endpoint, in a record of the peer's session.
     secure: bool,
     exchange: Exchange,
@@ -79,11 +166,30 @@ impl Shard {
         let mut last_expire = Instant::now();
         let mut failing = false;
 
-        while !self.shutdown.load(Ordering::Relaxed) {
-            let (plain_ready, secure_ready) = match (&plain, &coaps) {
-                (Some(plain), Some(coaps)) => io::wait_readable(plain, &coaps.socket),
-                (plain, _) => (plain.is_some(), plain.is_none()),
-            };
+        // Under --durability fsync the fdatasync of a commit runs on this thread's sync thread
+        // while the shard receives and decodes the next batch (pipelined group commit).
+        let syncer =
+            (self.writer.durability() == Durability::Fsync).then(|| Syncer::start(self.index));
+        let mut in_flight: Option<InFlight> = None;
+        loop {
+            let stopping = self.shutdown.load(Ordering::Relaxed);
+            if stopping && in_flight.is_none() && pending.is_empty() {
+                break;
+            }
+            // Receive unless stopping, or unless the commit behind the one in flight is full.
+            let receiving = !stopping && pending.len() < PENDING_EXCHANGES_MAX;
+            let wake = syncer
+                .as_ref()
+                .filter(|_| in_flight.is_some())
+                .map(|s| s.wake_fd());
+            let [plain_ready, secure_ready, _] = io::wait_readable([
+                plain.as_ref().filter(|_| receiving).map(|s| s.as_raw_fd()),
+                coaps
+                    .as_ref()
+                    .filter(|_| receiving)
+                    .map(|c| c.socket.as_raw_fd()),
+                wake,
+            ]);
             let mut count = 0;
             if let (Some(socket), true) = (&plain, plain_ready) {
                 count = self.receive(&mut receive, socket);
@@ -114,6 +220,7 @@ impl Shard {
                             exchange,
                             &readings,
                             &response,
+                            received_at,
                             unix_now,
                             false,
                             &mut pending,
@@ -157,6 +264,7 @@ impl Shard {
                                     exchange,
                                     &readings,
                                     &response,
+                                    received_at,
                                     unix_now,
                                     true,
                                     &mut pending,
@@ -171,15 +279,91 @@ impl Shard {
                 }
             }
 
-            if !pending.is_empty() {
-                self.commit(
-                    &mut endpoint,
-                    coaps.as_mut(),
-                    &mut pending,
-                    &pending_bytes,
-                    &mut send,
-                    &mut failing,
-                );
+            // The commit in flight is durable (or failed): answer its requests.
+            if let (Some(syncer), Some(_)) = (&syncer, &in_flight) {
+                if let Some((prepared, synced)) = syncer.finished() {
+                    let done = in_flight.take().expect("a commit in flight");
+                    let result = match synced {
+                        Ok(()) => Ok(self.writer.publish(prepared)),
+                        Err(error) => {
+                            // What was buffered behind it is discarded with it (see
+                            // ShardWriter::abandon): those requests get 5.03 too.
+                            self.writer.abandon(prepared);
+                            Err(error)
+                        }
+                    };
+                    let failed_behind = result.is_err();
+                    self.finish(
+                        &mut endpoint,
+                        coaps.as_mut(),
+                        &done.pending,
+                        &done.pending_bytes,
+                        &mut send,
+                        &mut failing,
+                        result,
+                        done.started,
+                    );
+                    if failed_behind && !pending.is_empty() {
+                        let error = StoreError::Io {
+                            op: "commit",
+                            path: Default::default(),
+                            source: std::io::Error::other("the commit before it failed"),
+                        };
+                        self.finish(
+                            &mut endpoint,
+                            coaps.as_mut(),
+                            &pending,
+                            &pending_bytes,
+                            &mut send,
+                            &mut failing,
+                            Err(error),
+                            Instant::now(),
+                        );
+                        pending.clear();
+                        pending_bytes.clear();
+                    }
+                }
+            }
+            // Start the next commit when none is in flight.
+            if in_flight.is_none() && !pending.is_empty() {
+                let started = Instant::now();
+                match self.writer.prepare() {
+                    Err(error) => {
+                        self.finish(
+                            &mut endpoint,
+                            coaps.as_mut(),
+                            &pending,
+                            &pending_bytes,
+                            &mut send,
+                            &mut failing,
+                            Err(error),
+                            started,
+                        );
+                    }
+                    Ok(prepared) => match &syncer {
+                        Some(syncer) if prepared.needs_sync() => {
+                            syncer.sync(prepared);
+                            in_flight = Some(InFlight {
+                                pending: std::mem::take(&mut pending),
+                                pending_bytes: std::mem::take(&mut pending_bytes),
+                                started,
+                            });
+                        }
+                        _ => {
+                            let stats = self.writer.publish(prepared);
+                            self.finish(
+                                &mut endpoint,
+                                coaps.as_mut(),
+                                &pending,
+                                &pending_bytes,
+                                &mut send,
+                                &mut failing,
+                                Ok(stats),
+                                started,
+                            );
+                        }
+                    },
+                }
                 pending.clear();
                 pending_bytes.clear();
             }
@@ -190,10 +374,6 @@ impl Shard {
                 dropped += coaps.send.flush(&coaps.socket);
             }
             if count > 0 {
-                let latency_us = received_at.elapsed().as_micros() as u64;
-                if let Ok(mut histogram) = self.metrics.ack_latency_us.lock() {
-                    metrics::record(&mut histogram, latency_us, count as u64);
-                }
                 if let Ok(mut histogram) = self.metrics.decode_latency_us.lock() {
                     for us in decode_us.drain(..) {
                         metrics::record(&mut histogram, us, 1);
@@ -246,6 +426,7 @@ impl Shard {
         exchange: Exchange,
         readings: &[Reading],
         response: &[u8],
+        received: Instant,
         unix_now: f64,
         secure: bool,
         pending: &mut Vec<Pending>,
@@ -274,6 +455,7 @@ impl Shard {
             tracing::warn!(shard = self.index, %error, "exchange not recorded");
         }
         pending.push(Pending {
+            received,
             secure,
             exchange,
             response_start: pending_bytes.len(),
@@ -285,17 +467,20 @@ impl Shard {
 
     /// Group commit of every reading appended in this batch; then the stored exchanges'
     /// responses are queued, or 5.03 when the store could not make them durable.
-    fn commit(
+    /// Answers the requests of a finished group commit: their 2.04 once it is durable and
+    /// published, 5.03 when it failed.
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
         &mut self,
         endpoint: &mut Endpoint,
         mut coaps: Option<&mut Coaps>,
-        pending: &mut [Pending],
+        pending: &[Pending],
         pending_bytes: &[u8],
         send: &mut SendBatch,
         failing: &mut bool,
+        result: Result<sluice_storage::CommitStats, StoreError>,
+        started: Instant,
     ) {
-        let started = Instant::now();
-        let result = self.writer.commit();
         let commit_us = started.elapsed().as_micros() as u64;
         match result {
             Ok(stats) => {
@@ -312,6 +497,12 @@ impl Shard {
                     .fetch_add(stats.late_points as u64, Ordering::Relaxed);
                 if let Ok(mut histogram) = self.metrics.commit_latency_us.lock() {
                     metrics::record(&mut histogram, commit_us, 1);
+                }
+                if let Ok(mut histogram) = self.metrics.ack_latency_us.lock() {
+                    for entry in pending {
+                        let latency_us = entry.received.elapsed().as_micros() as u64;
+                        metrics::record(&mut histogram, latency_us, 1);
+                    }
                 }
                 for entry in pending.iter() {
                     let start = entry.response_start;

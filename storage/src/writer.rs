@@ -89,6 +89,45 @@ impl Faults {
     }
 }
 
+/// A commit written by [`ShardWriter::prepare`], not yet durable nor published. Send: its
+/// [`Prepared::sync`] may run on another thread.
+pub struct Prepared {
+    /// Handles of the files to fdatasync (none under `Durability::Os`).
+    files: Vec<(File, PathBuf)>,
+    /// What publishing changes; None for a commit that wrote nothing.
+    publish: Option<PublishState>,
+    stats: CommitStats,
+}
+
+struct PublishState {
+    dictionary_end: u64,
+    published: Vec<(Arc<SegmentShared>, BlockMeta, u64)>,
+    latest: Vec<(u32, u64, f64, u32, Value)>,
+    dictionary: Vec<(u32, String, String)>,
+    commit_seq: u64,
+}
+
+impl Prepared {
+    /// Makes the commit durable: fdatasync of every segment it wrote.
+    pub fn sync(&self) -> Result<(), StoreError> {
+        for (file, path) in &self.files {
+            file.sync_data()
+                .map_err(|error| StoreError::io("fdatasync", path, error))?;
+        }
+        Ok(())
+    }
+
+    /// Whether [`Prepared::sync`] has anything to do (`Durability::Fsync` and data written).
+    pub fn needs_sync(&self) -> bool {
+        !self.files.is_empty()
+    }
+
+    /// Readings the commit holds.
+    pub fn points(&self) -> usize {
+        self.stats.points
+    }
+}
+
 /// The single writer of one shard (Send; used on the shard's own thread).
 pub struct ShardWriter {
     inner: Arc<Inner>,
@@ -306,6 +345,11 @@ impl ShardWriter {
         Ok(())
     }
 
+    /// When a commit counts as done: after fdatasync, or after write(2).
+    pub fn durability(&self) -> Durability {
+        self.durability
+    }
+
     /// Readings buffered since the last commit.
     pub fn pending(&self) -> usize {
         self.pending.len()
@@ -315,12 +359,29 @@ impl ShardWriter {
     /// this commit is published, the buffered readings are discarded and the next commit first
     /// cuts the files back to their published lengths.
     pub fn commit(&mut self) -> Result<CommitStats, StoreError> {
+        let prepared = self.prepare()?;
+        match prepared.sync() {
+            Ok(()) => Ok(self.publish(prepared)),
+            Err(error) => {
+                self.abandon(prepared);
+                Err(error)
+            }
+        }
+    }
+
+    /// The first half of [`ShardWriter::commit`], for a caller that makes the commit durable
+    /// elsewhere (a sync thread) while it goes on appending: writes the buffered readings (a
+    /// grown dictionary is synced here, before any block refers to it) and returns what
+    /// [`Prepared::sync`] must make durable before [`ShardWriter::publish`]. Readings appended
+    /// meanwhile go to the next commit; call `prepare` again only after `publish` or `abandon`.
+    /// On error nothing is published and the buffered readings are discarded, as for `commit`.
+    pub fn prepare(&mut self) -> Result<Prepared, StoreError> {
         self.touched.clear();
         // Retention renames partition directories under this lock: no file of this shard is
         // created or dropped while a commit writes.
         let shard = self.shard.clone();
         let files = lock(&shard.files);
-        let result = self.commit_inner();
+        let result = self.prepare_inner();
         drop(files);
         self.exchange_bytes.clear();
         self.exchange_count = 0;
@@ -329,6 +390,58 @@ impl ShardWriter {
             self.discard_failed_commit();
         }
         result
+    }
+
+    /// The prepared commit is durable: publishes it to readers and the summary.
+    pub fn publish(&mut self, prepared: Prepared) -> CommitStats {
+        let Some(state) = prepared.publish else {
+            return prepared.stats;
+        };
+        for segment in self.open.values_mut() {
+            segment.written_this_commit = false;
+        }
+        self.dictionary_len = state.dictionary_end;
+        self.shard
+            .dictionary_len
+            .store(state.dictionary_end, Ordering::Release);
+        let now_s = unix_now() as u64;
+        for (segment, meta, end) in state.published {
+            segment.last_write_unix_s.store(now_s, Ordering::Release);
+            write_lock(&segment.blocks).push(meta);
+            segment.published_len.fetch_max(end, Ordering::AcqRel);
+        }
+        {
+            let mut summary = lock(&self.shard.summary);
+            for (id, device, name) in state.dictionary {
+                summary.intern(id, &device, &name);
+            }
+            for (id, count, time, position, value) in state.latest {
+                summary.apply(id, count, time, (state.commit_seq, position as u64), || {
+                    value
+                });
+            }
+        }
+        self.next_commit_seq = state.commit_seq + 1;
+        self.shard
+            .next_commit_seq
+            .store(self.next_commit_seq, Ordering::Release);
+        self.inner.generation.fetch_add(1, Ordering::AcqRel);
+        prepared.stats
+    }
+
+    /// The prepared commit could not be made durable: nothing of it is published, and the
+    /// readings buffered since it was prepared are discarded with it (their series ids may
+    /// follow its own); the next commit first cuts the files back to their published lengths.
+    pub fn abandon(&mut self, prepared: Prepared) {
+        if let Some(state) = prepared.publish {
+            let mut dictionary = state.dictionary;
+            dictionary.append(&mut self.pending_dictionary);
+            self.pending_dictionary = dictionary;
+        }
+        self.exchange_bytes.clear();
+        self.exchange_count = 0;
+        self.exchange_arrivals = (f64::INFINITY, f64::NEG_INFINITY);
+        self.discard_failed_commit();
     }
 
     /// Test hook: roll segments at this size instead of `SEGMENT_BYTES_MAX`.
@@ -406,7 +519,7 @@ impl ShardWriter {
         Ok(())
     }
 
-    fn commit_inner(&mut self) -> Result<CommitStats, StoreError> {
+    fn prepare_inner(&mut self) -> Result<Prepared, StoreError> {
         self.cut_back()?;
         let check_due = self.last_seal_check.is_none_or(|last| {
             last.elapsed() >= std::time::Duration::from_millis(SEAL_CHECK_INTERVAL_MS)
@@ -425,12 +538,16 @@ impl ShardWriter {
             .retain(|reading| !expired(reading.window, partition_secs, floor));
         let expired_points = buffered - self.pending.len();
         if self.pending.is_empty() && self.pending_dictionary.is_empty() {
-            return Ok(CommitStats {
-                points: 0,
-                bytes: 0,
-                synced: false,
-                expired_points,
-                late_points: 0,
+            return Ok(Prepared {
+                files: Vec::new(),
+                publish: None,
+                stats: CommitStats {
+                    points: 0,
+                    bytes: 0,
+                    synced: false,
+                    expired_points,
+                    late_points: 0,
+                },
             });
         }
         let sync = self.durability == Durability::Fsync;
@@ -561,52 +678,37 @@ impl ShardWriter {
             }
         }
 
-        // 4. Sync every segment written (segments closed during the commit were synced then).
+        // 4. What must be made durable: every segment written (segments closed during the
+        //    commit were synced then).
+        let mut files = Vec::new();
         if sync {
             for segment in self.open.values() {
                 if segment.written_this_commit {
                     self.faults.check("fdatasync", &segment.shared.path)?;
-                    segment.file.sync_data().map_err(|error| {
-                        StoreError::io("fdatasync", &segment.shared.path, error)
-                    })?;
+                    let file = segment
+                        .file
+                        .try_clone()
+                        .map_err(|error| StoreError::io("dup", &segment.shared.path, error))?;
+                    files.push((file, segment.shared.path.clone()));
                 }
             }
         }
-
-        // 5. Publish.
-        for segment in self.open.values_mut() {
-            segment.written_this_commit = false;
-        }
-        self.dictionary_len = dictionary_end;
-        self.shard
-            .dictionary_len
-            .store(dictionary_end, Ordering::Release);
-        let now_s = unix_now() as u64;
-        for (segment, meta, end) in published {
-            segment.last_write_unix_s.store(now_s, Ordering::Release);
-            write_lock(&segment.blocks).push(meta);
-            segment.published_len.fetch_max(end, Ordering::AcqRel);
-        }
-        {
-            let mut summary = lock(&self.shard.summary);
-            for (id, device, name) in self.pending_dictionary.drain(..) {
-                summary.intern(id, &device, &name);
-            }
-            for (id, count, time, position, value) in latest {
-                summary.apply(id, count, time, (commit_seq, position as u64), || value);
-            }
-        }
-        self.next_commit_seq = commit_seq + 1;
-        self.shard
-            .next_commit_seq
-            .store(self.next_commit_seq, Ordering::Release);
-        self.inner.generation.fetch_add(1, Ordering::AcqRel);
-        Ok(CommitStats {
-            points,
-            bytes: bytes_written,
-            synced: sync,
-            expired_points,
-            late_points,
+        Ok(Prepared {
+            files,
+            publish: Some(PublishState {
+                dictionary_end,
+                published,
+                latest,
+                dictionary: std::mem::take(&mut self.pending_dictionary),
+                commit_seq,
+            }),
+            stats: CommitStats {
+                points,
+                bytes: bytes_written,
+                synced: sync,
+                expired_points,
+                late_points,
+            },
         })
     }
 

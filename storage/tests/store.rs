@@ -860,3 +860,60 @@ fn readers_on_other_threads_see_only_whole_commits() {
     stop.store(true, std::sync::atomic::Ordering::Release);
     checker.join().unwrap();
 }
+
+#[test]
+fn a_prepared_commit_is_invisible_until_published_and_abandoning_it_drops_what_followed() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (store, _) = Store::open(config(dir.path(), Durability::Fsync)).unwrap();
+        let reader = store.reader();
+        let mut writer = store.writer(0).unwrap();
+        writer
+            .append("dev-p", "t", T0, ValueRef::Number(1.0))
+            .unwrap();
+        let prepared = writer.prepare().unwrap();
+        assert!(prepared.needs_sync());
+        // Written, not yet durable: readers do not see it.
+        assert_eq!(reader.series("dev-p", "t", T0, T0 + 10.0).unwrap(), None);
+        prepared.sync().unwrap();
+        assert_eq!(writer.publish(prepared).points, 1);
+        assert_eq!(
+            reader
+                .series("dev-p", "t", T0, T0 + 10.0)
+                .unwrap()
+                .unwrap()
+                .len(),
+            1
+        );
+
+        // A second commit is prepared; readings (one of a new series) are buffered behind it;
+        // its sync "fails": neither it nor what followed is published.
+        writer
+            .append("dev-p", "t", T0 + 1.0, ValueRef::Number(2.0))
+            .unwrap();
+        let prepared = writer.prepare().unwrap();
+        writer
+            .append("dev-p", "u", T0 + 2.0, ValueRef::Number(3.0))
+            .unwrap();
+        writer.abandon(prepared);
+        assert_eq!(writer.pending(), 0);
+        assert_eq!(reader.series("dev-p", "u", T0, T0 + 10.0).unwrap(), None);
+        // The writer goes on: the next commit cuts the abandoned bytes back first.
+        writer
+            .append("dev-p", "t", T0 + 3.0, ValueRef::Number(4.0))
+            .unwrap();
+        writer.commit().unwrap();
+    }
+    let store = open(dir.path());
+    let points = store
+        .reader()
+        .series("dev-p", "t", T0, T0 + 10.0)
+        .unwrap()
+        .unwrap();
+    assert_eq!(numbers(&points), vec![(T0, 1.0), (T0 + 3.0, 4.0)]);
+    assert_eq!(
+        store.reader().series("dev-p", "u", T0, T0 + 10.0).unwrap(),
+        None
+    );
+    assert!(verify(dir.path(), false).unwrap().is_clean());
+}
