@@ -6,16 +6,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use serde::Deserialize;
 use sluice_dtls::{Psk, PskLookup};
-use toml::Spanned;
-
-/// RFC 7925 §4.2: identities should be short; 128 bytes leaves room for any naming scheme.
-pub const IDENTITY_BYTES_MAX: usize = 128;
-/// 64 bytes (512 bits) is beyond any PSK a device carries and within what every DTLS stack takes.
-pub const KEY_BYTES_MAX: usize = 64;
-/// Device ids as the wire contract has them (docs/wire.md).
-const DEVICE_ID_BYTES_MAX: usize = 64;
 
 /// The enabled devices' keys, by identity.
 #[derive(Default)]
@@ -53,89 +44,22 @@ impl Credentials {
         Credentials::parse(&text).map_err(|error| anyhow::anyhow!("{}{error}", path.display()))
     }
 
-    /// Parses the file's text. Errors read `" line N: what"`, to follow the file name.
+    /// Parses the file's text (sluice_dtls::credentials). Errors read `" line N: what"`, to
+    /// follow the file name.
     pub fn parse(text: &str) -> Result<Credentials, String> {
-        let line = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
-        let file: File = toml::from_str(text).map_err(|error| match error.span() {
-            Some(span) => format!(" line {}: {}", line(span.start), error.message()),
-            None => format!(": {}", error.message()),
-        })?;
         let mut credentials = Credentials::default();
-        let mut identities = std::collections::HashSet::new();
-        for entry in file.device {
-            let at = line(entry.id.span().start);
-            let id = entry.id.get_ref();
-            let fail = |what: String| format!(" line {at}: device \"{id}\": {what}");
-            if id.is_empty()
-                || id.len() > DEVICE_ID_BYTES_MAX
-                || !id
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b))
-            {
-                return Err(fail(format!(
-                    "`id` must be 1 to {DEVICE_ID_BYTES_MAX} bytes of A-Z a-z 0-9 . _ : -"
-                )));
-            }
-            let identity = entry.identity.as_ref().map_or(id.as_str(), |i| i.get_ref());
-            if identity.is_empty() || identity.len() > IDENTITY_BYTES_MAX {
-                return Err(fail(format!(
-                    "`identity` must be 1 to {IDENTITY_BYTES_MAX} bytes"
-                )));
-            }
-            let key: Vec<u8> = match (&entry.key, &entry.key_hex) {
-                (Some(key), None) => key.get_ref().as_bytes().to_vec(),
-                (None, Some(hex)) => decode_hex(hex.get_ref())
-                    .ok_or_else(|| fail("`key_hex` must be an even number of hex digits".into()))?,
-                (Some(_), Some(_)) => return Err(fail("give `key` or `key_hex`, not both".into())),
-                (None, None) => return Err(fail("give `key` or `key_hex`".into())),
-            };
-            if key.is_empty() || key.len() > KEY_BYTES_MAX {
-                return Err(fail(format!("the key must be 1 to {KEY_BYTES_MAX} bytes")));
-            }
-            let identity: Box<[u8]> = identity.as_bytes().into();
-            if !identities.insert(identity.clone()) {
-                return Err(fail("another entry has the same `identity`".into()));
-            }
-            if entry.enabled == Some(false) {
+        for credential in sluice_dtls::credentials::parse(text)? {
+            if credential.enabled {
+                let identity = credential.psk.identity.clone();
+                credentials
+                    .by_identity
+                    .insert(identity, Arc::new(credential.psk));
+            } else {
                 credentials.disabled += 1;
-                continue;
             }
-            let psk = Psk {
-                identity: identity.clone(),
-                device: Arc::from(id.as_str()),
-                key: key.into(),
-            };
-            credentials.by_identity.insert(identity, Arc::new(psk));
         }
         Ok(credentials)
     }
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct File {
-    #[serde(default)]
-    device: Vec<Entry>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Entry {
-    id: Spanned<String>,
-    identity: Option<Spanned<String>>,
-    key: Option<Spanned<String>>,
-    key_hex: Option<Spanned<String>>,
-    enabled: Option<bool>,
-}
-
-fn decode_hex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) || !text.is_ascii() {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok())
-        .collect()
 }
 
 /// The credentials in force, shared by the main thread (which reloads them on SIGHUP) and the

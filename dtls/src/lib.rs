@@ -8,6 +8,7 @@
 //! sluice has its own DTLS and what it does and does not implement: `docs/dtls.md`.
 
 mod client;
+pub mod credentials;
 mod crypto;
 mod server;
 #[cfg(test)]

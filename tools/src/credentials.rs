@@ -8,13 +8,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context};
 use rand::RngCore;
-use serde::Deserialize;
-use toml::Spanned;
 
-/// Bounds of `docs/credentials.md` (the daemon's `credentials.rs` holds the same).
-const DEVICE_ID_BYTES_MAX: usize = 64;
-const IDENTITY_BYTES_MAX: usize = 128;
-const KEY_BYTES_MAX: usize = 64;
 /// Keys `--gen-credentials` writes: 128 bits, the AES key size of every suite sluice offers.
 const GENERATED_KEY_BYTES: usize = 16;
 /// Entries `--gen-credentials` writes at most: the fleet bound of `sluice load` is far below.
@@ -28,23 +22,6 @@ pub struct Entry {
     pub key: Vec<u8>,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct File {
-    #[serde(default)]
-    device: Vec<RawEntry>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawEntry {
-    id: Spanned<String>,
-    identity: Option<String>,
-    key: Option<String>,
-    key_hex: Option<String>,
-    enabled: Option<bool>,
-}
-
 /// The enabled entries of the file at `path`, in file order. Any bad entry refuses the file,
 /// with its line.
 pub fn read(path: &Path) -> anyhow::Result<Vec<Entry>> {
@@ -53,63 +30,18 @@ pub fn read(path: &Path) -> anyhow::Result<Vec<Entry>> {
     parse(&text).map_err(|error| anyhow::anyhow!("--credentials: {}{error}", path.display()))
 }
 
-/// Parses the file's text. Errors read `" line N: what"`, to follow the file name.
+/// The enabled entries of the file's text (the parser `sluiced` uses too). Errors read
+/// `" line N: what"`, to follow the file name.
 fn parse(text: &str) -> Result<Vec<Entry>, String> {
-    let line = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
-    let file: File = toml::from_str(text).map_err(|error| match error.span() {
-        Some(span) => format!(" line {}: {}", line(span.start), error.message()),
-        None => format!(": {}", error.message()),
-    })?;
-    let mut entries = Vec::new();
-    let mut identities = std::collections::HashSet::new();
-    for raw in file.device {
-        let at = line(raw.id.span().start);
-        let id = raw.id.into_inner();
-        let fail = |what: &str| format!(" line {at}: device \"{id}\": {what}");
-        if id.is_empty()
-            || id.len() > DEVICE_ID_BYTES_MAX
-            || !id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b))
-        {
-            return Err(fail(&format!(
-                "`id` must be 1 to {DEVICE_ID_BYTES_MAX} bytes of A-Z a-z 0-9 . _ : -"
-            )));
-        }
-        let identity = raw.identity.unwrap_or_else(|| id.clone());
-        if identity.is_empty() || identity.len() > IDENTITY_BYTES_MAX {
-            return Err(fail(&format!(
-                "`identity` must be 1 to {IDENTITY_BYTES_MAX} bytes"
-            )));
-        }
-        let key = match (raw.key, raw.key_hex) {
-            (Some(key), None) => key.into_bytes(),
-            (None, Some(hex)) => decode_hex(&hex)
-                .ok_or_else(|| fail("`key_hex` must be an even number of hex digits"))?,
-            (Some(_), Some(_)) => return Err(fail("give `key` or `key_hex`, not both")),
-            (None, None) => return Err(fail("give `key` or `key_hex`")),
-        };
-        if key.is_empty() || key.len() > KEY_BYTES_MAX {
-            return Err(fail(&format!("the key must be 1 to {KEY_BYTES_MAX} bytes")));
-        }
-        if !identities.insert(identity.clone()) {
-            return Err(fail("another entry has the same `identity`"));
-        }
-        if raw.enabled != Some(false) {
-            entries.push(Entry { id, identity, key });
-        }
-    }
-    Ok(entries)
-}
-
-fn decode_hex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) || !text.is_ascii() {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok())
-        .collect()
+    Ok(sluice_dtls::credentials::parse(text)?
+        .into_iter()
+        .filter(|credential| credential.enabled)
+        .map(|credential| Entry {
+            id: credential.psk.device.to_string(),
+            identity: String::from_utf8_lossy(&credential.psk.identity).into_owned(),
+            key: credential.psk.key.into_vec(),
+        })
+        .collect())
 }
 
 /// Writes a credentials file of `count` devices named `{prefix}{index:04}` (the names `sluice
@@ -121,7 +53,7 @@ pub fn generate(count: usize, prefix: &str) -> anyhow::Result<()> {
     }
     let first = format!("{prefix}0000");
     if parse(&entry_text(&first, &[0; GENERATED_KEY_BYTES])).is_err() {
-        bail!("--device-prefix: `{prefix}` does not make a valid device id (1 to {DEVICE_ID_BYTES_MAX} bytes of A-Z a-z 0-9 . _ : -)");
+        bail!("--device-prefix: `{prefix}` does not make a valid device id (1 to {} bytes of A-Z a-z 0-9 . _ : -)", sluice_dtls::credentials::DEVICE_ID_BYTES_MAX);
     }
     restrict_stdout_file()?;
     let mut rng = rand::rng();
