@@ -87,11 +87,12 @@ impl Syncer {
 
     /// The commit in flight, once its fdatasync returned.
     fn finished(&self) -> Option<(Prepared, Result<(), StoreError>)> {
-        let result = self.results.try_recv().ok()?;
+        // Reset the counter first: the thread sends, then signals, so a signal that lands after
+        // this result was taken causes at most one spurious wake-up, never a busy loop.
         let mut count = [0u8; 8];
         // SAFETY: reading the eventfd's counter resets it; non-blocking.
         unsafe { libc::read(self.wake.as_raw_fd(), count.as_mut_ptr().cast(), 8) };
-        Some(result)
+        self.results.try_recv().ok()
     }
 }
 
