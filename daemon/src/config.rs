@@ -68,6 +68,11 @@ pub struct Options {
     #[arg(long, env = "SLUICE_RETENTION", value_name = "DURATION")]
     pub retention: Option<String>,
 
+    /// How datagrams are spread over the shards: by the kernel's hash of the source address, or
+    /// to the shard pinned to the CPU that received them (needs NIC RSS/RPS) [default: hash]
+    #[arg(long, env = "SLUICE_STEERING", value_enum)]
+    pub steering: Option<Steering>,
+
     /// Log line format on stderr [default: text]
     #[arg(long, env = "SLUICE_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -78,6 +83,15 @@ pub struct Options {
 pub enum DurabilityMode {
     Fsync,
     Os,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Steering {
+    /// SO_REUSEPORT's hash of the source and destination addresses and ports.
+    Hash,
+    /// Shards pinned to CPUs; a datagram goes to the shard of the CPU that received it.
+    Cpu,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
@@ -101,6 +115,7 @@ pub struct Config {
     pub partition_grace: Duration,
     /// Partitions whose window ended longer ago than this are dropped; None keeps everything.
     pub retention: Option<Duration>,
+    pub steering: Steering,
     pub log_format: LogFormat,
 }
 
@@ -184,6 +199,7 @@ impl Options {
             partition,
             partition_grace,
             retention,
+            steering: self.steering.unwrap_or(Steering::Hash),
             log_format: self.log_format.unwrap_or(LogFormat::Text),
         })
     }
@@ -203,6 +219,7 @@ impl Options {
             partition,
             partition_grace,
             retention,
+            steering,
             log_format
         );
     }

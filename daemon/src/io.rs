@@ -192,32 +192,30 @@ impl SendBatch {
         while sent < self.messages.len() {
             let chunk =
                 &self.messages[sent..(sent + DATAGRAMS_PER_BATCH_MAX).min(self.messages.len())];
-            let mut iovecs: Vec<libc::iovec> = chunk
-                .iter()
-                .map(|(_, start, len)| libc::iovec {
+            let mut iovecs: [MaybeUninit<libc::iovec>; DATAGRAMS_PER_BATCH_MAX] =
+                [MaybeUninit::uninit(); DATAGRAMS_PER_BATCH_MAX];
+            let mut headers: [MaybeUninit<libc::mmsghdr>; DATAGRAMS_PER_BATCH_MAX] =
+                [MaybeUninit::uninit(); DATAGRAMS_PER_BATCH_MAX];
+            for (i, (address, start, len)) in chunk.iter().enumerate() {
+                iovecs[i].write(libc::iovec {
                     iov_base: self.bytes[*start..].as_ptr() as *mut libc::c_void,
                     iov_len: *len,
-                })
-                .collect();
-            let mut headers: Vec<libc::mmsghdr> = chunk
-                .iter()
-                .zip(iovecs.iter_mut())
-                .map(|((address, _, _), iovec)| {
-                    // SAFETY: mmsghdr is plain old data; zeroed then filled in.
-                    let mut header: libc::mmsghdr = unsafe { mem::zeroed() };
-                    header.msg_hdr.msg_name = address.as_ptr() as *mut libc::c_void;
-                    header.msg_hdr.msg_namelen = address.len();
-                    header.msg_hdr.msg_iov = iovec;
-                    header.msg_hdr.msg_iovlen = 1;
-                    header
-                })
-                .collect();
-            // SAFETY: headers point at addresses, iovecs and bytes that outlive the call.
+                });
+                // SAFETY: mmsghdr is plain old data; zeroed then filled in.
+                let mut header: libc::mmsghdr = unsafe { mem::zeroed() };
+                header.msg_hdr.msg_name = address.as_ptr() as *mut libc::c_void;
+                header.msg_hdr.msg_namelen = address.len();
+                header.msg_hdr.msg_iov = iovecs[i].as_mut_ptr();
+                header.msg_hdr.msg_iovlen = 1;
+                headers[i].write(header);
+            }
+            // SAFETY: the first `chunk.len()` headers are initialised and point at addresses,
+            // iovecs and bytes that outlive the call.
             let result = unsafe {
                 libc::sendmmsg(
                     socket.as_raw_fd(),
-                    headers.as_mut_ptr(),
-                    headers.len() as _,
+                    headers.as_mut_ptr().cast(),
+                    chunk.len() as _,
                     0,
                 )
             };

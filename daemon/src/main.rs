@@ -13,6 +13,7 @@ mod io;
 mod metrics;
 mod retention;
 mod shard;
+mod steering;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -21,7 +22,7 @@ use anyhow::Context;
 use clap::Parser;
 use sluice_storage::{Durability, Store, StoreConfig};
 
-use config::{Config, DurabilityMode, LogFormat, Options};
+use config::{Config, DurabilityMode, LogFormat, Options, Steering};
 
 /// Worker threads of the HTTP runtime: queries must never take the cores from the shards.
 const HTTP_WORKER_THREADS: usize = 2;
@@ -41,6 +42,35 @@ fn main() {
         tracing::error!("{error:#}");
         std::process::exit(1);
     }
+}
+
+/// `--steering cpu`: shard `i` is pinned to the `i`th CPU the process may use, and both socket
+/// groups hand a datagram to the shard of the CPU that received it. Returns the shards' CPUs.
+fn steer_by_cpu(shards: &[shard::Shard]) -> anyhow::Result<Vec<usize>> {
+    let allowed =
+        steering::allowed_cpus().context("--steering cpu: cannot read the CPU affinity")?;
+    if shards.len() > allowed.len() {
+        anyhow::bail!(
+            "--steering cpu: {} shards but the process may use only {} CPUs ({allowed:?})",
+            shards.len(),
+            allowed.len()
+        );
+    }
+    let cpus = allowed[..shards.len()].to_vec();
+    let first = &shards[0];
+    let groups = [
+        first.socket.as_ref(),
+        first.coaps.as_ref().map(|coaps| &coaps.socket),
+    ];
+    for socket in groups.into_iter().flatten() {
+        steering::steer_by_cpu(socket, &cpus)
+            .context("--steering cpu: cannot attach the reuseport BPF program")?;
+    }
+    tracing::info!(
+        ?cpus,
+        "CPU steering: shards pinned, datagrams go to the shard of the CPU that received them"
+    );
+    Ok(cpus)
 }
 
 fn init_logging(format: LogFormat) {
@@ -130,6 +160,10 @@ fn run(mut config: Config) -> anyhow::Result<()> {
             history: history.clone(),
         });
     }
+    let cpus = match config.steering {
+        Steering::Hash => None,
+        Steering::Cpu => Some(steer_by_cpu(&shards)?),
+    };
     if config.coap.is_none() && config.coaps.is_none() {
         tracing::warn!("plain CoAP is off and CoAPS is not configured: nothing will be ingested");
     }
@@ -149,9 +183,17 @@ fn run(mut config: Config) -> anyhow::Result<()> {
     let threads: Vec<_> = shards
         .into_iter()
         .map(|shard| {
+            let cpu = cpus.as_ref().map(|cpus| cpus[shard.index]);
             std::thread::Builder::new()
                 .name(format!("sluiced-shard-{}", shard.index))
-                .spawn(move || shard.run())
+                .spawn(move || {
+                    if let Some(cpu) = cpu {
+                        if let Err(error) = steering::pin_current_thread(cpu) {
+                            tracing::warn!(shard = shard.index, cpu, %error, "cannot pin the shard to its CPU");
+                        }
+                    }
+                    shard.run()
+                })
         })
         .collect::<Result<_, _>>()
         .context("cannot start shard threads")?;
