@@ -1,6 +1,7 @@
 //! End to end: a full disk degrades service instead of losing data. On a small tmpfs the test
-//! mounts (tests run as root): CONs get 5.03 with Max-Age while commits fail, queries are still
-//! served, the failure is logged once, and ingestion resumes by itself when space returns.
+//! mounts (tests run as root): CONs get 5.03 with Max-Age while commits fail, `/readyz` answers
+//! 503, queries are still served, the failure is logged once, and ingestion resumes by itself
+//! when space returns.
 
 mod common;
 
@@ -122,7 +123,11 @@ fn a_full_disk_gets_503_with_max_age_keeps_queries_and_resumes_by_itself() {
         acknowledged_before,
         "every acknowledged reading is there"
     );
-    assert_eq!(daemon.get("/readyz").0, 200);
+    // Readiness says so, so balancers send elsewhere meanwhile.
+    let (status, body) = daemon.get("/readyz");
+    assert_eq!(status, 503);
+    assert!(body.starts_with("commit failing on shard "), "{body}");
+    assert_eq!(daemon.metric("sluice_commit_failing"), 1.0);
     let log = daemon.log_text();
     assert_eq!(
         log.matches("commit failed").count(),
@@ -143,6 +148,8 @@ fn a_full_disk_gets_503_with_max_age_keeps_queries_and_resumes_by_itself() {
     });
     let points = daemon.points("dev-full", "temp");
     assert_eq!(points.len() as u32, acknowledged_before + 1);
+    assert_eq!(daemon.get("/readyz"), (200, "ready\n".to_string()));
+    assert_eq!(daemon.metric("sluice_commit_failing"), 0.0);
     let status = daemon.stop();
     assert!(status.success(), "{}", daemon.log_text());
     // Nothing torn or corrupt was left behind.

@@ -26,6 +26,12 @@ pub struct Options {
     #[serde(skip)]
     pub config: Option<PathBuf>,
 
+    /// Check the configuration (flags, environment, --config file, --credentials file), print
+    /// `configuration ok` and exit 0, or the reason and exit 2; nothing is opened or bound
+    #[arg(long)]
+    #[serde(skip)]
+    pub check_config: bool,
+
     /// Data directory; one process owns it [default: ./sluice-data]
     #[arg(long, env = "SLUICE_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
@@ -73,6 +79,12 @@ pub struct Options {
     #[arg(long, env = "SLUICE_STEERING", value_enum)]
     pub steering: Option<Steering>,
 
+    /// After SIGTERM/SIGINT: how long /readyz answers 503 while CoAP, CoAPS and queries are still
+    /// served, so balancers stop sending first; then pending readings are committed and the
+    /// process exits. A second signal cuts it short. `0s` stops at once [default: 5s]
+    #[arg(long, env = "SLUICE_DRAIN", value_name = "DURATION")]
+    pub drain: Option<String>,
+
     /// Log line format on stderr [default: text]
     #[arg(long, env = "SLUICE_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -116,6 +128,8 @@ pub struct Config {
     /// Partitions whose window ended longer ago than this are dropped; None keeps everything.
     pub retention: Option<Duration>,
     pub steering: Steering,
+    /// How long a shutdown keeps serving with `/readyz` at 503 before it stops receiving.
+    pub drain: Duration,
     pub log_format: LogFormat,
 }
 
@@ -130,6 +144,10 @@ pub struct Coaps {
 
 /// Shards beyond this are refused: each costs a thread, sockets and buffers.
 pub const SHARDS_MAX: usize = 256;
+/// Longest `--drain` accepted: a shutdown must end in a time a service manager can wait for.
+pub const DRAIN_MAX: Duration = Duration::from_secs(600);
+/// `--drain` when none is given: a few health-check intervals of a typical balancer.
+pub const DRAIN_DEFAULT: Duration = Duration::from_secs(5);
 
 impl Options {
     /// Fill what the command line and environment left unset from the config file, then defaults.
@@ -187,6 +205,16 @@ impl Options {
                 Some(retention)
             }
         };
+        let drain = match self.drain.as_deref() {
+            None => DRAIN_DEFAULT,
+            Some(text) => {
+                let drain = parse_duration("--drain", text)?;
+                if drain > DRAIN_MAX {
+                    bail!("--drain: at most {}", humantime::format_duration(DRAIN_MAX));
+                }
+                drain
+            }
+        };
         Ok(Config {
             data_dir: self
                 .data_dir
@@ -200,6 +228,7 @@ impl Options {
             partition_grace,
             retention,
             steering: self.steering.unwrap_or(Steering::Hash),
+            drain,
             log_format: self.log_format.unwrap_or(LogFormat::Text),
         })
     }
@@ -220,6 +249,7 @@ impl Options {
             partition_grace,
             retention,
             steering,
+            drain,
             log_format
         );
     }
@@ -323,6 +353,21 @@ mod tests {
         let config = options(&["--partition-grace", "2h"]).resolve().unwrap();
         assert_eq!(config.partition_grace, Duration::from_secs(7200));
         assert!(options(&["--partition-grace", "1.5s"]).resolve().is_err());
+    }
+
+    #[test]
+    fn drain_defaults_to_five_seconds_allows_zero_and_is_bounded() {
+        assert_eq!(options(&[]).resolve().unwrap().drain, DRAIN_DEFAULT);
+        assert_eq!(
+            options(&["--drain", "0s"]).resolve().unwrap().drain,
+            Duration::ZERO
+        );
+        assert_eq!(
+            options(&["--drain", "1500ms"]).resolve().unwrap().drain,
+            Duration::from_millis(1500)
+        );
+        assert!(options(&["--drain", "2h"]).resolve().is_err());
+        assert!(options(&["--drain", "soon"]).resolve().is_err());
     }
 
     #[test]

@@ -63,7 +63,10 @@ impl Endpoint {
 pub struct AppState {
     reader: Reader,
     shards: Vec<Arc<ShardMetrics>>,
+    /// Start-up is over: recovery done, every socket bound.
     pub ready: AtomicBool,
+    /// A shutdown signal came: `/readyz` answers 503 while the drain period runs.
+    pub draining: AtomicBool,
     /// Request to the last byte handed to the connection, per endpoint.
     query_latency_us: [Mutex<Histogram<u64>>; 4],
     cache: QueryCache,
@@ -78,6 +81,7 @@ impl AppState {
             reader,
             shards,
             ready: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
             query_latency_us: std::array::from_fn(|_| Mutex::new(metrics::latency_histogram())),
             cache: QueryCache::default(),
             run_nonce: ahash::RandomState::new().hash_one(std::process::id()),
@@ -1175,12 +1179,20 @@ async fn stats(State(state): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
+/// 200 `ready`, or 503 with why not: `not ready` (starting), `draining` (shutting down), or
+/// `commit failing on shard N` (disk full or I/O error, see `metrics::COMMIT_FAILURE_HOLD`).
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
-    if state.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ready\n").into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+    let unavailable = |why: String| (StatusCode::SERVICE_UNAVAILABLE, why).into_response();
+    if !state.ready.load(Ordering::Relaxed) {
+        return unavailable("not ready\n".into());
     }
+    if state.draining.load(Ordering::Relaxed) {
+        return unavailable("draining\n".into());
+    }
+    if let Some(shard) = state.shards.iter().position(|s| s.commit_failing()) {
+        return unavailable(format!("commit failing on shard {shard}\n"));
+    }
+    (StatusCode::OK, "ready\n").into_response()
 }
 
 #[cfg(test)]

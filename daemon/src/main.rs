@@ -1,7 +1,8 @@
 //! `sluiced`: the sluice ingestion daemon.
 //!
-//! Exit codes: 0 after a clean shutdown (SIGINT/SIGTERM), 1 when start-up or the run fails
-//! (the log says why), 2 for a bad command line.
+//! Exit codes: 0 after a clean shutdown (SIGINT/SIGTERM: drain, commit, exit) or a passed
+//! `--check-config`, 1 when start-up or the run fails (the log says why), 2 for a bad command
+//! line or configuration.
 
 mod cache;
 mod coaps;
@@ -11,6 +12,7 @@ mod dashboard;
 mod http;
 mod io;
 mod metrics;
+mod notify;
 mod retention;
 mod shard;
 mod steering;
@@ -29,6 +31,7 @@ const HTTP_WORKER_THREADS: usize = 2;
 
 fn main() {
     let options = Options::parse();
+    let check_only = options.check_config;
     let config = match options.resolve() {
         Ok(config) => config,
         Err(error) => {
@@ -36,6 +39,10 @@ fn main() {
             std::process::exit(2);
         }
     };
+    if check_only {
+        println!("configuration ok");
+        return;
+    }
     init_logging(config.log_format);
     if let Err(error) = run(config) {
         // The log goes to stderr: the reason is printed once, in the log's format.
@@ -117,6 +124,7 @@ fn run(mut config: Config) -> anyhow::Result<()> {
         )))
     });
 
+    let notifier = Arc::new(notify::Notifier::from_env());
     let shutdown = Arc::new(AtomicBool::new(false));
     let mut shards = Vec::with_capacity(config.shards);
     let mut shard_metrics = Vec::with_capacity(config.shards);
@@ -174,7 +182,7 @@ fn run(mut config: Config) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the HTTP runtime")?;
-    let state = Arc::new(http::AppState::new(store.reader(), shard_metrics));
+    let state = Arc::new(http::AppState::new(store.reader(), shard_metrics.clone()));
     let listener = runtime
         .block_on(tokio::net::TcpListener::bind(config.http))
         .with_context(|| format!("cannot bind HTTP on {}", config.http))?;
@@ -215,24 +223,47 @@ fn run(mut config: Config) -> anyhow::Result<()> {
         let _ = http_stopped.await;
     });
     let server = runtime.spawn(async move { server.await });
+    let mut signals = runtime.block_on(async { Signals::new() })?;
     state.ready.store(true, Ordering::Relaxed);
+    notifier.send("READY=1\nSTATUS=ready");
+    // The shards with sockets are the ones whose loop must keep turning.
+    let serving = if config.coap.is_some() || config.coaps.is_some() {
+        shard_metrics
+    } else {
+        Vec::new()
+    };
+    let watchdog = notifier.start_watchdog(serving)?;
     tracing::info!("ready");
 
-    let signal = runtime.block_on(wait_for_signal(|| {
+    let reload = || {
         if let (Some(coaps), Some(shared)) = (&config.coaps, &shared_credentials) {
             reload_credentials(&coaps.credentials_path, shared);
         } else {
             tracing::info!("SIGHUP: no --credentials to reload");
         }
-    }))?;
-    tracing::info!(signal, "shutting down: draining shards");
-    state.ready.store(false, Ordering::Relaxed);
+    };
+    let signal = runtime.block_on(signals.next(&reload));
+    // Drain: balancers see 503 and stop sending while everything is still served.
+    state.draining.store(true, Ordering::Relaxed);
+    notifier.send("STOPPING=1\nSTATUS=draining");
+    tracing::info!(signal, drain = %humantime::format_duration(config.drain), "draining: /readyz answers 503, CoAP and queries are still served");
+    let cut_short = runtime.block_on(async {
+        tokio::select! {
+            _ = tokio::time::sleep(config.drain) => None,
+            second = signals.next(&reload) => Some(second),
+        }
+    });
+    if let Some(second) = cut_short {
+        tracing::info!(signal = second, "second signal: drain cut short");
+    }
+    tracing::info!("shutting down: shards stop receiving and commit what they hold");
     shutdown.store(true, Ordering::Relaxed);
     for thread in threads {
         if thread.join().is_err() {
             anyhow::bail!("a shard thread panicked");
         }
     }
+    drop(watchdog);
     if let Some(retention) = retention {
         retention.stop();
     }
@@ -242,17 +273,33 @@ fn run(mut config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Waits for SIGTERM or SIGINT (returned); calls `reload` on each SIGHUP meanwhile.
-async fn wait_for_signal(reload: impl Fn()) -> anyhow::Result<&'static str> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
-    let mut hangup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
-    loop {
-        tokio::select! {
-            _ = terminate.recv() => return Ok("SIGTERM"),
-            _ = interrupt.recv() => return Ok("SIGINT"),
-            _ = hangup.recv() => reload(),
+/// The signals sluiced acts on, watched from start-up to exit (so none is missed between the
+/// first SIGTERM and the drain).
+struct Signals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Needs a tokio runtime.
+    fn new() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            terminate: signal(SignalKind::terminate()).context("cannot watch SIGTERM")?,
+            interrupt: signal(SignalKind::interrupt()).context("cannot watch SIGINT")?,
+            hangup: signal(SignalKind::hangup()).context("cannot watch SIGHUP")?,
+        })
+    }
+
+    /// Waits for SIGTERM or SIGINT (returned); calls `reload` on each SIGHUP meanwhile.
+    async fn next(&mut self, reload: &impl Fn()) -> &'static str {
+        loop {
+            tokio::select! {
+                _ = self.terminate.recv() => return "SIGTERM",
+                _ = self.interrupt.recv() => return "SIGINT",
+                _ = self.hangup.recv() => reload(),
+            }
         }
     }
 }

@@ -4,7 +4,8 @@
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use serde_json::{json, Value as Json};
@@ -14,6 +15,12 @@ use sluice_protocol::Counters;
 const LATENCY_US_MAX: u64 = 60_000_000;
 /// Quantiles every latency summary reports.
 pub const QUANTILES: [f64; 4] = [0.5, 0.9, 0.99, 0.999];
+/// How long after its last failed commit a shard counts as unable to commit (`/readyz` 503,
+/// `sluice_commit_failing` 1) without a successful commit meanwhile: the Max-Age its 5.03
+/// answers carry. Past it the node turns ready again, so a balancer sends traffic that tries
+/// the disk again; a shard that never gets a request would otherwise stay unready for ever.
+pub const COMMIT_FAILURE_HOLD: Duration =
+    Duration::from_secs(crate::shard::UNAVAILABLE_MAX_AGE_S as u64);
 
 /// What one shard publishes. Counters are copied from the shard's own state after each batch,
 /// so the shard never contends on them while handling datagrams.
@@ -35,6 +42,11 @@ pub struct ShardMetrics {
     pub commit_latency_us: Mutex<Histogram<u64>>,
     /// Protocol handling of one datagram: parse, dedup, decode of its payload.
     pub decode_latency_us: Mutex<Histogram<u64>>,
+    /// When the shard's loop last turned ([`now_ms`]); it turns at least every receive timeout
+    /// while the thread is healthy. The systemd watchdog pings only while every shard's is recent.
+    pub heartbeat_ms: AtomicU64,
+    /// The last failed group commit, while no commit has succeeded since (disk full, I/O error).
+    pub last_commit_failure: Mutex<Option<Instant>>,
 }
 
 impl ShardMetrics {
@@ -53,8 +65,32 @@ impl ShardMetrics {
             ack_latency_us: Mutex::new(latency_histogram()),
             commit_latency_us: Mutex::new(latency_histogram()),
             decode_latency_us: Mutex::new(latency_histogram()),
+            heartbeat_ms: AtomicU64::new(now_ms()),
+            last_commit_failure: Mutex::new(None),
         }
     }
+
+    /// Whether the shard cannot commit: its last commit failed, less than
+    /// [`COMMIT_FAILURE_HOLD`] ago.
+    pub fn commit_failing(&self) -> bool {
+        self.last_commit_failure
+            .lock()
+            .map(|last| last.is_some_and(|at| at.elapsed() < COMMIT_FAILURE_HOLD))
+            .unwrap_or(false)
+    }
+
+    /// Records a commit's outcome for [`ShardMetrics::commit_failing`].
+    pub fn set_commit_failed(&self, failed: bool) {
+        if let Ok(mut last) = self.last_commit_failure.lock() {
+            *last = failed.then(Instant::now);
+        }
+    }
+}
+
+/// Milliseconds since the first call in this process: a clock shards can publish in an atomic.
+pub fn now_ms() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
 pub fn latency_histogram() -> Histogram<u64> {
@@ -250,6 +286,17 @@ impl Snapshot {
             };
             families.push(Family { name, help, kind });
         }
+        families.push(Family {
+            name: "sluice_commit_failing",
+            help: "1 while the shard cannot commit (its last commit failed, less than the 5.03 Max-Age ago).",
+            kind: Kind::Gauge(
+                shards
+                    .iter()
+                    .enumerate()
+                    .map(|(shard, s)| (shard_label(shard), f64::from(u8::from(s.commit_failing()))))
+                    .collect(),
+            ),
+        });
         let histograms: [(&'static str, &'static str, HistogramField); 3] = [
             (
                 "sluice_ack_latency_seconds",

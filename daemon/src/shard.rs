@@ -173,6 +173,9 @@ impl Shard {
             (self.writer.durability() == Durability::Fsync).then(|| Syncer::start(self.index));
         let mut in_flight: Option<InFlight> = None;
         loop {
+            self.metrics
+                .heartbeat_ms
+                .store(metrics::now_ms(), Ordering::Relaxed);
             let stopping = self.shutdown.load(Ordering::Relaxed);
             if stopping && in_flight.is_none() && pending.is_empty() {
                 break;
@@ -488,6 +491,7 @@ impl Shard {
                 if *failing {
                     tracing::info!(shard = self.index, "commits succeed again");
                     *failing = false;
+                    self.metrics.set_commit_failed(false);
                 }
                 self.metrics.commits.fetch_add(1, Ordering::Relaxed);
                 self.metrics
@@ -530,6 +534,7 @@ impl Shard {
                     *failing = true;
                 }
                 self.metrics.commit_errors.fetch_add(1, Ordering::Relaxed);
+                self.metrics.set_commit_failed(true);
                 let mut response = Vec::new();
                 for entry in pending.iter() {
                     match (entry.secure, coaps.as_deref_mut()) {

@@ -111,6 +111,8 @@ impl Daemon {
             ])
             .args(extra)
             .env_remove("SLUICE_LOG")
+            // No drain period on SIGTERM unless a test asks for one with --drain.
+            .env("SLUICE_DRAIN", "0s")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
