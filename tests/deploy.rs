@@ -1,5 +1,5 @@
-//! The deploy kit in `deploy/` stays true to the daemon: the Grafana dashboard and the alerts of
-//! docs/operations.md name only metrics a running sluiced exports, the Kubernetes manifests parse
+//! The deploy kit in `deploy/` stays true to the daemon: the Grafana dashboard, the Prometheus
+//! alerting rules and docs/operations.md name only metrics a running sluiced exports, the Kubernetes manifests parse
 //! and agree with each other and with the drain, the container image's health check works against
 //! a real sluiced, and systemd accepts the unit. (The image itself is not built here: no Docker
 //! engine on the test machines.)
@@ -82,7 +82,7 @@ fn daemon_with_coaps(temp: &Path) -> Daemon {
 }
 
 #[test]
-fn the_dashboard_and_the_documented_alerts_use_only_exported_metrics() {
+fn the_dashboard_the_alert_rules_and_the_docs_use_only_exported_metrics() {
     let temp = tempfile::tempdir().unwrap();
     let daemon = daemon_with_coaps(temp.path());
     let (status, metrics) = daemon.get("/metrics");
@@ -132,6 +132,24 @@ fn the_dashboard_and_the_documented_alerts_use_only_exported_metrics() {
         "deploy/grafana/sluice.json uses metrics sluiced does not export: {missing:?}"
     );
 
+    // The alerting rules: each has a name and an expression over exported metrics.
+    let rules = yaml(&repo("deploy/prometheus/sluice-alerts.yaml"));
+    let rules = rules[0]["groups"][0]["rules"].as_array().expect("rules");
+    assert!(rules.len() >= 10);
+    let mut alerted = BTreeSet::new();
+    for rule in rules {
+        assert!(rule["alert"].is_string() && rule["labels"]["severity"].is_string());
+        alerted.extend(metric_names(rule["expr"].as_str().expect("expr")));
+    }
+    for wanted in ["sluice_commit_failing", "sluice_error_responses_total"] {
+        assert!(alerted.contains(wanted), "an alert watches {wanted}");
+    }
+    let missing: Vec<_> = alerted.difference(&exported).collect();
+    assert!(
+        missing.is_empty(),
+        "deploy/prometheus/sluice-alerts.yaml uses metrics sluiced does not export: {missing:?}"
+    );
+
     let documented = metric_names(&read("docs/operations.md"));
     assert!(documented.contains("sluice_commit_failing"));
     let missing: Vec<_> = documented.difference(&exported).collect();
@@ -143,7 +161,6 @@ fn the_dashboard_and_the_documented_alerts_use_only_exported_metrics() {
 
 /// Every document of the Kubernetes manifests, as JSON (python3's yaml module parses them).
 fn manifests() -> Vec<(String, Json)> {
-    require("python3", &["-c", "import yaml"]);
     let dir = repo("deploy/k8s");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap()
@@ -153,23 +170,28 @@ fn manifests() -> Vec<(String, Json)> {
     files.sort();
     let mut out = Vec::new();
     for file in files {
-        let output = run(Command::new("python3")
-            .args([
-                "-c",
-                "import json, sys, yaml; print(json.dumps(list(yaml.safe_load_all(open(sys.argv[1])))))",
-            ])
-            .arg(&file));
-        assert!(
-            output.status.success(),
-            "{} does not parse: {}",
-            file.display(),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let docs: Vec<Json> = serde_json::from_slice(&output.stdout).unwrap();
         let name = file.file_name().unwrap().to_string_lossy().into_owned();
-        out.extend(docs.into_iter().map(|doc| (name.clone(), doc)));
+        out.extend(yaml(&file).into_iter().map(|doc| (name.clone(), doc)));
     }
     out
+}
+
+/// The documents of a YAML file as JSON, parsed by python3's yaml module.
+fn yaml(file: &Path) -> Vec<Json> {
+    require("python3", &["-c", "import yaml"]);
+    let output = run(Command::new("python3")
+        .args([
+            "-c",
+            "import json, sys, yaml; print(json.dumps(list(yaml.safe_load_all(open(sys.argv[1])))))",
+        ])
+        .arg(file));
+    assert!(
+        output.status.success(),
+        "{} does not parse: {}",
+        file.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
 }
 
 fn find<'a>(docs: &'a [(String, Json)], kind: &str, name: &str) -> &'a Json {
