@@ -294,34 +294,70 @@ fn a_second_signal_cuts_the_drain_short_and_still_commits() {
     assert_eq!(daemon.points("dev-short", "temp").len(), 4, "all committed");
 }
 
-#[test]
-fn systemd_is_told_ready_stopping_and_pinged_by_the_watchdog() {
-    let temp = tempfile::tempdir().unwrap();
-    let socket_path = temp.path().join("notify");
+/// A sluiced told to notify the test's datagram socket, with a watchdog of 400 ms (pings every
+/// 200 ms) meant for the process `watchdog_pid` (None: unset, i.e. for sluiced itself).
+fn notifying_daemon(dir: &Path, watchdog_pid: Option<&str>) -> (Daemon, UnixDatagram) {
+    let socket_path = dir.join("notify");
     let socket = UnixDatagram::bind(&socket_path).unwrap();
     socket
         .set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
     let coap = common::free_port();
     let http = common::free_port();
-    let data_dir = temp.path().join("data");
-    let log = temp.path().join("log");
-    let child = Command::new(binary("sluiced"))
+    let data_dir = dir.join("data");
+    let log = dir.join("log");
+    let mut command = Command::new(binary("sluiced"));
+    command
         .arg("--data-dir")
         .arg(&data_dir)
         .args(["--coap", &format!("127.0.0.1:{coap}")])
         .args(["--http", &format!("127.0.0.1:{http}")])
         .args(["--shards", "2", "--drain", "1s"])
         .env("NOTIFY_SOCKET", &socket_path)
-        // 400 ms: pings every 200 ms.
         .env("WATCHDOG_USEC", "400000")
         .env_remove("WATCHDOG_PID")
         .env_remove("SLUICE_LOG")
         .stdin(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let mut daemon = Daemon::attach(child, coap, http, &data_dir, log);
+        .stderr(std::fs::File::create(&log).unwrap());
+    if let Some(pid) = watchdog_pid {
+        command.env("WATCHDOG_PID", pid);
+    }
+    let child = command.spawn().unwrap();
+    (Daemon::attach(child, coap, http, &data_dir, log), socket)
+}
+
+#[test]
+fn the_watchdog_of_another_process_is_not_pinged() {
+    let temp = tempfile::tempdir().unwrap();
+    let (mut daemon, socket) = notifying_daemon(temp.path(), Some("1"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut buffer = [0u8; 512];
+    loop {
+        assert!(Instant::now() < deadline, "no READY=1 in time");
+        if let Ok(n) = socket.recv(&mut buffer) {
+            if buffer[..n].starts_with(b"READY=1") {
+                break;
+            }
+        }
+    }
+    // Five ping periods without a ping.
+    let quiet_until = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < quiet_until {
+        if let Ok(n) = socket.recv(&mut buffer) {
+            assert_ne!(
+                &buffer[..n],
+                b"WATCHDOG=1",
+                "pinged another process's watchdog"
+            );
+        }
+    }
+    assert!(daemon.stop().success());
+}
+
+#[test]
+fn systemd_is_told_ready_stopping_and_pinged_by_the_watchdog() {
+    let temp = tempfile::tempdir().unwrap();
+    let (mut daemon, socket) = notifying_daemon(temp.path(), None);
     let mut messages: Vec<String> = Vec::new();
     let receive_until =
         |what: &str, messages: &mut Vec<String>, done: &dyn Fn(&[String]) -> bool| {

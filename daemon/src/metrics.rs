@@ -556,6 +556,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_failed_commit_counts_until_a_success_or_for_the_hold() {
+        let shard = ShardMetrics::new();
+        assert!(!shard.commit_failing());
+        shard.set_commit_failed(true);
+        assert!(shard.commit_failing());
+        let text = Snapshot::of_shards(&[Arc::new(ShardMetrics::new())]).to_prometheus();
+        assert!(
+            text.contains("sluice_commit_failing{shard=\"0\"} 0"),
+            "{text}"
+        );
+        shard.set_commit_failed(false);
+        assert!(!shard.commit_failing());
+        // A failure older than the hold no longer counts: traffic may come back and retry.
+        *shard.last_commit_failure.lock().unwrap() =
+            Instant::now().checked_sub(COMMIT_FAILURE_HOLD + Duration::from_secs(1));
+        assert!(!shard.commit_failing());
+    }
+
+    #[test]
     fn summaries_have_quantiles_sum_and_count_in_seconds() {
         let shard = Arc::new(ShardMetrics::new());
         {
