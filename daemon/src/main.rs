@@ -182,6 +182,9 @@ fn run(mut config: Config) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the HTTP runtime")?;
+    // From here on SIGTERM/SIGINT drain; before (during recovery) they end the process at once,
+    // with nothing acknowledged yet to lose.
+    let mut signals = runtime.block_on(async { Signals::new() })?;
     let state = Arc::new(http::AppState::new(store.reader(), shard_metrics.clone()));
     let listener = runtime
         .block_on(tokio::net::TcpListener::bind(config.http))
@@ -223,7 +226,6 @@ fn run(mut config: Config) -> anyhow::Result<()> {
         let _ = http_stopped.await;
     });
     let server = runtime.spawn(async move { server.await });
-    let mut signals = runtime.block_on(async { Signals::new() })?;
     state.ready.store(true, Ordering::Relaxed);
     notifier.send("READY=1\nSTATUS=ready");
     // The shards with sockets are the ones whose loop must keep turning.
