@@ -234,7 +234,17 @@ fn run(mut config: Config) -> anyhow::Result<()> {
     } else {
         Vec::new()
     };
-    let watchdog = notifier.start_watchdog(serving)?;
+    // The HTTP runtime proves it turns by stamping a heartbeat the watchdog checks.
+    let http_heartbeat = Arc::new(std::sync::atomic::AtomicU64::new(metrics::now_ms()));
+    let stamp = http_heartbeat.clone();
+    runtime.spawn(async move {
+        let mut ticks = tokio::time::interval(notify::HTTP_HEARTBEAT);
+        loop {
+            ticks.tick().await;
+            stamp.store(metrics::now_ms(), Ordering::Relaxed);
+        }
+    });
+    let watchdog = notifier.start_watchdog(serving, http_heartbeat)?;
     tracing::info!("ready");
 
     let reload = || {

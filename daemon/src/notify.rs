@@ -5,10 +5,15 @@
 //! no-op when the variable is unset, i.e. outside a `Type=notify` unit.
 
 use std::os::unix::net::{SocketAddr as UnixAddr, UnixDatagram};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use crate::metrics::{self, ShardMetrics};
+
+/// How often a task on the HTTP runtime stamps its heartbeat for the watchdog: well under any
+/// sensible `WatchdogSec`.
+pub const HTTP_HEARTBEAT: Duration = Duration::from_millis(100);
 
 /// Shortest watchdog ping interval honoured, whatever `WATCHDOG_USEC` says: bounds the pinging
 /// thread's wake-ups.
@@ -58,11 +63,13 @@ impl Notifier {
 
     /// Starts pinging the watchdog if the service manager asked for it (`WATCHDOG_USEC`, for
     /// this process per `WATCHDOG_PID`): every half period, and only while each of `shards`
-    /// has turned its loop within the period. A stuck shard thus stops the pings and systemd
-    /// restarts the service. Pinging ends when the returned guard is dropped.
+    /// has turned its loop, and the HTTP runtime has stamped `http` (see [`HTTP_HEARTBEAT`]),
+    /// within the period. A stuck shard or a wedged HTTP runtime thus stops the pings and
+    /// systemd restarts the service. Pinging ends when the returned guard is dropped.
     pub fn start_watchdog(
         self: &Arc<Self>,
         shards: Vec<Arc<ShardMetrics>>,
+        http: Arc<AtomicU64>,
     ) -> anyhow::Result<Option<Watchdog>> {
         if self.socket.is_none() {
             return Ok(None);
@@ -79,16 +86,22 @@ impl Notifier {
             .spawn(move || {
                 let mut stalled_logged = false;
                 loop {
-                    match stalled(&shards, metrics::now_ms(), stall_ms) {
-                        None => {
+                    let now = metrics::now_ms();
+                    let http_stalled = now.saturating_sub(http.load(Ordering::Relaxed)) > stall_ms;
+                    match (stalled(&shards, now, stall_ms), http_stalled) {
+                        (None, false) => {
                             notifier.send("WATCHDOG=1");
                             stalled_logged = false;
                         }
-                        Some(shard) if !stalled_logged => {
+                        _ if stalled_logged => {}
+                        (Some(shard), _) => {
                             tracing::error!(shard, "a shard thread has not turned for a watchdog period: not pinging the systemd watchdog");
                             stalled_logged = true;
                         }
-                        Some(_) => {}
+                        (None, true) => {
+                            tracing::error!("the HTTP runtime has not turned for a watchdog period: not pinging the systemd watchdog");
+                            stalled_logged = true;
+                        }
                     }
                     if stopped.recv_timeout(interval) != Err(mpsc::RecvTimeoutError::Timeout) {
                         return;
@@ -132,9 +145,7 @@ fn watchdog_period() -> Option<Duration> {
 /// The first shard whose loop has not turned within `stall_ms` of `now_ms`, if any.
 fn stalled(shards: &[Arc<ShardMetrics>], now_ms: u64, stall_ms: u64) -> Option<usize> {
     shards.iter().position(|shard| {
-        let heartbeat = shard
-            .heartbeat_ms
-            .load(std::sync::atomic::Ordering::Relaxed);
+        let heartbeat = shard.heartbeat_ms.load(Ordering::Relaxed);
         now_ms.saturating_sub(heartbeat) > stall_ms
     })
 }
@@ -142,7 +153,6 @@ fn stalled(shards: &[Arc<ShardMetrics>], now_ms: u64, stall_ms: u64) -> Option<u
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::Ordering;
 
     #[test]
     fn a_shard_that_stopped_turning_is_stalled() {
