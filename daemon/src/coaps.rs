@@ -227,6 +227,7 @@ pub fn add_counters(total: &mut Counters, more: &Counters) {
     total.too_large += more.too_large;
     total.unsupported_format += more.unsupported_format;
     total.unavailable += more.unavailable;
+    total.too_many_requests += more.too_many_requests;
     total.proxying_not_supported += more.proxying_not_supported;
     total.block1_continues += more.block1_continues;
     total.block1_timeouts += more.block1_timeouts;

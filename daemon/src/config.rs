@@ -12,6 +12,7 @@ use clap::{Parser, ValueEnum};
 use serde::Deserialize;
 
 use crate::credentials::Credentials;
+use crate::overload::{self, DeviceRate, OverloadConfig};
 
 #[derive(Parser, Debug, Default, Deserialize)]
 #[command(
@@ -88,6 +89,26 @@ pub struct Options {
     /// Log line format on stderr [default: text]
     #[arg(long, env = "SLUICE_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+
+    /// Refuse new requests 5.03 while this many requests of a shard await their commit
+    /// (1 to 4096) [default: 4096]
+    #[arg(long, env = "SLUICE_SHED_BACKLOG", value_name = "REQUESTS")]
+    pub shed_backlog: Option<usize>,
+
+    /// Refuse new requests 5.03 that waited longer than this in the socket queue, e.g. 500ms,
+    /// or `off` [default: 500ms]
+    #[arg(long, env = "SLUICE_SHED_DELAY", value_name = "DURATION|off")]
+    pub shed_delay: Option<String>,
+
+    /// Per-device rate limit (token bucket), e.g. 100/s, 30/min, 600/h, or `off`; over it a
+    /// request gets 4.29 Too Many Requests [default: off]
+    #[arg(long, env = "SLUICE_DEVICE_RATE", value_name = "RATE|off")]
+    pub device_rate: Option<String>,
+
+    /// Requests a device may send at once above --device-rate (the bucket's size)
+    /// [default: one second of the rate, at least 10]
+    #[arg(long, env = "SLUICE_DEVICE_BURST", value_name = "REQUESTS")]
+    pub device_burst: Option<u32>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
@@ -131,6 +152,8 @@ pub struct Config {
     /// How long a shutdown keeps serving with `/readyz` at 503 before it stops receiving.
     pub drain: Duration,
     pub log_format: LogFormat,
+    /// Shedding and rate limiting (docs/overload.md).
+    pub overload: OverloadConfig,
 }
 
 /// CoAP over DTLS: where, and who may talk to it.
@@ -215,7 +238,9 @@ impl Options {
                 drain
             }
         };
+        let overload = self.overload()?;
         Ok(Config {
+            overload,
             data_dir: self
                 .data_dir
                 .unwrap_or_else(|| PathBuf::from("./sluice-data")),
@@ -230,6 +255,52 @@ impl Options {
             steering: self.steering.unwrap_or(Steering::Hash),
             drain,
             log_format: self.log_format.unwrap_or(LogFormat::Text),
+        })
+    }
+
+    fn overload(&self) -> anyhow::Result<OverloadConfig> {
+        let defaults = OverloadConfig::default();
+        let shed_backlog = match self.shed_backlog {
+            None => defaults.shed_backlog,
+            Some(n) if (1..=overload::SHED_BACKLOG_MAX).contains(&n) => n,
+            Some(_) => bail!(
+                "--shed-backlog: between 1 and {} requests",
+                overload::SHED_BACKLOG_MAX
+            ),
+        };
+        let shed_delay = match self.shed_delay.as_deref() {
+            None => defaults.shed_delay,
+            Some("off") => None,
+            Some(text) => {
+                let delay = parse_duration("--shed-delay", text)?;
+                if delay.is_zero() {
+                    bail!("--shed-delay: must be more than 0, or `off`");
+                }
+                Some(delay)
+            }
+        };
+        let device_rate = match self.device_rate.as_deref() {
+            None | Some("off") => {
+                if self.device_burst.is_some() {
+                    bail!("--device-burst: needs --device-rate");
+                }
+                None
+            }
+            Some(text) => {
+                let per_second = overload::parse_rate(text)
+                    .map_err(|error| anyhow::anyhow!("--device-rate: `{text}`: {error}"))?;
+                let burst = match self.device_burst {
+                    Some(0) => bail!("--device-burst: at least 1"),
+                    Some(burst) => f64::from(burst),
+                    None => per_second.ceil().max(10.0),
+                };
+                Some(DeviceRate { per_second, burst })
+            }
+        };
+        Ok(OverloadConfig {
+            shed_backlog,
+            shed_delay,
+            device_rate,
         })
     }
 
@@ -250,7 +321,11 @@ impl Options {
             retention,
             steering,
             drain,
-            log_format
+            log_format,
+            shed_backlog,
+            shed_delay,
+            device_rate,
+            device_burst
         );
     }
 }
@@ -368,6 +443,50 @@ mod tests {
         );
         assert!(options(&["--drain", "2h"]).resolve().is_err());
         assert!(options(&["--drain", "soon"]).resolve().is_err());
+    }
+
+    #[test]
+    fn overload_settings_default_and_validate() {
+        let config = options(&[]).resolve().unwrap();
+        assert_eq!(config.overload, OverloadConfig::default());
+        assert_eq!(config.overload.device_rate, None);
+        let config = options(&["--device-rate", "100/s", "--shed-delay", "off"])
+            .resolve()
+            .unwrap();
+        assert_eq!(
+            config.overload.device_rate,
+            Some(DeviceRate {
+                per_second: 100.0,
+                burst: 100.0
+            })
+        );
+        assert_eq!(config.overload.shed_delay, None);
+        let config = options(&["--device-rate", "6/min", "--device-burst", "3"])
+            .resolve()
+            .unwrap();
+        let rate = config.overload.device_rate.unwrap();
+        assert_eq!((rate.per_second, rate.burst), (0.1, 3.0));
+        assert_eq!(
+            options(&["--device-rate", "1/h"])
+                .resolve()
+                .unwrap()
+                .overload
+                .device_rate
+                .unwrap()
+                .burst,
+            10.0
+        );
+        for bad in [
+            &["--shed-backlog", "0"][..],
+            &["--shed-backlog", "100000"],
+            &["--shed-delay", "0s"],
+            &["--shed-delay", "soon"],
+            &["--device-rate", "lots"],
+            &["--device-rate", "10/s", "--device-burst", "0"],
+            &["--device-burst", "5"],
+        ] {
+            assert!(options(bad).resolve().is_err(), "{bad:?}");
+        }
     }
 
     #[test]

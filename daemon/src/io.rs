@@ -20,6 +20,9 @@ pub const RECEIVE_BUFFER_BYTES: usize = 32 << 20;
 /// How long a receive call blocks before the shard looks at timers and the shutdown flag.
 pub const RECEIVE_TIMEOUT: Duration = Duration::from_millis(100);
 
+/// Control-message space per datagram: one SCM_TIMESTAMPNS (a `struct timespec`), aligned.
+const CONTROL_BYTES_PER_DATAGRAM: usize = 64;
+
 /// The name of the backend, for the start-up log.
 pub const BACKEND: &str = "recvmmsg/sendmmsg";
 
@@ -31,6 +34,7 @@ pub fn bind(addr: SocketAddr) -> io::Result<(UdpSocket, usize)> {
         socket.set_only_v6(false)?;
     }
     force_receive_buffer(&socket);
+    enable_receive_timestamps(&socket);
     socket.set_read_timeout(Some(RECEIVE_TIMEOUT))?;
     socket.bind(&addr.into())?;
     let granted = socket.recv_buffer_size()?;
@@ -57,11 +61,36 @@ fn force_receive_buffer(socket: &Socket) {
     }
 }
 
+/// Asks the kernel to stamp each datagram with its arrival time (SO_TIMESTAMPNS), so a shard
+/// knows how long a datagram waited in the socket queue (see `overload.rs`). Without it (never
+/// refused on Linux) the queueing delay is unknown and not shed on.
+fn enable_receive_timestamps(socket: &Socket) {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: a plain setsockopt with a c_int value on a socket we own.
+    let result = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_TIMESTAMPNS,
+            (&on as *const libc::c_int).cast(),
+            mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if result != 0 {
+        tracing::warn!(error = %io::Error::last_os_error(), "no receive timestamps: queueing delay is not measured");
+    }
+}
+
 /// Buffers for one recvmmsg call, reused for every batch.
 pub struct ReceiveBatch {
     buffers: Vec<u8>,
     addresses: Vec<libc::sockaddr_storage>,
     lengths: Vec<usize>,
+    /// Control messages (the kernel's arrival timestamp) of each datagram; u64 for alignment.
+    controls: Vec<[u64; CONTROL_BYTES_PER_DATAGRAM / 8]>,
+    /// Arrival time of each datagram (kernel clock, CLOCK_REALTIME), when stamped.
+    arrivals: Vec<Option<std::time::SystemTime>>,
     count: usize,
 }
 
@@ -72,6 +101,8 @@ impl ReceiveBatch {
             // SAFETY: sockaddr_storage is plain old data; all zeroes is a valid (AF_UNSPEC) value.
             addresses: vec![unsafe { mem::zeroed() }; DATAGRAMS_PER_BATCH_MAX],
             lengths: vec![0; DATAGRAMS_PER_BATCH_MAX],
+            controls: vec![[0; CONTROL_BYTES_PER_DATAGRAM / 8]; DATAGRAMS_PER_BATCH_MAX],
+            arrivals: vec![None; DATAGRAMS_PER_BATCH_MAX],
             count: 0,
         }
     }
@@ -101,9 +132,11 @@ impl ReceiveBatch {
             header.msg_hdr.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as _;
             header.msg_hdr.msg_iov = iovecs[i].as_mut_ptr();
             header.msg_hdr.msg_iovlen = 1;
+            header.msg_hdr.msg_control = self.controls[i].as_mut_ptr().cast();
+            header.msg_hdr.msg_controllen = CONTROL_BYTES_PER_DATAGRAM as _;
             headers[i].write(header);
         }
-        // SAFETY: every header points at a live iovec, buffer and address slot of this batch,
+        // SAFETY: every header points at a live iovec, buffer, address and control slot of this batch,
         // all of which outlive the call.
         let received = unsafe {
             libc::recvmmsg(
@@ -120,7 +153,9 @@ impl ReceiveBatch {
         let received = received as usize;
         for (i, header) in headers[..received].iter().enumerate() {
             // SAFETY: the kernel filled the first `received` headers.
-            self.lengths[i] = unsafe { header.assume_init_ref() }.msg_len as usize;
+            let header = unsafe { header.assume_init_ref() };
+            self.lengths[i] = header.msg_len as usize;
+            self.arrivals[i] = arrival(&header.msg_hdr);
         }
         self.count = received;
         Ok(received)
@@ -134,6 +169,33 @@ impl ReceiveBatch {
         let bytes = &self.buffers[start..start + self.lengths[index]];
         (socket_addr(&self.addresses[index]), bytes)
     }
+
+    /// When the kernel received the `index`th datagram of the last batch (None: not stamped).
+    pub fn arrival(&self, index: usize) -> Option<std::time::SystemTime> {
+        self.arrivals.get(index).copied().flatten()
+    }
+}
+
+/// The SCM_TIMESTAMPNS control message of a received datagram, if any.
+fn arrival(header: &libc::msghdr) -> Option<std::time::SystemTime> {
+    // SAFETY: `header` was filled by recvmmsg: msg_control/msg_controllen describe the control
+    // messages the kernel wrote into our buffer; the CMSG macros stay within it.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(header);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_TIMESTAMPNS
+            {
+                let stamp: libc::timespec = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast());
+                let since_epoch = std::time::Duration::new(
+                    u64::try_from(stamp.tv_sec).ok()?,
+                    u32::try_from(stamp.tv_nsec).ok()?,
+                );
+                return Some(std::time::UNIX_EPOCH + since_epoch);
+            }
+            cmsg = libc::CMSG_NXTHDR(header, cmsg);
+        }
+    }
+    None
 }
 
 /// The IPv4 or IPv6 address the kernel wrote into `storage`.

@@ -13,6 +13,7 @@ mod http;
 mod io;
 mod metrics;
 mod notify;
+mod overload;
 mod retention;
 mod shard;
 mod steering;
@@ -166,6 +167,7 @@ fn run(mut config: Config) -> anyhow::Result<()> {
             metrics,
             shutdown: shutdown.clone(),
             history: history.clone(),
+            overload: config.overload,
         });
     }
     let cpus = match config.steering {

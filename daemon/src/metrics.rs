@@ -47,6 +47,20 @@ pub struct ShardMetrics {
     pub heartbeat_ms: AtomicU64,
     /// The last failed group commit, while no commit has succeeded since (disk full, I/O error).
     pub last_commit_failure: Mutex<Option<Instant>>,
+    /// New requests refused 5.03 because the commit backlog reached `--shed-backlog`.
+    pub shed_backlog: AtomicU64,
+    /// New requests refused 5.03 because they waited longer than `--shed-delay` in the socket.
+    pub shed_queue_delay: AtomicU64,
+    /// New requests refused 4.29 because their device exceeded `--device-rate`.
+    pub rate_limited: AtomicU64,
+    /// 1 while the shard is in an overload episode (refusing new requests 5.03).
+    pub overloaded: AtomicU64,
+    /// Device token buckets held.
+    pub rate_limit_buckets: AtomicU64,
+    /// Kernel arrival of a datagram to the start of its handling (time in the socket queue).
+    pub queue_delay_us: Mutex<Histogram<u64>>,
+    /// Datagrams the kernel dropped on the shard's sockets (queue full), from SO_MEMINFO.
+    pub receive_drops: AtomicU64,
 }
 
 impl ShardMetrics {
@@ -67,6 +81,13 @@ impl ShardMetrics {
             decode_latency_us: Mutex::new(latency_histogram()),
             heartbeat_ms: AtomicU64::new(now_ms()),
             last_commit_failure: Mutex::new(None),
+            shed_backlog: AtomicU64::new(0),
+            shed_queue_delay: AtomicU64::new(0),
+            rate_limited: AtomicU64::new(0),
+            overloaded: AtomicU64::new(0),
+            rate_limit_buckets: AtomicU64::new(0),
+            queue_delay_us: Mutex::new(latency_histogram()),
+            receive_drops: AtomicU64::new(0),
         }
     }
 
@@ -123,7 +144,7 @@ pub struct Snapshot {
 }
 
 /// The protocol counters, each with its metric name and, for error responses, its code.
-fn protocol_counters(c: &Counters) -> [(&'static str, Option<&'static str>, u64); 21] {
+fn protocol_counters(c: &Counters) -> [(&'static str, Option<&'static str>, u64); 22] {
     [
         ("sluice_datagrams_received_total", None, c.datagrams),
         ("sluice_requests_total", None, c.requests),
@@ -151,6 +172,11 @@ fn protocol_counters(c: &Counters) -> [(&'static str, Option<&'static str>, u64)
             "sluice_error_responses_total",
             Some("4.15"),
             c.unsupported_format,
+        ),
+        (
+            "sluice_error_responses_total",
+            Some("4.29"),
+            c.too_many_requests,
         ),
         ("sluice_error_responses_total", Some("5.03"), c.unavailable),
         (
@@ -224,6 +250,7 @@ impl Snapshot {
             }
         }
         families.extend(dtls_families(shards));
+        families.extend(overload_families(shards));
         let atomics: [(&'static str, &'static str, bool, CounterField); 8] = [
             (
                 "sluice_commits_total",
@@ -297,7 +324,7 @@ impl Snapshot {
                     .collect(),
             ),
         });
-        let histograms: [(&'static str, &'static str, HistogramField); 3] = [
+        let histograms: [(&'static str, &'static str, HistogramField); 4] = [
             (
                 "sluice_ack_latency_seconds",
                 "Receive of a datagram to the hand-over of its response to the kernel.",
@@ -312,6 +339,11 @@ impl Snapshot {
                 "sluice_decode_seconds",
                 "Protocol handling and payload decoding of one datagram.",
                 |s| &s.decode_latency_us,
+            ),
+            (
+                "sluice_queue_delay_seconds",
+                "Kernel arrival of a datagram to the start of its handling (socket queue wait).",
+                |s| &s.queue_delay_us,
             ),
         ];
         for (name, help, field) in histograms {
@@ -432,6 +464,66 @@ impl Snapshot {
         }
         Json::Object(out)
     }
+}
+
+/// Overload protection of every shard (docs/overload.md): refusals by reason, the overload
+/// gauge and the bucket table.
+fn overload_families(shards: &[Arc<ShardMetrics>]) -> Vec<Family> {
+    let value = |field: CounterField| {
+        move |(shard, s): (usize, &Arc<ShardMetrics>)| (shard, field(s).load(Ordering::Relaxed))
+    };
+    let mut shed = Vec::new();
+    for (reason, field) in [
+        ("backlog", (|s| &s.shed_backlog) as CounterField),
+        ("queue_delay", |s| &s.shed_queue_delay),
+    ] {
+        for (shard, count) in shards.iter().enumerate().map(value(field)) {
+            let mut labels = shard_label(shard);
+            labels.push(("reason", reason.to_string()));
+            shed.push((labels, count));
+        }
+    }
+    let per_shard = |field: CounterField| {
+        shards
+            .iter()
+            .enumerate()
+            .map(value(field))
+            .map(|(shard, count)| (shard_label(shard), count))
+            .collect::<Vec<_>>()
+    };
+    let gauge = |field: CounterField| {
+        per_shard(field)
+            .into_iter()
+            .map(|(labels, count)| (labels, count as f64))
+            .collect()
+    };
+    vec![
+        Family {
+            name: "sluice_shed_total",
+            help: "New requests refused 5.03 by an overloaded shard, by reason (backlog, queue_delay).",
+            kind: Kind::Counter(shed),
+        },
+        Family {
+            name: "sluice_rate_limited_total",
+            help: "New requests refused 4.29 because their device exceeded --device-rate.",
+            kind: Kind::Counter(per_shard(|s| &s.rate_limited)),
+        },
+        Family {
+            name: "sluice_receive_drops_total",
+            help: "Datagrams the kernel dropped because the shard's socket queue was full.",
+            kind: Kind::Counter(per_shard(|s| &s.receive_drops)),
+        },
+        Family {
+            name: "sluice_overloaded",
+            help: "1 while the shard refuses new requests 5.03 (an overload episode).",
+            kind: Kind::Gauge(gauge(|s| &s.overloaded)),
+        },
+        Family {
+            name: "sluice_rate_limit_buckets",
+            help: "Device token buckets held (bounded per shard).",
+            kind: Kind::Gauge(gauge(|s| &s.rate_limit_buckets)),
+        },
+    ]
 }
 
 /// The DTLS counters of every shard (zero when CoAPS is off).

@@ -14,6 +14,7 @@ use crate::coaps::Coaps;
 use crate::credentials::SharedCredentials;
 use crate::io::{self, ReceiveBatch, SendBatch};
 use crate::metrics::{self, ShardMetrics};
+use crate::overload::{Overload, OverloadConfig};
 
 /// Max-Age (seconds) of a 5.03 sent when a commit failed: how long a device should back off.
 pub const UNAVAILABLE_MAX_AGE_S: u32 = 30;
@@ -22,7 +23,7 @@ const EXPIRE_INTERVAL: Duration = Duration::from_secs(1);
 /// Requests buffered behind the commit in flight before the shard stops receiving until that
 /// commit is durable: bounds the next commit (the store records at most
 /// `EXCHANGES_PER_COMMIT_MAX` exchanges in one) and the memory a slow disk can pin.
-const PENDING_EXCHANGES_MAX: usize = 4096;
+pub const PENDING_EXCHANGES_MAX: usize = 4096;
 
 /// A group commit written to its segments whose fdatasync runs on the sync thread; its
 /// requests are answered when it is durable.
@@ -115,6 +116,8 @@ pub struct Shard {
     /// Exchanges acknowledged before the restart (every shard's, oldest first): seeds the dedup
     /// table so their retransmissions are answered again, not stored twice.
     pub history: Arc<Vec<ExchangeRecord>>,
+    /// Shedding and rate limiting (docs/overload.md).
+    pub overload: OverloadConfig,
 }
 
 /// What a shard needs to serve CoAPS; the session table itself is built on the shard's thread.
@@ -166,6 +169,9 @@ impl Shard {
         let mut decode_us: Vec<u64> = Vec::new();
         let mut last_expire = Instant::now();
         let mut failing = false;
+        let sockets = [plain.as_ref(), coaps.as_ref().map(|c| &c.socket)];
+        let sockets = sockets.iter().flatten().map(|s| s.as_raw_fd()).collect();
+        let mut overload = Overload::new(self.index, self.overload, sockets);
 
         // Under --durability fsync the fdatasync of a commit runs on this thread's sync thread
         // while the shard receives and decodes the next batch (pipelined group commit).
@@ -200,20 +206,34 @@ impl Shard {
             }
             let received_at = Instant::now();
             let unix_now = unix_seconds(SystemTime::now());
+            let committing = in_flight.as_ref().map_or(0, |commit| commit.pending.len());
             for index in 0..count {
                 let (peer, datagram) = receive.datagram(index);
                 let Some(peer) = peer else { continue };
                 readings.clear();
+                let waited = overload.arrived(receive.arrival(index));
                 let decode_started = Instant::now();
-                let outcome = endpoint.handle(
+                let screened = overload.screen(
+                    &mut endpoint,
                     received_at,
-                    unix_now,
+                    waited,
+                    (committing + pending.len(), self.writer.pending()),
                     peer,
                     None,
                     datagram,
-                    &mut readings,
                     &mut response,
                 );
+                let outcome = screened.unwrap_or_else(|| {
+                    endpoint.handle(
+                        received_at,
+                        unix_now,
+                        peer,
+                        None,
+                        datagram,
+                        &mut readings,
+                        &mut response,
+                    )
+                });
                 decode_us.push(decode_started.elapsed().as_micros() as u64);
                 match outcome {
                     Outcome::Ignore => {}
@@ -242,24 +262,39 @@ impl Shard {
                 for index in 0..secure_count {
                     let (peer, datagram) = receive.datagram(index);
                     let Some(peer) = peer else { continue };
+                    let waited = overload.arrived(receive.arrival(index));
                     let Some((device, session)) = coaps.open(received_at, peer, datagram) else {
                         continue;
                     };
                     let application = std::mem::take(&mut coaps.application);
                     for message in application.records() {
                         readings.clear();
-                        match coaps.endpoint.handle(
+                        let identity = Identity {
+                            device: &device,
+                            session,
+                        };
+                        let screened = overload.screen(
+                            &mut coaps.endpoint,
                             received_at,
-                            unix_now,
+                            waited,
+                            (committing + pending.len(), self.writer.pending()),
                             peer,
-                            Some(Identity {
-                                device: &device,
-                                session,
-                            }),
+                            Some(identity),
                             message,
-                            &mut readings,
                             &mut response,
-                        ) {
+                        );
+                        let outcome = screened.unwrap_or_else(|| {
+                            coaps.endpoint.handle(
+                                received_at,
+                                unix_now,
+                                peer,
+                                Some(identity),
+                                message,
+                                &mut readings,
+                                &mut response,
+                            )
+                        });
+                        match outcome {
                             Outcome::Ignore => {}
                             Outcome::Reply => coaps.respond(peer, &response),
                             Outcome::Store(exchange) => {
@@ -373,6 +408,7 @@ impl Shard {
             }
             // Counters first: whoever got a response sees the counters that include its request.
             self.publish(&endpoint, coaps.as_ref());
+            overload.tick(Instant::now(), &self.metrics);
             let mut dropped = plain.as_ref().map_or(0, |socket| send.flush(socket));
             if let Some(coaps) = &mut coaps {
                 dropped += coaps.send.flush(&coaps.socket);

@@ -16,6 +16,9 @@ use crate::batch::BatchDecoder;
 use crate::{senml, DecodeError, Reading};
 use crate::{CONTENT_FORMAT_RKYV_BATCH, CONTENT_FORMAT_SENML_CBOR, CONTENT_FORMAT_SENML_JSON};
 
+mod refuse;
+pub use refuse::{path_device, Refusal};
+
 /// Link-format description of the resources (RFC 6690), the `/.well-known/core` payload.
 pub const WELL_KNOWN_CORE: &str = "</t>;rt=\"sluice.ingest\";ct=\"110 112 65362\"";
 
@@ -145,6 +148,8 @@ pub struct Counters {
     pub too_large: u64,
     pub unsupported_format: u64,
     pub unavailable: u64,
+    /// 4.29 Too Many Requests (RFC 8516), from [`Endpoint::refuse_new`].
+    pub too_many_requests: u64,
     /// 5.05 Proxying Not Supported.
     pub proxying_not_supported: u64,
     pub block1_continues: u64,
@@ -624,6 +629,7 @@ impl Endpoint {
             ResponseType::RequestEntityTooLarge => &mut self.counters.too_large,
             ResponseType::UnsupportedContentFormat => &mut self.counters.unsupported_format,
             ResponseType::ServiceUnavailable => &mut self.counters.unavailable,
+            ResponseType::TooManyRequests => &mut self.counters.too_many_requests,
             ResponseType::ProxyingNotSupported => &mut self.counters.proxying_not_supported,
             _ => return,
         };

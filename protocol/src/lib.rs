@@ -7,7 +7,9 @@ pub mod batch;
 mod endpoint;
 pub mod senml;
 
-pub use endpoint::{Counters, Endpoint, EndpointConfig, Exchange, Identity, Outcome};
+pub use endpoint::{
+    path_device, Counters, Endpoint, EndpointConfig, Exchange, Identity, Outcome, Refusal,
+};
 
 /// SenML JSON (RFC 8428).
 pub const CONTENT_FORMAT_SENML_JSON: u16 = 110;

@@ -1,0 +1,396 @@
+//! Refusing new requests before their payload is decoded: the caller's overload policy (a
+//! saturated shard answers 5.03, a device over its rate 4.29, both with Max-Age) applied at the
+//! cost of a header parse and one dedup lookup, so that shedding stays cheaper than serving.
+//! Retransmissions of exchanges the endpoint remembers are never refused here: they go through
+//! [`Endpoint::handle`] and get their remembered answer.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use super::{
+    option, uint, well_formed, Endpoint, ANY_SESSION, NO_RESPONSE_4XX, NO_RESPONSE_5XX, PLAIN,
+};
+
+/// Why a new request is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// 5.03 Service Unavailable: the shard is saturated (RFC 7252 §5.9.3.4).
+    Overloaded,
+    /// 4.29 Too Many Requests: the device exceeds its rate (RFC 8516).
+    RateLimited,
+}
+
+impl Refusal {
+    fn diagnostic(self) -> &'static str {
+        match self {
+            Refusal::Overloaded => "overloaded",
+            Refusal::RateLimited => "too many requests",
+        }
+    }
+}
+
+impl Endpoint {
+    /// Refuses `datagram` with `refusal` and Max-Age `max_age_s` if it is a new request: a CON
+    /// or NON request (any method, any path) that is not a duplicate of an exchange the endpoint
+    /// remembers. Writes the refusal into `response` (cleared first; left empty when the
+    /// request's No-Response option suppresses it) and returns true; the exchange is not
+    /// remembered, so a retransmission is handled afresh. Returns false, with `response` empty,
+    /// for anything else (a duplicate, a ping, an ACK or RST, a malformed datagram): pass it to
+    /// [`Endpoint::handle`]. The payload is never looked at. Never panics.
+    #[allow(clippy::too_many_arguments)]
+    pub fn refuse_new(
+        &mut self,
+        now: Instant,
+        peer: SocketAddr,
+        session: Option<u64>,
+        datagram: &[u8],
+        refusal: Refusal,
+        max_age_s: u32,
+        response: &mut Vec<u8>,
+    ) -> bool {
+        response.clear();
+        if datagram.len() < 4 || datagram[0] >> 6 != 1 {
+            return false;
+        }
+        let message_type = (datagram[0] >> 4) & 0x3;
+        let token_length = usize::from(datagram[0] & 0x0f);
+        let code = datagram[1];
+        // CON or NON, a request code (class 0, not Empty), a valid header and options.
+        if message_type > 1 || code == 0 || code >> 5 != 0 || token_length > 8 {
+            return false;
+        }
+        if !well_formed(datagram) {
+            return false;
+        }
+        let message_id = u16::from_be_bytes([datagram[2], datagram[3]]);
+        let confirmable = message_type == 0;
+        let session = session.unwrap_or(PLAIN);
+        if let Some(entry) = self.dedup.get(&(peer, message_id)) {
+            let same_scope = entry.session == session || entry.session == ANY_SESSION;
+            let lifetime = self.lifetime(entry.confirmable);
+            if same_scope && now.saturating_duration_since(entry.inserted) < lifetime {
+                return false;
+            }
+        }
+        let no_response = options(datagram)
+            .find(|(number, _)| *number == option::NO_RESPONSE)
+            .and_then(|(_, value)| uint(value))
+            .map_or(0, |bits| bits as u8);
+        self.counters.datagrams += 1;
+        self.counters.requests += 1;
+        match refusal {
+            Refusal::Overloaded => self.counters.unavailable += 1,
+            Refusal::RateLimited => self.counters.too_many_requests += 1,
+        }
+        // Written by hand rather than through coap-lite: this is the path that must stay
+        // cheap when the shard is overloaded. Same bytes as `respond` writes.
+        let (code, suppressed_by) = match refusal {
+            Refusal::Overloaded => (0xa3, NO_RESPONSE_5XX),
+            Refusal::RateLimited => (0x9d, NO_RESPONSE_4XX),
+        };
+        let (message_type, message_id) = if confirmable {
+            (2u8, message_id)
+        } else {
+            if no_response & suppressed_by != 0 {
+                return true;
+            }
+            let fresh = self.next_message_id;
+            self.next_message_id = fresh.wrapping_add(1);
+            (1u8, fresh)
+        };
+        response.push(0x40 | message_type << 4 | token_length as u8);
+        response.push(code);
+        response.extend_from_slice(&message_id.to_be_bytes());
+        response.extend_from_slice(&datagram[4..4 + token_length]);
+        let max_age = max_age_s.to_be_bytes();
+        let skip = max_age.iter().take_while(|b| **b == 0).count();
+        // Option 14 (Max-Age) as the first option: delta 14 = 13 + 1 (one extension byte).
+        response.push(0xd0 | (4 - skip) as u8);
+        response.push(option::MAX_AGE as u8 - 13);
+        response.extend_from_slice(&max_age[skip..]);
+        response.push(0xff);
+        response.extend_from_slice(refusal.diagnostic().as_bytes());
+        true
+    }
+}
+
+/// The device a plain CoAP ingest request names (`/t/{device}`, the second Uri-Path segment
+/// after `t`), as raw bytes: what a rate limit is keyed by before the request is decoded. None
+/// for any other path, or a malformed datagram. The id is not validated here; the request's
+/// handling does that.
+pub fn path_device(datagram: &[u8]) -> Option<&[u8]> {
+    if datagram.len() < 4 || usize::from(datagram[0] & 0x0f) > 8 || !well_formed(datagram) {
+        return None;
+    }
+    let mut segments = options(datagram)
+        .take_while(|(number, _)| *number <= option::URI_PATH)
+        .filter(|(number, _)| *number == option::URI_PATH)
+        .map(|(_, value)| value);
+    match (segments.next(), segments.next(), segments.next()) {
+        (Some(b"t"), Some(device), None) => Some(device),
+        _ => None,
+    }
+}
+
+/// The options of a well-formed message (check with `well_formed` first) as (number, value),
+/// in order, without allocating.
+fn options(datagram: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    let mut index = 4 + usize::from(datagram[0] & 0x0f);
+    let mut number: u32 = 0;
+    std::iter::from_fn(move || {
+        let byte = *datagram.get(index)?;
+        if byte == 0xff {
+            return None;
+        }
+        index += 1;
+        let mut extended = |nibble: u8| -> Option<usize> {
+            match nibble {
+                0..=12 => Some(usize::from(nibble)),
+                13 => {
+                    let value = usize::from(*datagram.get(index)?) + 13;
+                    index += 1;
+                    Some(value)
+                }
+                14 => {
+                    let high = usize::from(*datagram.get(index)?);
+                    let low = usize::from(*datagram.get(index + 1)?);
+                    index += 2;
+                    Some((high << 8 | low) + 269)
+                }
+                _ => None,
+            }
+        };
+        let delta = extended(byte >> 4)?;
+        let length = extended(byte & 0x0f)?;
+        number += delta as u32;
+        let value = datagram.get(index..index + length)?;
+        index += length;
+        Some((u16::try_from(number).ok()?, value))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{EndpointConfig, Outcome};
+    use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
+
+    fn peer() -> SocketAddr {
+        "192.0.2.1:5683".parse().unwrap()
+    }
+
+    fn post(kind: MessageType, message_id: u16, path: &str, no_response: Option<u8>) -> Vec<u8> {
+        let mut packet = Packet::new();
+        packet.header.set_type(kind);
+        packet.header.code = MessageClass::Request(RequestType::Post);
+        packet.header.message_id = message_id;
+        packet.set_token(vec![0xab, 0xcd]);
+        for segment in path.split('/').filter(|s| !s.is_empty()) {
+            packet.add_option(CoapOption::UriPath, segment.as_bytes().to_vec());
+        }
+        packet.add_option(CoapOption::ContentFormat, vec![110]);
+        if let Some(bits) = no_response {
+            packet.add_option(CoapOption::NoResponse, vec![bits]);
+        }
+        packet.payload = br#"[{"n":"t","v":1}]"#.to_vec();
+        packet.to_bytes().unwrap()
+    }
+
+    #[test]
+    fn a_new_request_is_refused_with_max_age_and_not_remembered() {
+        let mut endpoint = Endpoint::new(EndpointConfig::default());
+        let now = Instant::now();
+        let request = post(MessageType::Confirmable, 7, "/t/dev-1", None);
+        let mut response = Vec::new();
+        for (refusal, code) in [
+            (Refusal::Overloaded, ResponseType::ServiceUnavailable),
+            (Refusal::RateLimited, ResponseType::TooManyRequests),
+        ] {
+            assert!(endpoint.refuse_new(now, peer(), None, &request, refusal, 3, &mut response));
+            let packet = Packet::from_bytes(&response).unwrap();
+            assert_eq!(packet.header.get_type(), MessageType::Acknowledgement);
+            assert_eq!(packet.header.message_id, 7);
+            assert_eq!(packet.get_token(), &[0xab, 0xcd]);
+            assert_eq!(packet.header.code, MessageClass::Response(code));
+            let max_age = packet.get_first_option(CoapOption::MaxAge).unwrap();
+            assert_eq!(max_age, &vec![3]);
+            // The very bytes coap-lite writes for the same answer.
+            let mut expected = Packet::new();
+            expected.header.set_type(MessageType::Acknowledgement);
+            expected.header.code = MessageClass::Response(code);
+            expected.header.message_id = 7;
+            expected.set_token(vec![0xab, 0xcd]);
+            expected.add_option(CoapOption::MaxAge, vec![3]);
+            expected.payload = refusal.diagnostic().as_bytes().to_vec();
+            assert_eq!(response, expected.to_bytes().unwrap());
+        }
+        let mut large = Vec::new();
+        assert!(endpoint.refuse_new(
+            now,
+            peer(),
+            None,
+            &request,
+            Refusal::RateLimited,
+            86_400,
+            &mut large
+        ));
+        let packet = Packet::from_bytes(&large).unwrap();
+        assert_eq!(
+            packet.get_first_option(CoapOption::MaxAge).unwrap(),
+            &vec![0x01, 0x51, 0x80]
+        );
+        assert_eq!(
+            endpoint.dedup_len(),
+            0,
+            "a refused exchange is not remembered"
+        );
+        assert_eq!(endpoint.counters().unavailable, 1);
+        assert_eq!(endpoint.counters().too_many_requests, 2);
+        // The same Message ID is handled as new afterwards (and stored).
+        let mut readings = Vec::new();
+        let outcome = endpoint.handle(
+            now,
+            0.0,
+            peer(),
+            None,
+            &request,
+            &mut readings,
+            &mut response,
+        );
+        assert!(matches!(outcome, Outcome::Store(_)));
+    }
+
+    #[test]
+    fn a_remembered_exchange_is_left_to_handle() {
+        let mut endpoint = Endpoint::new(EndpointConfig::default());
+        let now = Instant::now();
+        let request = post(MessageType::Confirmable, 9, "/t/dev-1", None);
+        let (mut readings, mut response) = (Vec::new(), Vec::new());
+        let Outcome::Store(exchange) = endpoint.handle(
+            now,
+            0.0,
+            peer(),
+            None,
+            &request,
+            &mut readings,
+            &mut response,
+        ) else {
+            panic!("stored");
+        };
+        let stored_response = response.clone();
+        endpoint.committed(&exchange);
+        let refused = endpoint.refuse_new(
+            now,
+            peer(),
+            None,
+            &request,
+            Refusal::Overloaded,
+            1,
+            &mut response,
+        );
+        assert!(!refused, "a duplicate is not refused");
+        assert!(response.is_empty());
+        let outcome = endpoint.handle(
+            now,
+            0.0,
+            peer(),
+            None,
+            &request,
+            &mut readings,
+            &mut response,
+        );
+        assert!(matches!(outcome, Outcome::Reply));
+        assert_eq!(
+            response, stored_response,
+            "the duplicate gets its 2.04 again"
+        );
+        // Over another DTLS session the same Message ID is a new exchange.
+        assert!(endpoint.refuse_new(
+            now,
+            peer(),
+            Some(5),
+            &request,
+            Refusal::Overloaded,
+            1,
+            &mut response
+        ));
+    }
+
+    #[test]
+    fn no_response_pings_and_malformed_datagrams() {
+        let mut endpoint = Endpoint::new(EndpointConfig::default());
+        let now = Instant::now();
+        let mut response = Vec::new();
+        // NON with No-Response for 5.xx: refused silently.
+        let quiet = post(MessageType::NonConfirmable, 1, "/t/d", Some(0x10));
+        assert!(endpoint.refuse_new(
+            now,
+            peer(),
+            None,
+            &quiet,
+            Refusal::Overloaded,
+            1,
+            &mut response
+        ));
+        assert!(response.is_empty());
+        // ... but it still gets a 4.29, which No-Response 0x10 does not suppress.
+        assert!(endpoint.refuse_new(
+            now,
+            peer(),
+            None,
+            &quiet,
+            Refusal::RateLimited,
+            1,
+            &mut response
+        ));
+        let packet = Packet::from_bytes(&response).unwrap();
+        assert_eq!(packet.header.get_type(), MessageType::NonConfirmable);
+        for datagram in [
+            &[0x40, 0, 0, 1][..],
+            &[0x60, 0x44, 0, 1],
+            &[0x40],
+            &[0x4f, 1, 0, 1],
+            &[],
+        ] {
+            assert!(!endpoint.refuse_new(
+                now,
+                peer(),
+                None,
+                datagram,
+                Refusal::Overloaded,
+                1,
+                &mut response
+            ));
+        }
+        // A bad option encoding is left to handle (which answers RST).
+        assert!(!endpoint.refuse_new(
+            now,
+            peer(),
+            None,
+            &[0x40, 2, 0, 1, 0xf0],
+            Refusal::Overloaded,
+            1,
+            &mut response
+        ));
+    }
+
+    #[test]
+    fn the_device_of_an_ingest_path() {
+        let request = post(MessageType::Confirmable, 1, "/t/meter-42", None);
+        assert_eq!(path_device(&request), Some(&b"meter-42"[..]));
+        assert_eq!(
+            path_device(&post(MessageType::Confirmable, 1, "/t", None)),
+            None
+        );
+        assert_eq!(
+            path_device(&post(MessageType::Confirmable, 1, "/x/a", None)),
+            None
+        );
+        assert_eq!(
+            path_device(&post(MessageType::Confirmable, 1, "/t/a/b", None)),
+            None
+        );
+        assert_eq!(path_device(&[0x40, 2, 0, 1, 0xf0]), None);
+        assert_eq!(path_device(&[]), None);
+    }
+}
