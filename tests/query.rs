@@ -280,6 +280,26 @@ fn limit_and_cursor_page_through_every_point_once() {
         Some((T0 + 19) as f64)
     );
     assert_eq!(latest["devices"][0]["series"]["y"][1].as_f64(), Some(-4.0));
+    let page = json(&get(&daemon, "/v1/latest?prefix=dev-p&limit=2", None));
+    assert_eq!(page["devices"].as_array().unwrap().len(), 2);
+    assert_eq!(page["next"], "dev-p2");
+    let rest = json(&get(
+        &daemon,
+        "/v1/latest?prefix=dev-p&limit=2&cursor=dev-p2",
+        None,
+    ));
+    assert_eq!(rest["devices"][0]["device"], "dev-p3");
+    assert_eq!(rest["devices"][0]["series"]["x"][1].as_f64(), Some(1.0));
+    assert!(rest.get("next").is_none());
+
+    // The listing is written by hand, not through serde_json::Value: names that need escaping
+    // stay valid JSON.
+    post(&mut client, "dev-q", &[("a\\\"b\\\\é", T0, 2.5)]);
+    let odd = json(&get(&daemon, "/v1/latest?prefix=dev-q", None));
+    assert_eq!(
+        odd["devices"][0]["series"]["a\"b\\é"][1].as_f64(),
+        Some(2.5)
+    );
 }
 
 #[test]

@@ -17,9 +17,9 @@ use axum::Router;
 use bytes::Bytes;
 use hdrhistogram::Histogram;
 use serde_json::{json, Value as Json};
-use sluice_storage::{Reader, StoreError, Value};
+use sluice_storage::{DevicePage, Reader, StoreError, Value};
 
-use crate::cache::{Answer, QueryCache, ENTRY_BYTES_MAX};
+use crate::cache::{Answer, QueryCache};
 use crate::dashboard;
 use crate::metrics::{self, Family, Kind, ShardMetrics, Snapshot};
 
@@ -32,6 +32,9 @@ const STREAM_CHUNK_BYTES: usize = 64 << 10;
 /// ([`sluice_storage::SCAN_CHUNK_POINTS_MAX`]) this bounds a query's memory, however large
 /// its range; a slow client makes the scan wait.
 const STREAM_CHUNKS_IN_FLIGHT: usize = 4;
+/// A streamed series answer is copied for the result cache only while it is at most this long:
+/// every stream in flight holds its copy.
+const STREAM_COPY_BYTES_MAX: usize = 1 << 20;
 
 /// The query endpoints, each with its own latency summary.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -574,46 +577,73 @@ fn build_listing(
     limit: Option<usize>,
     after: Option<&str>,
 ) -> Answer {
-    let after_cursor = |device: &str| after.is_none_or(|after| device > after);
     let limit = limit.unwrap_or(usize::MAX);
-    let mut next = None;
-    let entries: Vec<Json> = if endpoint == Endpoint::Devices {
-        let mut devices: Vec<_> = reader
-            .devices()
-            .into_iter()
-            .filter(|d| d.device.starts_with(prefix) && after_cursor(&d.device))
-            .collect();
-        if devices.len() > limit {
-            devices.truncate(limit);
-            next = devices.last().map(|d| d.device.clone());
-        }
-        devices
-            .into_iter()
-            .map(|d| json!({ "device": d.device, "last_seen": d.last_seen, "points": d.points }))
-            .collect()
-    } else {
-        let mut devices: Vec<_> = reader
-            .latest_all(prefix)
-            .into_iter()
-            .filter(|(device, _)| after_cursor(device))
-            .collect();
-        if devices.len() > limit {
-            devices.truncate(limit);
-            next = devices.last().map(|(d, _)| d.clone());
-        }
-        devices
-            .into_iter()
-            .map(|(device, series)| json!({ "device": device, "series": series_json(series) }))
-            .collect()
+    // One more than asked tells whether there is a next page.
+    let page = DevicePage {
+        prefix,
+        after,
+        limit: limit.saturating_add(1),
     };
-    let mut body = json!({ "devices": entries });
+    // Written directly, not through a serde_json::Value tree: a fleet-wide listing is one entry
+    // per device, 64 bytes each for 100,000 devices.
+    let mut body = Vec::new();
+    body.extend_from_slice(b"{\"devices\":[");
+    let mut next = None;
+    if endpoint == Endpoint::Devices {
+        let devices = reader.devices_page(&page);
+        for (i, d) in devices.iter().take(limit).enumerate() {
+            if i > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(b"{\"device\":");
+            write_json(&mut body, &d.device);
+            body.extend_from_slice(b",\"last_seen\":");
+            write_json(&mut body, &d.last_seen);
+            body.extend_from_slice(b",\"points\":");
+            write_json(&mut body, &d.points);
+            body.push(b'}');
+        }
+        if devices.len() > limit {
+            next = Some(devices[limit - 1].device.clone());
+        }
+    } else {
+        let devices = reader.latest_page(&page);
+        for (i, (device, series)) in devices.iter().take(limit).enumerate() {
+            if i > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(b"{\"device\":");
+            write_json(&mut body, device);
+            body.extend_from_slice(b",\"series\":{");
+            for (j, (name, time, value)) in series.iter().enumerate() {
+                if j > 0 {
+                    body.push(b',');
+                }
+                write_json(&mut body, name);
+                body.extend_from_slice(b":[");
+                write_json(&mut body, time);
+                body.push(b',');
+                write_json(&mut body, &value_json(value));
+                body.push(b']');
+            }
+            body.extend_from_slice(b"}}");
+        }
+        if devices.len() > limit {
+            next = Some(devices[limit - 1].0.clone());
+        }
+    }
+    body.push(b']');
+    if let Some(cursor) = &next {
+        body.extend_from_slice(b",\"next\":");
+        write_json(&mut body, cursor);
+    }
+    body.push(b'}');
     let path = if endpoint == Endpoint::Devices {
         "/v1/devices"
     } else {
         "/v1/latest"
     };
     let next = next.map(|cursor| {
-        body["next"] = json!(cursor);
         let mut link = format!("{path}?cursor={}", url_encode(&cursor));
         if !prefix.is_empty() {
             link.push_str(&format!("&prefix={}", url_encode(prefix)));
@@ -625,9 +655,14 @@ fn build_listing(
     });
     Answer {
         content_type: "application/json",
-        body: Bytes::from(body.to_string()),
+        body: Bytes::from(body),
         next,
     }
+}
+
+/// Appends `value` as JSON (strings escaped, numbers as serde_json writes them).
+fn write_json(body: &mut Vec<u8>, value: &(impl serde::Serialize + ?Sized)) {
+    serde_json::to_writer(&mut *body, value).expect("JSON into a Vec cannot fail");
 }
 
 fn series_json(series: Vec<(String, f64, Value)>) -> serde_json::Map<String, Json> {
@@ -772,7 +807,7 @@ async fn series(
         let mut copy: Option<Vec<u8>> = Some(Vec::new());
         let mut send = |bytes: &mut Vec<u8>| {
             if let Some(kept) = copy.as_mut() {
-                if kept.len() + bytes.len() <= ENTRY_BYTES_MAX {
+                if kept.len() + bytes.len() <= STREAM_COPY_BYTES_MAX {
                     kept.extend_from_slice(bytes);
                 } else {
                     copy = None;

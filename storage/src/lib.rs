@@ -19,7 +19,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 pub use store::{
-    DeviceSummary, LatestValues, Reader, Retention, RetentionReport, SeriesScan, Store,
+    DevicePage, DeviceSummary, LatestValues, Reader, Retention, RetentionReport, SeriesScan, Store,
     RECOVERED_EXCHANGES_MAX, SCAN_CHUNK_POINTS_MAX,
 };
 pub use tools::{inspect, verify, Inspection, SegmentInspection, VerifyProblem, VerifyReport};

@@ -1091,6 +1091,23 @@ pub struct DeviceSummary {
 /// The latest (time, value) of each series of a device, by series name.
 pub type LatestValues = Vec<(String, f64, Value)>;
 
+/// Which devices a listing covers: names starting with `prefix`, sorting after `after` (the
+/// last device of the previous page), at most `limit` of them, in ascending order.
+#[derive(Clone, Copy, Debug)]
+pub struct DevicePage<'a> {
+    pub prefix: &'a str,
+    pub after: Option<&'a str>,
+    pub limit: usize,
+}
+
+impl DevicePage<'_> {
+    pub const ALL: DevicePage<'static> = DevicePage {
+        prefix: "",
+        after: None,
+        limit: usize::MAX,
+    };
+}
+
 /// Query handle: sees only published commits.
 #[derive(Clone)]
 pub struct Reader {
@@ -1124,28 +1141,122 @@ impl Reader {
         before
     }
 
+    /// Every device with at least one stored point, in ascending order.
     pub fn devices(&self) -> Vec<DeviceSummary> {
-        let mut merged: BTreeMap<String, DeviceSummary> = BTreeMap::new();
+        self.devices_page(&DevicePage::ALL)
+    }
+
+    /// The devices of `page` with at least one stored point (points summed and last seen the
+    /// greatest over the shards).
+    pub fn devices_page(&self, page: &DevicePage) -> Vec<DeviceSummary> {
+        self.page(
+            page,
+            |state| state.points > 0,
+            |device, state| DeviceSummary {
+                device: device.to_string(),
+                last_seen: state.last_seen,
+                points: state.points,
+            },
+            |merged, other| {
+                merged.points += other.points;
+                merged.last_seen = merged.last_seen.max(other.last_seen);
+            },
+        )
+        .into_iter()
+        .map(|(_, summary)| summary)
+        .collect()
+    }
+
+    /// The devices of `page` with a committed point, each with the latest value of each of its
+    /// series (by name; over the shards the newest wins).
+    pub fn latest_page(&self, page: &DevicePage) -> Vec<(String, LatestValues)> {
+        self.page(
+            page,
+            |state| state.series.values().any(|series| series.latest.is_some()),
+            |_, state| {
+                state
+                    .series
+                    .iter()
+                    .filter_map(|(name, series)| {
+                        let latest = series.latest.as_ref()?;
+                        Some((name.clone(), latest.time, latest.value.clone()))
+                    })
+                    .collect::<LatestValues>()
+            },
+            |merged, other| {
+                // Both are sorted by name; on a tie of names the newer time wins, and on a tie
+                // of times the later shard, as for one device.
+                let mine = std::mem::take(merged);
+                let mut mine = mine.into_iter().peekable();
+                let mut theirs = other.into_iter().peekable();
+                loop {
+                    let next = match (mine.peek(), theirs.peek()) {
+                        (None, None) => break,
+                        (Some(_), None) => mine.next(),
+                        (None, Some(_)) => theirs.next(),
+                        (Some(a), Some(b)) => match a.0.cmp(&b.0) {
+                            std::cmp::Ordering::Less => mine.next(),
+                            std::cmp::Ordering::Greater => theirs.next(),
+                            std::cmp::Ordering::Equal => {
+                                let a = mine.next().expect("peeked");
+                                let b = theirs.next().expect("peeked");
+                                Some(if b.1 >= a.1 { b } else { a })
+                            }
+                        },
+                    };
+                    merged.extend(next);
+                }
+            },
+        )
+    }
+
+    /// One page of devices over every shard. Each shard's summary is locked only while the
+    /// page's devices of that shard are picked (`wanted`) and copied out (`copy`): the shard's
+    /// commits wait for at most one shard's share of one page, never for the merge. A device
+    /// in several shards (another shard count before a restart, or a device whose address
+    /// changed) is `merge`d into one entry.
+    fn page<T>(
+        &self,
+        page: &DevicePage,
+        wanted: impl Fn(&DeviceState) -> bool,
+        copy: impl Fn(&str, &DeviceState) -> T,
+        merge: impl Fn(&mut T, T),
+    ) -> Vec<(String, T)> {
+        let mut all: Vec<(String, T)> = Vec::new();
         for shard in self.shards() {
             let summary = lock(&shard.summary);
-            for (device, state) in &summary.devices {
-                if state.points == 0 {
-                    continue;
-                }
-                let entry = merged
-                    .entry(device.clone())
-                    .or_insert_with(|| DeviceSummary {
-                        device: device.clone(),
-                        last_seen: f64::NEG_INFINITY,
-                        points: 0,
-                    });
-                entry.points += state.points;
-                if state.last_seen > entry.last_seen {
-                    entry.last_seen = state.last_seen;
-                }
+            let mut picked: Vec<(&String, &DeviceState)> = summary
+                .devices
+                .iter()
+                .filter(|(device, state)| {
+                    device.starts_with(page.prefix)
+                        && page.after.is_none_or(|after| device.as_str() > after)
+                        && wanted(state)
+                })
+                .collect();
+            if picked.len() > page.limit {
+                picked.select_nth_unstable_by(page.limit, |a, b| a.0.cmp(b.0));
+                picked.truncate(page.limit);
+            }
+            picked.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            all.extend(
+                picked
+                    .into_iter()
+                    .map(|(device, state)| (device.clone(), copy(device, state))),
+            );
+        }
+        // Stable: of two shards' entries for one device, the earlier shard's comes first.
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut merged: Vec<(String, T)> = Vec::with_capacity(all.len().min(page.limit));
+        for (device, value) in all {
+            let full = merged.len() == page.limit;
+            match merged.last_mut() {
+                Some((last, into)) if *last == device => merge(into, value),
+                _ if full => break,
+                _ => merged.push((device, value)),
             }
         }
-        merged.into_values().collect()
+        merged
     }
 
     pub fn latest(&self, device: &str) -> Option<Vec<(String, f64, Value)>> {
@@ -1272,42 +1383,6 @@ impl Reader {
             }
         }
         total
-    }
-
-    /// The latest value of each series of every device whose id starts with `prefix`, sorted by
-    /// device (devices without a committed point are left out).
-    pub fn latest_all(&self, prefix: &str) -> Vec<(String, LatestValues)> {
-        let mut merged: BTreeMap<String, BTreeMap<String, (f64, Value)>> = BTreeMap::new();
-        for shard in self.shards() {
-            let summary = lock(&shard.summary);
-            for (device, state) in &summary.devices {
-                if !device.starts_with(prefix) {
-                    continue;
-                }
-                for (name, series) in &state.series {
-                    let Some(latest) = &series.latest else {
-                        continue;
-                    };
-                    let device = merged.entry(device.clone()).or_default();
-                    let newer = device
-                        .get(name)
-                        .is_none_or(|(time, _)| latest.time >= *time);
-                    if newer {
-                        device.insert(name.clone(), (latest.time, latest.value.clone()));
-                    }
-                }
-            }
-        }
-        merged
-            .into_iter()
-            .map(|(device, series)| {
-                let series = series
-                    .into_iter()
-                    .map(|(name, (time, value))| (name, time, value))
-                    .collect();
-                (device, series)
-            })
-            .collect()
     }
 
     pub fn generation(&self) -> u64 {

@@ -1,6 +1,6 @@
 //! Series scans: ascending chunks of bounded size, series point counts, latest of every device.
 
-use sluice_storage::{Durability, Store, StoreConfig, Value, ValueRef};
+use sluice_storage::{DevicePage, Durability, Store, StoreConfig, Value, ValueRef};
 
 const T0: f64 = 1_763_899_200.0; // a multiple of 3600
 
@@ -100,7 +100,12 @@ fn series_version_grows_with_commits_and_latest_all_filters_by_prefix() {
     writer.commit().unwrap();
     assert_eq!(reader.series_version("a-1", "t"), Some(2));
     assert_eq!(reader.series_version("b-1", "t"), Some(1));
-    let latest = reader.latest_all("a-");
+    let page = |prefix, after, limit| DevicePage {
+        prefix,
+        after,
+        limit,
+    };
+    let latest = reader.latest_page(&page("a-", None, usize::MAX));
     assert_eq!(
         latest,
         vec![(
@@ -108,5 +113,56 @@ fn series_version_grows_with_commits_and_latest_all_filters_by_prefix() {
             vec![("t".to_string(), T0, Value::Number(1.0))]
         )]
     );
-    assert_eq!(reader.latest_all("").len(), 2);
+    assert_eq!(reader.latest_page(&page("", None, usize::MAX)).len(), 2);
+    let first = reader.latest_page(&page("", None, 1));
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].0, "a-1");
+    let second = reader.latest_page(&page("", Some("a-1"), 1));
+    assert_eq!(second[0].0, "b-1");
+    assert!(reader.latest_page(&page("", Some("b-1"), 1)).is_empty());
+}
+
+#[test]
+fn a_device_in_two_shards_is_one_entry_with_summed_points_and_the_newest_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path());
+    let reader = store.reader();
+    let mut first = store.writer(0).unwrap();
+    let mut second = store.writer(1).unwrap();
+    first.append("d", "a", T0, ValueRef::Number(1.0)).unwrap();
+    first
+        .append("d", "b", T0 + 5.0, ValueRef::Number(2.0))
+        .unwrap();
+    first.append("e", "a", T0, ValueRef::Number(9.0)).unwrap();
+    first.commit().unwrap();
+    second
+        .append("d", "a", T0 + 1.0, ValueRef::Number(3.0))
+        .unwrap();
+    second.append("d", "b", T0, ValueRef::Number(4.0)).unwrap();
+    second.append("d", "c", T0, ValueRef::Bool(true)).unwrap();
+    second.append("c", "a", T0, ValueRef::Number(0.0)).unwrap();
+    second.commit().unwrap();
+
+    let devices = reader.devices();
+    let names: Vec<_> = devices.iter().map(|d| d.device.as_str()).collect();
+    assert_eq!(names, ["c", "d", "e"]);
+    assert_eq!(devices[1].points, 5);
+    assert_eq!(devices[1].last_seen, T0 + 5.0);
+
+    let latest = reader.latest_page(&DevicePage {
+        prefix: "",
+        after: Some("c"),
+        limit: 1,
+    });
+    assert_eq!(
+        latest,
+        vec![(
+            "d".to_string(),
+            vec![
+                ("a".to_string(), T0 + 1.0, Value::Number(3.0)),
+                ("b".to_string(), T0 + 5.0, Value::Number(2.0)),
+                ("c".to_string(), T0, Value::Bool(true)),
+            ]
+        )]
+    );
 }
