@@ -109,6 +109,21 @@ pub struct Options {
     /// [default: one second of the rate, at least 10]
     #[arg(long, env = "SLUICE_DEVICE_BURST", value_name = "REQUESTS")]
     pub device_burst: Option<u32>,
+    /// Side ports of the nodes that cluster reads (/v1/cluster/...) cover, comma-separated,
+    /// e.g. http://10.0.0.11:8683,http://10.0.0.12:8683; list this node too to include its data
+    /// (see docs/cluster.md) [default: none, cluster reads off]
+    #[arg(
+        long,
+        env = "SLUICE_PEERS",
+        value_name = "URL,...",
+        value_delimiter = ','
+    )]
+    pub peers: Option<Vec<String>>,
+
+    /// How long a peer may take to answer its part of a cluster read before it is left out
+    /// (the answer is then marked partial) [default: 5s]
+    #[arg(long, env = "SLUICE_PEER_TIMEOUT", value_name = "DURATION")]
+    pub peer_timeout: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
@@ -154,6 +169,10 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Shedding and rate limiting (docs/overload.md).
     pub overload: OverloadConfig,
+    /// Base URLs of the nodes cluster reads cover (empty: cluster reads off).
+    pub peers: Vec<String>,
+    /// How long each of them may take to answer.
+    pub peer_timeout: Duration,
 }
 
 /// CoAP over DTLS: where, and who may talk to it.
@@ -239,6 +258,26 @@ impl Options {
             }
         };
         let overload = self.overload()?;
+        let peers = self.peers.take().unwrap_or_default();
+        let peer_timeout = match self.peer_timeout.as_deref() {
+            None => sluice_cluster::NODE_TIMEOUT_DEFAULT,
+            Some(text) => {
+                let timeout = parse_duration("--peer-timeout", text)?;
+                if timeout.is_zero() {
+                    bail!("--peer-timeout: must be more than 0");
+                }
+                timeout
+            }
+        };
+        let peers = if peers.is_empty() {
+            peers
+        } else {
+            // Checked here so a bad list stops the start, not the first read.
+            sluice_cluster::Cluster::new(&peers, peer_timeout)
+                .map_err(|e| anyhow::anyhow!("--peers: {e}"))?
+                .nodes()
+                .to_vec()
+        };
         Ok(Config {
             overload,
             data_dir: self
@@ -255,6 +294,8 @@ impl Options {
             steering: self.steering.unwrap_or(Steering::Hash),
             drain,
             log_format: self.log_format.unwrap_or(LogFormat::Text),
+            peers,
+            peer_timeout,
         })
     }
 
@@ -325,7 +366,9 @@ impl Options {
             shed_backlog,
             shed_delay,
             device_rate,
-            device_burst
+            device_burst,
+            peers,
+            peer_timeout
         );
     }
 }
@@ -487,6 +530,22 @@ mod tests {
         ] {
             assert!(options(bad).resolve().is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn peers_are_node_urls_given_once() {
+        assert!(options(&[]).resolve().unwrap().peers.is_empty());
+        let config = options(&["--peers", "10.0.0.11:8683,http://10.0.0.12:8683/"])
+            .resolve()
+            .unwrap();
+        assert_eq!(
+            config.peers,
+            ["http://10.0.0.11:8683", "http://10.0.0.12:8683"]
+        );
+        assert_eq!(config.peer_timeout, Duration::from_secs(5));
+        assert!(options(&["--peers", "https://a:1"]).resolve().is_err());
+        assert!(options(&["--peers", "a:1,a:1"]).resolve().is_err());
+        assert!(options(&["--peer-timeout", "0s"]).resolve().is_err());
     }
 
     #[test]

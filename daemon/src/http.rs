@@ -163,8 +163,10 @@ impl AppState {
     }
 }
 
-pub fn router(state: Arc<AppState>) -> Router {
+/// The side port's routes; `peers` serves the cluster reads (`/v1/cluster/...`, peers.rs).
+pub fn router(state: Arc<AppState>, peers: Option<Arc<crate::peers::Peers>>) -> Router {
     Router::new()
+        .merge(crate::peers::router(peers))
         .route("/v1/devices", get(devices))
         .route("/v1/devices/{device}/latest", get(device_latest))
         .route("/v1/latest", get(latest))

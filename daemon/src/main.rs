@@ -14,6 +14,7 @@ mod io;
 mod metrics;
 mod notify;
 mod overload;
+mod peers;
 mod retention;
 mod shard;
 mod steering;
@@ -224,7 +225,11 @@ fn run(mut config: Config) -> anyhow::Result<()> {
             tracing::debug!(%error, "cannot set TCP_NODELAY");
         }
     });
-    let server = axum::serve(listener, http::router(state.clone())).with_graceful_shutdown(async {
+    let server = axum::serve(
+        listener,
+        http::router(state.clone(), peers::from_config(&config)),
+    )
+    .with_graceful_shutdown(async {
         let _ = http_stopped.await;
     });
     let server = runtime.spawn(async move { server.await });

@@ -94,8 +94,14 @@ impl Daemon {
 
     /// Starts sluiced without waiting for readiness.
     pub fn spawn(data_dir: &Path, extra: &[&str]) -> Daemon {
-        let coap: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-        let http: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        Daemon::spawn_on(data_dir, free_port(), free_port(), extra)
+    }
+
+    /// Starts sluiced on the given loopback ports (from [`free_port`]: a test that must name a
+    /// node's address before it starts, e.g. in another node's `--peers`), without waiting.
+    pub fn spawn_on(data_dir: &Path, coap: u16, http: u16, extra: &[&str]) -> Daemon {
+        let coap: SocketAddr = ([127, 0, 0, 1], coap).into();
+        let http: SocketAddr = ([127, 0, 0, 1], http).into();
         let log = data_dir.with_extension(format!("{}.log", coap.port()));
         std::fs::create_dir_all(data_dir.parent().unwrap()).unwrap();
         let child = Command::new(binary("sluiced"))

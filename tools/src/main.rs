@@ -1,7 +1,7 @@
 //! `sluice`: the companion command line of `sluiced`.
 //!
 //! Exit codes: 0 on success, 1 on failure (including `verify` finding corruption), 2 for a bad
-//! command line.
+//! command line, 3 when `query --nodes` printed an answer that lacks a node's part.
 
 mod capture;
 mod credentials;
@@ -57,7 +57,10 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Query(args) => query::run(args),
+        Command::Query(args) => match query::run(args) {
+            Ok(true) => std::process::exit(query::EXIT_PARTIAL),
+            other => other.map(|_| ()),
+        },
         Command::Load(args) => load::run(args),
         Command::Replay(args) => replay::run(args),
         Command::Sink(args) => sink::run(args),

@@ -1,4 +1,6 @@
-//! `sluice query`: devices, latest values and series from a running sluiced.
+//! `sluice query`: devices, latest values and series from a running sluiced, or merged over
+//! several nodes (`--nodes`, with the same merge as a node's `/v1/cluster/...` endpoints:
+//! `sluice_cluster`).
 
 use std::fmt::Write as _;
 
@@ -16,6 +18,14 @@ pub struct QueryArgs {
         global = true
     )]
     http: String,
+    /// Ask these nodes (side ports, comma-separated, e.g. 10.0.0.11:8683,10.0.0.12:8683) and
+    /// merge their answers instead of asking --http; a node that does not answer is named on
+    /// stderr and the exit status is 3
+    #[arg(long, value_delimiter = ',', global = true)]
+    nodes: Option<Vec<String>>,
+    /// With --nodes: how long one node may take to answer, e.g. 5s, 500ms
+    #[arg(long, default_value = "5s", global = true)]
+    timeout: String,
     /// Output format
     #[arg(long, value_enum, default_value = "table", global = true)]
     format: OutputFormat,
@@ -65,8 +75,11 @@ enum OutputFormat {
     Csv,
 }
 
-pub fn run(args: QueryArgs) -> anyhow::Result<()> {
-    let base = format!("http://{}", args.http);
+/// Exit status when a `--nodes` answer was printed but lacks a node's part.
+pub const EXIT_PARTIAL: i32 = 3;
+
+/// Runs the query; Ok(true) when the answer is partial (a node of `--nodes` did not answer).
+pub fn run(args: QueryArgs) -> anyhow::Result<bool> {
     let (path, query): (String, Vec<(&str, String)>) = match &args.what {
         What::Devices { prefix } => (
             "/v1/devices".into(),
@@ -94,8 +107,18 @@ pub fn run(args: QueryArgs) -> anyhow::Result<()> {
             ("/v1/series".into(), query)
         }
     };
-    let mut request = ureq::get(&format!("{base}{path}"));
-    for (key, value) in &query {
+    let (body, partial) = match &args.nodes {
+        Some(nodes) => ask_nodes(nodes, &args, query)?,
+        None => (ask_node(&args.http, &path, &query)?, false),
+    };
+    print_answer(&args, &body)?;
+    Ok(partial)
+}
+
+/// The body of a query to one node.
+fn ask_node(http: &str, path: &str, query: &[(&str, String)]) -> anyhow::Result<String> {
+    let mut request = ureq::get(&format!("http://{http}{path}"));
+    for (key, value) in query {
         request = request.query(key, value);
     }
     let body = match request.call() {
@@ -108,14 +131,55 @@ pub fn run(args: QueryArgs) -> anyhow::Result<()> {
                 .unwrap_or(text);
             bail!("{status}: {message}");
         }
-        Err(error) => bail!("cannot reach sluiced at {}: {error}", args.http),
+        Err(error) => bail!("cannot reach sluiced at {http}: {error}"),
     };
+    Ok(body)
+}
+
+/// The merged answer of several nodes, and whether it is partial (each missing node is named on
+/// stderr).
+fn ask_nodes(
+    nodes: &[String],
+    args: &QueryArgs,
+    query: Vec<(&str, String)>,
+) -> anyhow::Result<(String, bool)> {
+    let timeout = humantime::parse_duration(&args.timeout)
+        .ok()
+        .filter(|t| !t.is_zero())
+        .with_context(|| format!("--timeout: `{}` is not a duration such as 5s", args.timeout))?;
+    let cluster = sluice_cluster::Cluster::new(nodes, timeout)
+        .map_err(|e| anyhow::anyhow!("--nodes: {e}"))?;
+    let query: Vec<(String, String)> = query
+        .into_iter()
+        .map(|(key, value)| (key.to_string(), value))
+        .collect();
+    let result = match &args.what {
+        What::Devices { .. } => cluster.devices(&query),
+        What::Latest { device } => cluster.device_latest(device),
+        What::Series { .. } => cluster.series(&query),
+    };
+    let merged = match result {
+        Ok(merged) => merged,
+        Err(failure) => {
+            for node in failure.missing() {
+                eprintln!("sluice: {node} did not answer");
+            }
+            bail!("{}: {}", failure.status(), failure.message())
+        }
+    };
+    for (node, reason) in &merged.reasons {
+        eprintln!("sluice: partial answer: {node} did not answer: {reason}");
+    }
+    Ok((merged.body.to_string(), merged.partial()))
+}
+
+fn print_answer(args: &QueryArgs, body: &str) -> anyhow::Result<()> {
     if args.format == OutputFormat::Json {
         println!("{}", body.trim_end());
         return Ok(());
     }
     let json: Json =
-        serde_json::from_str(&body).context("sluiced answered something that is not JSON")?;
+        serde_json::from_str(body).context("sluiced answered something that is not JSON")?;
     if let What::Series {
         chart: true, width, ..
     } = &args.what
@@ -134,17 +198,7 @@ pub fn run(args: QueryArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn encode(segment: &str) -> String {
-    segment
-        .bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b':' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
+use sluice_cluster::encode_segment as encode;
 
 fn time(seconds: &Json) -> String {
     let Some(seconds) = seconds.as_f64() else {
