@@ -271,6 +271,29 @@ fn two_nodes_answer_cluster_reads_merged_and_mark_a_missing_node() {
     let (status, _, error) = get(&a, "/v1/cluster/devices/only-b/latest");
     assert_eq!(status, 404, "{error}");
     assert_eq!(error["missing"], json!([url_b]), "{error}");
+    // Counted on the node that answered.
+    let (_, metrics) = a.get("/metrics");
+    let sample = |line_start: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(line_start))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no `{line_start}` in /metrics"))
+    };
+    assert!(sample(r#"sluice_cluster_reads_total{result="partial"}"#) >= 2.0);
+    assert!(sample(r#"sluice_cluster_reads_total{result="complete"}"#) >= 10.0);
+    assert!(
+        sample(&format!(
+            r#"sluice_cluster_peer_failures_total{{peer="{url_b}"}}"#
+        )) >= 2.0
+    );
+    assert_eq!(
+        sample(&format!(
+            r#"sluice_cluster_peer_failures_total{{peer="{url_a}"}}"#
+        )),
+        0.0
+    );
+
     // The CLI prints what it has, warns, and exits 3.
     let (status, stdout, stderr) = sluice_query(&["--nodes", &nodes, "devices"]);
     assert_eq!(status, Some(3), "{stdout}{stderr}");

@@ -121,6 +121,7 @@ impl AppState {
                 (vec![("endpoint", endpoint.label().to_string())], histogram)
             })
             .collect();
+        snapshot.families.extend(crate::peers::families());
         let (hits, misses, entries, bytes) = self.cache.stats();
         let ratio = if hits + misses == 0 {
             0.0

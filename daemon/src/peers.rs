@@ -4,7 +4,9 @@
 //! `sluice_cluster`, the same code as `sluice query --nodes`. Documented in `docs/cluster.md`
 //! and `docs/http-api.md`.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
@@ -14,6 +16,8 @@ use axum::routing::get;
 use axum::Router;
 use sluice_cluster::{Cluster, Failure, Merged};
 use tokio::sync::Semaphore;
+
+use crate::metrics::{Family, Kind};
 
 /// Cluster reads in flight at once; more wait. Each one holds a blocking thread plus one thread
 /// and one connection per peer, so this bounds both.
@@ -30,11 +34,72 @@ pub struct Peers {
 
 impl Peers {
     pub fn new(cluster: Cluster) -> Peers {
+        let mut failures = PEER_FAILURES.lock().unwrap_or_else(|e| e.into_inner());
+        for node in cluster.nodes() {
+            failures.entry(node.clone()).or_insert(0);
+        }
+        drop(failures);
         Peers {
             cluster,
             in_flight: Semaphore::new(CLUSTER_READS_IN_FLIGHT_MAX),
         }
     }
+}
+
+/// Cluster reads since start by outcome: every node answered, some did, none did. One side port
+/// per process, so process-wide counters.
+static READS: [AtomicU64; 3] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
+const OUTCOMES: [&str; 3] = ["complete", "partial", "unavailable"];
+/// Times each peer was left out of a cluster read (keyed by the `--peers` entries only, so at
+/// most `sluice_cluster::NODES_MAX` of them).
+static PEER_FAILURES: Mutex<BTreeMap<String, u64>> = Mutex::new(BTreeMap::new());
+
+fn count(missing: &[(String, String)], answered: bool) {
+    let outcome = match (missing.is_empty(), answered) {
+        (true, _) => 0,
+        (false, true) => 1,
+        (false, false) => 2,
+    };
+    READS[outcome].fetch_add(1, Ordering::Relaxed);
+    let mut failures = PEER_FAILURES.lock().unwrap_or_else(|e| e.into_inner());
+    for (node, reason) in missing {
+        tracing::warn!(peer = %node, reason = %reason, "cluster read: peer left out");
+        if let Some(count) = failures.get_mut(node) {
+            *count += 1;
+        }
+    }
+}
+
+/// The cluster-read families of `/metrics` (zero without `--peers`).
+pub fn families() -> Vec<Family> {
+    let reads = OUTCOMES
+        .iter()
+        .zip(&READS)
+        .map(|(outcome, n)| {
+            (
+                vec![("result", outcome.to_string())],
+                n.load(Ordering::Relaxed),
+            )
+        })
+        .collect();
+    let failures = PEER_FAILURES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .map(|(node, n)| (vec![("peer", node.clone())], *n))
+        .collect();
+    vec![
+        Family {
+            name: "sluice_cluster_reads_total",
+            help: "Cluster reads (/v1/cluster/...) by result: every peer answered, some did (partial), none did.",
+            kind: Kind::Counter(reads),
+        },
+        Family {
+            name: "sluice_cluster_peer_failures_total",
+            help: "Times a peer of --peers was left out of a cluster read (unreachable, too slow, 5xx).",
+            kind: Kind::Counter(failures),
+        },
+    ]
 }
 
 type Shared = Option<Arc<Peers>>;
@@ -92,9 +157,7 @@ fn marker_headers(missing: &[String]) -> [(&'static str, HeaderValue); 2] {
 }
 
 fn merged_response(merged: Merged) -> Response {
-    for (node, reason) in &merged.reasons {
-        tracing::warn!(peer = %node, reason = %reason, "cluster read: peer left out");
-    }
+    count(&merged.reasons, true);
     (
         StatusCode::OK,
         [(header::CACHE_CONTROL, "no-store")],
@@ -105,10 +168,17 @@ fn merged_response(merged: Merged) -> Response {
 }
 
 fn failure_response(failure: &Failure) -> Response {
-    if let Failure::Unavailable(reasons) = failure {
-        for (node, reason) in reasons {
-            tracing::warn!(peer = %node, reason = %reason, "cluster read: peer left out");
+    match failure {
+        Failure::Unavailable(reasons) => count(reasons, false),
+        // No node knows it, or the query is bad: answered, with any missing peer named.
+        Failure::NotFound { missing, .. } => {
+            let missing: Vec<(String, String)> = missing
+                .iter()
+                .map(|n| (n.clone(), "did not answer".to_string()))
+                .collect();
+            count(&missing, true)
         }
+        Failure::BadRequest(_) => count(&[], true),
     }
     let status = StatusCode::from_u16(failure.status()).unwrap_or(StatusCode::BAD_GATEWAY);
     (
