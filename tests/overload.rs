@@ -246,8 +246,10 @@ fn a_saturated_shard_answers_5_03_with_max_age_and_duplicates_get_their_answer()
     }
     assert_eq!(daemon.metric("sluice_shed_total"), refused.len() as f64);
 
-    // Again saturated: new requests interleaved with retransmissions of acknowledged ones.
-    let mut second = Vec::new();
+    // Again saturated: new requests interleaved with retransmissions of acknowledged ones, and
+    // the retransmission of a refused one.
+    let refused_id = refused[0].header.message_id;
+    let mut second = vec![first[usize::from(refused_id)].clone()];
     for (n, id) in accepted.iter().enumerate() {
         second.push(post_bytes(1000 + n as u16, "burst", 1000 + n));
         second.push(first[usize::from(*id)].clone());
@@ -261,6 +263,11 @@ fn a_saturated_shard_answers_5_03_with_max_age_and_duplicates_get_their_answer()
             "a duplicate gets its 2.04 again"
         );
     }
+    assert_eq!(
+        code(&answers[&refused_id]),
+        "5.03",
+        "a refused request's retransmission gets its 5.03 again"
+    );
     let accepted_new = answers
         .iter()
         .filter(|(id, p)| **id >= 1000 && code(p) == "2.04")

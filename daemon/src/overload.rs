@@ -173,8 +173,9 @@ pub struct Overload {
     rate_limited: u64,
     shedding: Episode,
     limiting: Episode,
-    /// Acknowledged requests per second (for the Max-Age of a 5.03), and its measurement.
-    acked_per_s: f64,
+    /// Acknowledged requests per second (for the Max-Age of a 5.03), and its measurement;
+    /// None until one window has passed.
+    acked_per_s: Option<f64>,
     acked_at_window: u64,
     window_start: Instant,
     /// Socket queueing delays of this batch, recorded under one lock in [`Overload::tick`].
@@ -201,7 +202,7 @@ impl Overload {
             rate_limited: 0,
             shedding: Episode::default(),
             limiting: Episode::default(),
-            acked_per_s: 0.0,
+            acked_per_s: None,
             acked_at_window: 0,
             window_start: now,
             queue_delays_us: Vec::with_capacity(2 * crate::io::DATAGRAMS_PER_BATCH_MAX),
@@ -338,7 +339,10 @@ impl Overload {
     /// between 1 and [`SHED_MAX_AGE_MAX_S`]; then spread by up to as much again, so the devices
     /// refused together do not all come back in the same second.
     fn shed_max_age(&mut self, waited: Option<Duration>, backlog: usize) -> u32 {
-        let drain_s = backlog as f64 / self.acked_per_s.max(1.0);
+        // Before the first measurement the backlog says nothing about time.
+        let drain_s = self
+            .acked_per_s
+            .map_or(0.0, |rate| backlog as f64 / rate.max(1.0));
         let waited_s = waited.map_or(0.0, |w| w.as_secs_f64());
         let base = (drain_s.max(waited_s).ceil() as u32).clamp(1, SHED_MAX_AGE_MAX_S);
         self.jitter ^= self.jitter << 13;
@@ -378,7 +382,7 @@ impl Overload {
             // Every acknowledged request is one sample of the acknowledgement latency.
             let acked = metrics.ack_latency_us.lock().map_or(0, |h| h.len());
             let rate = acked.saturating_sub(self.acked_at_window) as f64 / window.as_secs_f64();
-            self.acked_per_s = 0.5 * self.acked_per_s + 0.5 * rate;
+            self.acked_per_s = Some(self.acked_per_s.map_or(rate, |old| 0.5 * old + 0.5 * rate));
             self.acked_at_window = acked;
             self.window_start = now;
             let drops = self.sockets.iter().filter_map(|fd| socket_drops(*fd)).sum();
@@ -620,7 +624,11 @@ mod tests {
     #[test]
     fn shed_max_age_follows_the_backlog_and_stays_bounded() {
         let mut overload = Overload::new(0, OverloadConfig::default(), Vec::new());
-        overload.acked_per_s = 1000.0;
+        assert!(
+            overload.shed_max_age(None, 3000) <= 2,
+            "no rate measured yet"
+        );
+        overload.acked_per_s = Some(1000.0);
         for _ in 0..100 {
             let age = overload.shed_max_age(None, 3000);
             assert!((3..=6).contains(&age), "{age}");

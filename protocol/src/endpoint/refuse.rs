@@ -8,7 +8,8 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use super::{
-    option, uint, well_formed, Endpoint, ANY_SESSION, NO_RESPONSE_4XX, NO_RESPONSE_5XX, PLAIN,
+    option, uint, well_formed, DedupState, Endpoint, Request, ANY_SESSION, NO_RESPONSE_4XX,
+    NO_RESPONSE_5XX, PLAIN,
 };
 
 /// Why a new request is refused.
@@ -33,8 +34,9 @@ impl Endpoint {
     /// Refuses `datagram` with `refusal` and Max-Age `max_age_s` if it is a new request: a CON
     /// or NON request (any method, any path) that is not a duplicate of an exchange the endpoint
     /// remembers. Writes the refusal into `response` (cleared first; left empty when the
-    /// request's No-Response option suppresses it) and returns true; the exchange is not
-    /// remembered, so a retransmission is handled afresh. Returns false, with `response` empty,
+    /// request's No-Response option suppresses it) and returns true. A refused CON is remembered
+    /// like any answered exchange: its retransmissions get this same refusal (RFC 7252 §4.5),
+    /// never a 2.04 the device would not see after it. Returns false, with `response` empty,
     /// for anything else (a duplicate, a ping, an ACK or RST, a malformed datagram): pass it to
     /// [`Endpoint::handle`]. The payload is never looked at. Never panics.
     #[allow(clippy::too_many_arguments)]
@@ -88,6 +90,7 @@ impl Endpoint {
             Refusal::Overloaded => (0xa3, NO_RESPONSE_5XX),
             Refusal::RateLimited => (0x9d, NO_RESPONSE_4XX),
         };
+        let request_message_id = message_id;
         let (message_type, message_id) = if confirmable {
             (2u8, message_id)
         } else {
@@ -110,6 +113,17 @@ impl Endpoint {
         response.extend_from_slice(&max_age[skip..]);
         response.push(0xff);
         response.extend_from_slice(refusal.diagnostic().as_bytes());
+        if confirmable {
+            let request = Request {
+                session,
+                confirmable,
+                message_id: request_message_id,
+                token: &datagram[4..4 + token_length],
+                no_response,
+            };
+            let key = (peer, request_message_id);
+            self.remember(now, key, &request, DedupState::Done, response);
+        }
         true
     }
 }
@@ -197,15 +211,16 @@ mod tests {
     }
 
     #[test]
-    fn a_new_request_is_refused_with_max_age_and_not_remembered() {
+    fn a_new_request_is_refused_with_max_age_and_its_retransmission_gets_the_same() {
         let mut endpoint = Endpoint::new(EndpointConfig::default());
         let now = Instant::now();
-        let request = post(MessageType::Confirmable, 7, "/t/dev-1", None);
         let mut response = Vec::new();
         for (refusal, code) in [
             (Refusal::Overloaded, ResponseType::ServiceUnavailable),
             (Refusal::RateLimited, ResponseType::TooManyRequests),
         ] {
+            let request = post(MessageType::Confirmable, 7, "/t/dev-1", None);
+            let mut endpoint = Endpoint::new(EndpointConfig::default());
             assert!(endpoint.refuse_new(now, peer(), None, &request, refusal, 3, &mut response));
             let packet = Packet::from_bytes(&response).unwrap();
             assert_eq!(packet.header.get_type(), MessageType::Acknowledgement);
@@ -223,7 +238,24 @@ mod tests {
             expected.add_option(CoapOption::MaxAge, vec![3]);
             expected.payload = refusal.diagnostic().as_bytes().to_vec();
             assert_eq!(response, expected.to_bytes().unwrap());
+            // The retransmission is a duplicate: left to handle, which answers the same.
+            let refusal_bytes = response.clone();
+            assert!(!endpoint.refuse_new(now, peer(), None, &request, refusal, 9, &mut response));
+            let mut readings = Vec::new();
+            let outcome = endpoint.handle(
+                now,
+                0.0,
+                peer(),
+                None,
+                &request,
+                &mut readings,
+                &mut response,
+            );
+            assert!(matches!(outcome, Outcome::Reply));
+            assert_eq!(response, refusal_bytes);
+            assert!(readings.is_empty(), "nothing decoded, nothing stored");
         }
+        let request = post(MessageType::Confirmable, 7, "/t/dev-1", None);
         let mut large = Vec::new();
         assert!(endpoint.refuse_new(
             now,
@@ -239,25 +271,13 @@ mod tests {
             packet.get_first_option(CoapOption::MaxAge).unwrap(),
             &vec![0x01, 0x51, 0x80]
         );
-        assert_eq!(
-            endpoint.dedup_len(),
-            0,
-            "a refused exchange is not remembered"
-        );
+        assert_eq!(endpoint.dedup_len(), 1, "a refused CON is remembered");
+        assert_eq!(endpoint.counters().too_many_requests, 1);
+        // A refused NON is not (NON duplicates are ignored anyway).
+        let non = post(MessageType::NonConfirmable, 8, "/t/dev-1", None);
+        assert!(endpoint.refuse_new(now, peer(), None, &non, Refusal::Overloaded, 1, &mut large));
+        assert_eq!(endpoint.dedup_len(), 1);
         assert_eq!(endpoint.counters().unavailable, 1);
-        assert_eq!(endpoint.counters().too_many_requests, 2);
-        // The same Message ID is handled as new afterwards (and stored).
-        let mut readings = Vec::new();
-        let outcome = endpoint.handle(
-            now,
-            0.0,
-            peer(),
-            None,
-            &request,
-            &mut readings,
-            &mut response,
-        );
-        assert!(matches!(outcome, Outcome::Store(_)));
     }
 
     #[test]
