@@ -467,6 +467,11 @@ pub fn encode_exchange(
     out.extend_from_slice(response);
 }
 
+/// The block count of a valid commit record's payload (without decoding its exchanges).
+pub fn commit_blocks(payload: &[u8]) -> Option<u32> {
+    (payload.len() >= COMMIT_PREFIX_BYTES).then(|| read_u32(payload, 0))
+}
+
 /// Decodes a commit record payload into (block count, exchanges); checks the grammar and that
 /// every arrival lies within the frame's [min_time, max_time].
 pub fn decode_commit(

@@ -9,8 +9,12 @@
 //! - [`Reader`] (cheap to clone, Send + Sync) answers queries from committed data only: the
 //!   device/latest summary from memory, series points through mmap.
 //! - [`inspect`] and [`verify`] are offline tools.
+//! - Every file operation goes through a [`Backend`]: [`Fs`] in production, the simulated and
+//!   failing disks of [`sim`] in tests ([`Store::open_with`]).
 
+mod backend;
 mod format;
+pub mod sim;
 mod store;
 mod tools;
 mod writer;
@@ -18,6 +22,7 @@ mod writer;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+pub use backend::{Backend, DirEntry, FileBytes, Fs, StorageFile};
 pub use store::{
     DevicePage, DeviceSummary, LatestValues, Reader, Retention, RetentionReport, SeriesScan, Store,
     RECOVERED_EXCHANGES_MAX, SCAN_CHUNK_POINTS_MAX,
@@ -159,6 +164,9 @@ pub struct RecoveryReport {
     pub unknown_series_points: u64,
     /// Incomplete last commits cut (never acknowledged: a crash during their write).
     pub commits_rolled_back: u64,
+    /// Incomplete earlier commits (a block or the commit record lost to media corruption, or to
+    /// a power loss under `--durability os`): left in place, none of their frames served.
+    pub incomplete_commits: u64,
     /// Exchange records of complete commits found.
     pub exchanges: u64,
     /// Seal files that did not match their segment (removed; the segment is sealed again).
@@ -185,11 +193,12 @@ impl std::fmt::Display for RecoveryReport {
                 self.seals_discarded
             )?;
         }
-        if self.corrupt_regions > 0 || self.unknown_series_points > 0 {
+        if self.corrupt_regions > 0 || self.unknown_series_points > 0 || self.incomplete_commits > 0
+        {
             write!(
                 f,
-                "; skipped {} corrupt regions and {} points of unknown series (run `sluice verify`)",
-                self.corrupt_regions, self.unknown_series_points
+                "; skipped {} corrupt regions, {} incomplete commits and {} points of unknown series (run `sluice verify`)",
+                self.corrupt_regions, self.incomplete_commits, self.unknown_series_points
             )?;
         }
         Ok(())

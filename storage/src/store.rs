@@ -8,8 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 
-use memmap2::Mmap;
-use rkyv::util::AlignedVec;
+use crate::backend::{self, Backend, FileBytes, Fs};
 
 use crate::format::{self, ArchivedStoredValue, FileHeader, FileKind, Scan, FILE_HEADER_BYTES};
 use crate::writer::{self, ShardWriter};
@@ -88,7 +87,10 @@ pub(crate) struct SegmentShared {
     pub sealed: OnceLock<Vec<u32>>,
     /// Wall-clock unix seconds of the last commit that wrote to it in this process (0: none).
     pub last_write_unix_s: AtomicU64,
-    map: Mutex<Option<Arc<Mmap>>>,
+    /// One more than the greatest commit_seq with a frame in it (0: none). Retention keeps the
+    /// partitions holding the shard's last commit (docs/storage-format.md, "Retention").
+    pub last_commit: AtomicU64,
+    map: Mutex<Option<Arc<FileBytes>>>,
 }
 
 impl SegmentShared {
@@ -110,24 +112,28 @@ impl SegmentShared {
             dropped: AtomicBool::new(false),
             sealed: OnceLock::new(),
             last_write_unix_s: AtomicU64::new(0),
+            last_commit: AtomicU64::new(0),
             map: Mutex::new(None),
         }
     }
 
     /// A map covering at least `needed` bytes (remapped when the file has grown).
-    pub(crate) fn map(&self, needed: u64) -> Result<Arc<Mmap>, StoreError> {
+    pub(crate) fn map(
+        &self,
+        backend: &dyn Backend,
+        needed: u64,
+    ) -> Result<Arc<FileBytes>, StoreError> {
         let mut slot = lock(&self.map);
         if let Some(map) = slot.as_ref() {
             if map.len() as u64 >= needed {
                 return Ok(map.clone());
             }
         }
-        let file = File::open(&self.path)
-            .map_err(|error| StoreError::io("open segment", &self.path, error))?;
-        // SAFETY: segments are append-only; the writer only truncates bytes past the published
-        // length, and readers only touch bytes below the published length, so the mapped bytes
-        // we read are never changed or cut while mapped.
-        let map = unsafe { Mmap::map(&file) }
+        // Segments are append-only; the writer only truncates bytes past the published length,
+        // and readers only touch bytes below the published length, so the mapped bytes we read
+        // are never changed or cut while mapped (what `Backend::map` asks of its caller).
+        let map = backend
+            .map(&self.path)
             .map_err(|error| StoreError::io("mmap segment", &self.path, error))?;
         if (map.len() as u64) < needed {
             return Err(StoreError::Corrupt {
@@ -301,7 +307,9 @@ pub(crate) struct Inner {
     pub writers: Mutex<HashSet<u32>>,
     /// Exchanges of complete commits found at open, oldest first, until taken.
     recovered_exchanges: Mutex<Vec<ExchangeRecord>>,
-    _lock: File,
+    /// Every file operation of the store goes through it (docs/storage-format.md).
+    pub backend: Arc<dyn Backend>,
+    _lock: Box<dyn std::any::Any + Send + Sync>,
 }
 
 /// The whole data directory. The lock is released when the store and every writer and reader
@@ -311,21 +319,38 @@ pub struct Store {
 }
 
 impl Store {
+    /// Opens (creating it if needed) and recovers the data directory on the real file system.
     pub fn open(config: StoreConfig) -> Result<(Store, RecoveryReport), StoreError> {
+        Store::open_with(config, Arc::new(Fs))
+    }
+
+    /// [`Store::open`] doing every file operation through `backend` (tests: a simulated disk).
+    pub fn open_with(
+        config: StoreConfig,
+        backend: Arc<dyn Backend>,
+    ) -> Result<(Store, RecoveryReport), StoreError> {
         if config.partition_secs == 0 {
             return Err(StoreError::Config(
                 "partition_secs must be at least 1".to_string(),
             ));
         }
-        std::fs::create_dir_all(&config.dir)
-            .map_err(|error| StoreError::io("create data directory", &config.dir, error))?;
-        let lock_file = take_lock(&config.dir)?;
+        // The data directory's entry is made durable too: a store created just before a power
+        // loss must not lose its directory with the commits it acknowledged.
+        backend::create_dirs(&*backend, &config.dir)?;
+        let lock_file = backend.lock(&config.dir)?;
         let mut report = RecoveryReport::default();
         let mut shards = BTreeMap::new();
         let mut exchanges = Vec::new();
-        for (shard, path) in list_shards(&config.dir)? {
+        for (shard, path) in list_shards(&*backend, &config.dir)? {
             let mut shard_exchanges = Vec::new();
-            let recovered = recover_shard(shard, &path, true, &mut report, &mut shard_exchanges)?;
+            let recovered = recover_shard(
+                &*backend,
+                shard,
+                &path,
+                true,
+                &mut report,
+                &mut shard_exchanges,
+            )?;
             exchanges.append(&mut shard_exchanges);
             shards.insert(shard, Arc::new(recovered));
         }
@@ -336,6 +361,7 @@ impl Store {
             shards: RwLock::new(shards),
             writers: Mutex::new(HashSet::new()),
             recovered_exchanges: Mutex::new(exchanges),
+            backend,
             _lock: lock_file,
         };
         Ok((
@@ -399,7 +425,7 @@ impl Store {
     }
 }
 
-fn take_lock(dir: &Path) -> Result<File, StoreError> {
+pub(crate) fn take_lock(dir: &Path) -> Result<File, StoreError> {
     let path = dir.join(LOCK_FILE);
     let mut file = OpenOptions::new()
         .read(true)
@@ -441,21 +467,27 @@ pub(crate) fn take_lock_for_repair(dir: &Path) -> Result<File, StoreError> {
 }
 
 /// `shard-<n>` directories of a data directory, sorted by n.
-pub(crate) fn list_shards(dir: &Path) -> Result<Vec<(u32, PathBuf)>, StoreError> {
+pub(crate) fn list_shards(
+    backend: &dyn Backend,
+    dir: &Path,
+) -> Result<Vec<(u32, PathBuf)>, StoreError> {
     let mut shards = Vec::new();
-    let entries =
-        std::fs::read_dir(dir).map_err(|error| StoreError::io("read directory", dir, error))?;
+    let entries = backend
+        .read_dir(dir)
+        .map_err(|error| StoreError::io("read directory", dir, error))?;
     for entry in entries {
-        let entry = entry.map_err(|error| StoreError::io("read directory", dir, error))?;
-        let name = entry.file_name();
-        let Some(number) = name.to_str().and_then(|name| name.strip_prefix("shard-")) else {
+        let Some(number) = entry
+            .name
+            .to_str()
+            .and_then(|name| name.strip_prefix("shard-"))
+        else {
             continue;
         };
         let Ok(shard) = number.parse::<u32>() else {
             continue;
         };
-        if entry.path().is_dir() {
-            shards.push((shard, entry.path()));
+        if entry.is_dir {
+            shards.push((shard, dir.join(&entry.name)));
         }
     }
     shards.sort();
@@ -463,30 +495,32 @@ pub(crate) fn list_shards(dir: &Path) -> Result<Vec<(u32, PathBuf)>, StoreError>
 }
 
 /// Segments of a shard directory as (window_start, seq, path), sorted.
-pub(crate) fn list_segments(shard_dir: &Path) -> Result<Vec<(i64, u64, PathBuf)>, StoreError> {
+pub(crate) fn list_segments(
+    backend: &dyn Backend,
+    shard_dir: &Path,
+) -> Result<Vec<(i64, u64, PathBuf)>, StoreError> {
     let mut segments = Vec::new();
-    let entries = std::fs::read_dir(shard_dir)
+    let entries = backend
+        .read_dir(shard_dir)
         .map_err(|error| StoreError::io("read directory", shard_dir, error))?;
     for entry in entries {
-        let entry = entry.map_err(|error| StoreError::io("read directory", shard_dir, error))?;
         let Some(window) = entry
-            .file_name()
+            .name
             .to_str()
             .and_then(|name| name.parse::<i64>().ok())
         else {
             continue;
         };
-        let window_dir = entry.path();
-        if !window_dir.is_dir() {
+        if !entry.is_dir {
             continue;
         }
-        let files = std::fs::read_dir(&window_dir)
+        let window_dir = shard_dir.join(&entry.name);
+        let files = backend
+            .read_dir(&window_dir)
             .map_err(|error| StoreError::io("read directory", &window_dir, error))?;
         for file in files {
-            let file =
-                file.map_err(|error| StoreError::io("read directory", &window_dir, error))?;
-            let name = file.file_name();
-            let Some(seq) = name
+            let Some(seq) = file
+                .name
                 .to_str()
                 .and_then(|name| name.strip_prefix("segment-"))
                 .and_then(|rest| rest.strip_suffix(".seg"))
@@ -494,7 +528,7 @@ pub(crate) fn list_segments(shard_dir: &Path) -> Result<Vec<(i64, u64, PathBuf)>
             else {
                 continue;
             };
-            segments.push((window, seq, file.path()));
+            segments.push((window, seq, window_dir.join(&file.name)));
         }
     }
     segments.sort();
@@ -512,61 +546,31 @@ pub(crate) enum LoadedFile {
     },
 }
 
-/// A file's bytes: read into a 16-aligned buffer, or mapped (page aligned).
-pub(crate) enum FileBytes {
-    Read(AlignedVec<16>),
-    Mapped(Mmap),
-}
-
-impl std::ops::Deref for FileBytes {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        match self {
-            FileBytes::Read(bytes) => bytes,
-            FileBytes::Mapped(map) => map,
-        }
-    }
-}
-
-pub(crate) fn read_aligned(path: &Path) -> Result<AlignedVec<16>, StoreError> {
-    let mut file = File::open(path).map_err(|error| StoreError::io("open", path, error))?;
-    let len = file
-        .metadata()
-        .map_err(|error| StoreError::io("stat", path, error))?
-        .len();
-    let mut bytes = AlignedVec::<16>::with_capacity(len as usize);
-    bytes
-        .extend_from_reader(&mut file)
-        .map_err(|error| StoreError::io("read", path, error))?;
-    Ok(bytes)
-}
-
-/// Maps a file (recovery only: it holds the lock, so no other process cuts the file while it is
-/// mapped, and recovery's own cuts never go below bytes it still reads). Files shorter than a
-/// header are read instead (an empty file cannot be mapped).
-fn map_file(path: &Path) -> Result<FileBytes, StoreError> {
-    let file = File::open(path).map_err(|error| StoreError::io("open", path, error))?;
-    let len = file
-        .metadata()
-        .map_err(|error| StoreError::io("stat", path, error))?
-        .len();
-    if len < FILE_HEADER_BYTES as u64 {
-        return read_aligned(path).map(FileBytes::Read);
-    }
-    // SAFETY: see above: nothing changes or cuts the bytes recovery reads while they are mapped.
-    let map = unsafe { Mmap::map(&file) }.map_err(|error| StoreError::io("mmap", path, error))?;
-    Ok(FileBytes::Mapped(map))
-}
-
 /// Reads and scans a file. A header that does not validate on a file longer than a header is
 /// corruption (headers are synced before any frame is written).
-pub(crate) fn load_file(path: &Path, kind: FileKind) -> Result<LoadedFile, StoreError> {
-    scan_file(path, kind, FileBytes::Read(read_aligned(path)?))
+pub(crate) fn load_file(
+    backend: &dyn Backend,
+    path: &Path,
+    kind: FileKind,
+) -> Result<LoadedFile, StoreError> {
+    let bytes = backend
+        .read(path)
+        .map_err(|error| StoreError::io("read", path, error))?;
+    scan_file(path, kind, bytes)
 }
 
-/// `load_file` through a map (recovery, with the lock held: saves a copy of every segment).
-fn load_file_mapped(path: &Path, kind: FileKind) -> Result<LoadedFile, StoreError> {
-    scan_file(path, kind, map_file(path)?)
+/// `load_file` through a map (recovery only: it holds the lock, so no other process cuts the
+/// file while it is mapped, and recovery's own cuts never go below bytes it still reads; saves
+/// a copy of every segment).
+fn load_file_mapped(
+    backend: &dyn Backend,
+    path: &Path,
+    kind: FileKind,
+) -> Result<LoadedFile, StoreError> {
+    let bytes = backend
+        .map(path)
+        .map_err(|error| StoreError::io("mmap", path, error))?;
+    scan_file(path, kind, bytes)
 }
 
 fn scan_file(path: &Path, kind: FileKind, bytes: FileBytes) -> Result<LoadedFile, StoreError> {
@@ -603,13 +607,17 @@ fn scan_file(path: &Path, kind: FileKind, bytes: FileBytes) -> Result<LoadedFile
 }
 
 /// Cuts a torn tail (or removes a torn creation), syncing the result.
-pub(crate) fn cut_file(path: &Path, len: Option<u64>) -> Result<(), StoreError> {
+pub(crate) fn cut_file(
+    backend: &dyn Backend,
+    path: &Path,
+    len: Option<u64>,
+) -> Result<(), StoreError> {
     match len {
-        None => std::fs::remove_file(path)
+        None => backend
+            .remove_file(path)
             .map_err(|error| StoreError::io("remove torn file", path, error))?,
         Some(len) => {
-            let file = OpenOptions::new()
-                .write(true)
+            let file = backend
                 .open(path)
                 .map_err(|error| StoreError::io("open", path, error))?;
             file.set_len(len)
@@ -619,22 +627,9 @@ pub(crate) fn cut_file(path: &Path, len: Option<u64>) -> Result<(), StoreError> 
         }
     }
     if let Some(parent) = path.parent() {
-        sync_dir(parent)?;
+        backend::sync_dir(backend, parent)?;
     }
     Ok(())
-}
-
-pub(crate) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    let handle = File::open(dir).map_err(|error| StoreError::io("open directory", dir, error))?;
-    handle
-        .sync_all()
-        .map_err(|error| StoreError::io("fsync directory", dir, error))
-}
-
-/// A segment's frames of the shard's last commits, kept until the last commit is known complete.
-struct Tail {
-    segment: usize,
-    frames: Vec<(format::ScannedFrame, AlignedVec<16>)>,
 }
 
 /// A recovered segment before it enters the catalog.
@@ -645,6 +640,73 @@ struct RecoveredSegment {
     partition_secs: u64,
     len: u64,
     blocks: Vec<BlockMeta>,
+    /// Valid frames found by the scan (until they are applied).
+    frames: Vec<format::ScannedFrame>,
+    /// As `SegmentShared::last_commit`.
+    last_commit: u64,
+}
+
+/// Per commit of a shard (commit_seq): the block frames found in all its segments and the
+/// block count its commit record states (docs/storage-format.md, "Recovery"). The last commit
+/// is complete when its record is found and counts exactly the blocks found; an earlier one
+/// when its record is found and counts at least the blocks found (retention may have dropped
+/// the partitions of some of its blocks, never that of its record: see the docs).
+#[derive(Default)]
+pub(crate) struct CommitTally {
+    commits: std::collections::HashMap<u64, (u32, Option<u32>)>,
+    last: Option<u64>,
+}
+
+impl CommitTally {
+    /// Counts a valid segment frame.
+    pub fn add(&mut self, frame: &format::ScannedFrame, payload: &[u8]) {
+        self.last = self.last.max(Some(frame.header.commit_seq));
+        let entry = self.commits.entry(frame.header.commit_seq).or_default();
+        match frame.header.kind {
+            format::FrameKind::Commit => entry.1 = format::commit_blocks(payload),
+            _ => entry.0 += 1,
+        }
+    }
+
+    /// Whether a commit is complete as the shard's last commit.
+    pub fn complete_as_last(&self, commit_seq: u64) -> bool {
+        self.commits
+            .get(&commit_seq)
+            .is_some_and(|(blocks, record)| *record == Some(*blocks))
+    }
+
+    /// Whether a commit is complete (as the last commit if it is the greatest commit_seq).
+    pub fn complete(&self, commit_seq: u64) -> bool {
+        if Some(commit_seq) == self.last() {
+            return self.complete_as_last(commit_seq);
+        }
+        self.commits
+            .get(&commit_seq)
+            .is_some_and(|(blocks, record)| record.is_some_and(|stated| *blocks <= stated))
+    }
+
+    /// Forgets a commit (its frames were cut).
+    pub fn remove(&mut self, commit_seq: u64) {
+        self.commits.remove(&commit_seq);
+        self.last = self.commits.keys().copied().max();
+    }
+
+    /// The greatest commit_seq found.
+    pub fn last(&self) -> Option<u64> {
+        self.last
+    }
+
+    /// Incomplete commits, ascending: (commit_seq, blocks found, blocks the record states).
+    pub fn incomplete(&self) -> Vec<(u64, u32, Option<u32>)> {
+        let mut incomplete: Vec<(u64, u32, Option<u32>)> = self
+            .commits
+            .iter()
+            .filter(|(&seq, _)| !self.complete(seq))
+            .map(|(&seq, &(blocks, record))| (seq, blocks, record))
+            .collect();
+        incomplete.sort_unstable_by_key(|(seq, _, _)| *seq);
+        incomplete
+    }
 }
 
 /// Recovers one shard directory: dictionary, then segments in (window, seq) order; rolls back an
@@ -652,6 +714,7 @@ struct RecoveredSegment {
 /// (newest `RECOVERED_EXCHANGES_MAX`) into `exchanges`. With `cut`, torn tails and the rolled
 /// back commit are cut, torn creations and `dropped-*` directories removed.
 pub(crate) fn recover_shard(
+    backend: &dyn Backend,
     shard: u32,
     dir: &Path,
     cut: bool,
@@ -662,16 +725,16 @@ pub(crate) fn recover_shard(
     let mut next_commit_seq = 0u64;
     let mut dictionary_len = 0u64;
     if cut {
-        remove_dropped_partitions(dir)?;
+        remove_dropped_partitions(backend, dir)?;
     }
     let dictionary_path = dir.join(DICTIONARY_FILE);
-    if dictionary_path.exists() {
-        match load_file(&dictionary_path, FileKind::Dictionary)? {
+    if backend.exists(&dictionary_path) {
+        match load_file(backend, &dictionary_path, FileKind::Dictionary)? {
             LoadedFile::TornCreation { len, .. } => {
                 report.bytes_truncated += len;
                 report.files_truncated += 1;
                 if cut {
-                    cut_file(&dictionary_path, None)?;
+                    cut_file(backend, &dictionary_path, None)?;
                 }
             }
             LoadedFile::Valid {
@@ -680,7 +743,14 @@ pub(crate) fn recover_shard(
                 scan,
             } => {
                 check_header(&dictionary_path, &header, shard, None)?;
-                account_cut(&dictionary_path, bytes.len() as u64, &scan, cut, report)?;
+                account_cut(
+                    backend,
+                    &dictionary_path,
+                    bytes.len() as u64,
+                    &scan,
+                    cut,
+                    report,
+                )?;
                 for frame in &scan.frames {
                     next_commit_seq = next_commit_seq.max(frame.header.commit_seq + 1);
                     let start = frame.payload_offset() as usize;
@@ -708,25 +778,17 @@ pub(crate) fn recover_shard(
             }
         }
     }
+    // Pass 1: scan (and validate) every frame of every segment, cut torn tails, count every
+    // commit's blocks and records.
     let mut recovered: Vec<RecoveredSegment> = Vec::new();
-    let mut tails: Vec<Tail> = Vec::new();
-    let mut applier = Applier {
-        summary: &mut summary,
-        report,
-        running_index: 0,
-        exchanges,
-        block_series: Vec::new(),
-        block_touched: Vec::new(),
-    };
-    // The greatest commit_seq of any segment frame: the shard's last commit.
-    let mut last_commit: Option<u64> = None;
-    for (window, seq, path) in list_segments(dir)? {
-        let (header, bytes, scan) = match load_file_mapped(&path, FileKind::Segment)? {
+    let mut tally = CommitTally::default();
+    for (window, seq, path) in list_segments(backend, dir)? {
+        let (header, bytes, scan) = match load_file_mapped(backend, &path, FileKind::Segment)? {
             LoadedFile::TornCreation { len, .. } => {
-                applier.report.bytes_truncated += len;
-                applier.report.files_truncated += 1;
+                report.bytes_truncated += len;
+                report.files_truncated += 1;
                 if cut {
-                    cut_file(&path, None)?;
+                    cut_file(backend, &path, None)?;
                 }
                 continue;
             }
@@ -737,26 +799,81 @@ pub(crate) fn recover_shard(
             } => (header, bytes, scan),
         };
         check_header(&path, &header, shard, Some((window, seq)))?;
-        account_cut(&path, bytes.len() as u64, &scan, cut, applier.report)?;
-        applier.report.segments += 1;
-        let mut segment = RecoveredSegment {
+        account_cut(backend, &path, bytes.len() as u64, &scan, cut, report)?;
+        report.segments += 1;
+        for frame in &scan.frames {
+            next_commit_seq = next_commit_seq.max(frame.header.commit_seq + 1);
+            tally.add(frame, payload_of(&bytes, frame));
+        }
+        recovered.push(RecoveredSegment {
             path,
             window,
             seq,
             partition_secs: header.partition_secs,
             len: scan.valid_end,
-            blocks: Vec::with_capacity(scan.frames.len()),
-        };
-        // Frames of the file's last commit (a suffix) wait until the shard's last commit is
-        // known to be complete.
-        let tail_seq = scan.frames.last().map(|frame| frame.header.commit_seq);
-        let tail_start = scan
-            .frames
+            blocks: Vec::new(),
+            frames: scan.frames,
+            last_commit: 0,
+        });
+    }
+    // The last commit, if incomplete, was never acknowledged (its record is written after every
+    // block, and the commit returns only after it): its frames end the files it wrote, which are
+    // cut at its first frame. The commit before it is then the last one and is held to the same
+    // rule (so that a later recovery, which sees it last, agrees); under `fsync` it is complete
+    // (it was synced before the next one was written). An earlier incomplete commit cannot be
+    // cut (later frames follow): none of its frames is served, so no part of a commit is ever
+    // served. Each round removes a commit from the tally: at most as many rounds as commits.
+    while let Some(last) = tally.last().filter(|&last| !tally.complete_as_last(last)) {
+        report.commits_rolled_back += 1;
+        tally.remove(last);
+        for segment in recovered.iter_mut() {
+            let Some(first) = segment
+                .frames
+                .iter()
+                .position(|frame| frame.header.commit_seq == last)
+            else {
+                continue;
+            };
+            let offset = segment.frames[first].offset;
+            report.bytes_truncated += segment.len - offset;
+            report.files_truncated += 1;
+            if cut {
+                cut_file(backend, &segment.path, Some(offset))?;
+            }
+            segment.len = offset;
+            segment.frames.truncate(first);
+        }
+    }
+    report.incomplete_commits += tally.incomplete().len() as u64;
+    // Pass 2: apply the frames of complete commits, in (window, seq) and file order.
+    let mut applier = Applier {
+        summary: &mut summary,
+        report,
+        running_index: 0,
+        exchanges,
+        block_series: Vec::new(),
+        block_touched: Vec::new(),
+    };
+    for segment in recovered.iter_mut() {
+        let frames = std::mem::take(&mut segment.frames);
+        segment.last_commit = frames
             .iter()
-            .rposition(|frame| Some(frame.header.commit_seq) != tail_seq)
-            .map_or(0, |index| index + 1);
-        for frame in &scan.frames[..tail_start] {
-            next_commit_seq = next_commit_seq.max(frame.header.commit_seq + 1);
+            .map(|frame| frame.header.commit_seq + 1)
+            .max()
+            .unwrap_or(0);
+        if !frames
+            .iter()
+            .any(|frame| tally.complete(frame.header.commit_seq))
+        {
+            continue;
+        }
+        let bytes = backend
+            .map(&segment.path)
+            .map_err(|error| StoreError::io("mmap", &segment.path, error))?;
+        for frame in &frames {
+            if !tally.complete(frame.header.commit_seq) {
+                continue;
+            }
             applier.apply(
                 &segment.path,
                 frame,
@@ -764,67 +881,12 @@ pub(crate) fn recover_shard(
                 &mut segment.blocks,
             )?;
         }
-        if let Some(tail_seq) = tail_seq {
-            next_commit_seq = next_commit_seq.max(tail_seq + 1);
-            last_commit = last_commit.max(Some(tail_seq));
-            let frames = scan.frames[tail_start..]
-                .iter()
-                .map(|frame| {
-                    let mut payload = AlignedVec::<16>::new();
-                    payload.extend_from_slice(payload_of(&bytes, frame));
-                    (*frame, payload)
-                })
-                .collect();
-            tails.push(Tail {
-                segment: recovered.len(),
-                frames,
-            });
-        }
-        recovered.push(segment);
         applier.bound_exchanges();
-    }
-    // The last commit is complete when its commit record is there with every block it counts.
-    let rolled_back = last_commit.filter(|&last| {
-        let mut record_blocks = None;
-        let mut blocks = 0u32;
-        for (frame, payload) in tails.iter().flat_map(|tail| tail.frames.iter()) {
-            if frame.header.commit_seq != last {
-                continue;
-            }
-            match frame.header.kind {
-                format::FrameKind::Commit => {
-                    record_blocks = format::decode_commit(&frame.header, payload)
-                        .ok()
-                        .map(|(count, _)| count)
-                }
-                _ => blocks += 1,
-            }
-        }
-        record_blocks != Some(blocks)
-    });
-    if rolled_back.is_some() {
-        applier.report.commits_rolled_back += 1;
-    }
-    for tail in tails {
-        let segment = &mut recovered[tail.segment];
-        let (first, _) = &tail.frames[0];
-        if Some(first.header.commit_seq) == rolled_back {
-            applier.report.bytes_truncated += segment.len - first.offset;
-            applier.report.files_truncated += 1;
-            if cut {
-                cut_file(&segment.path, Some(first.offset))?;
-            }
-            segment.len = first.offset;
-            continue;
-        }
-        for (frame, payload) in &tail.frames {
-            applier.apply(&segment.path, frame, payload, &mut segment.blocks)?;
-        }
     }
     keep_newest(applier.exchanges);
     let mut segments = Vec::with_capacity(recovered.len());
     for segment in recovered {
-        let sealed = recover_seal(shard, &segment, cut, applier.report)?;
+        let sealed = recover_seal(backend, shard, &segment, cut, applier.report)?;
         let shared = SegmentShared::new(
             segment.path,
             segment.window,
@@ -833,6 +895,9 @@ pub(crate) fn recover_shard(
             segment.len,
             segment.blocks,
         );
+        shared
+            .last_commit
+            .store(segment.last_commit, Ordering::Release);
         if let Some(series) = sealed {
             let _ = shared.sealed.set(series);
         }
@@ -852,19 +917,24 @@ pub(crate) fn recover_shard(
 /// in docs/storage-format.md). A seal that does not match is removed (with `cut`) and counted;
 /// the writer seals the segment again. A seal being written (`.seal.tmp`) is removed.
 fn recover_seal(
+    backend: &dyn Backend,
     shard: u32,
     segment: &RecoveredSegment,
     cut: bool,
     report: &mut RecoveryReport,
 ) -> Result<Option<Vec<u32>>, StoreError> {
     let tmp = seal_tmp_path(&segment.path);
-    if cut && tmp.exists() {
-        std::fs::remove_file(&tmp).map_err(|error| StoreError::io("remove", &tmp, error))?;
+    if cut && backend.exists(&tmp) {
+        backend
+            .remove_file(&tmp)
+            .map_err(|error| StoreError::io("remove", &tmp, error))?;
     }
     let path = seal_path(&segment.path);
-    let bytes = match std::fs::read(&path) {
+    if !backend.exists(&path) {
+        return Ok(None);
+    }
+    let bytes = match backend.read(&path) {
         Ok(bytes) => bytes,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(error) => return Err(StoreError::io("read seal", &path, error)),
     };
     let matches = format::decode_seal(&bytes).ok().filter(|(header, index)| {
@@ -880,7 +950,8 @@ fn recover_seal(
         None => {
             report.seals_discarded += 1;
             if cut {
-                std::fs::remove_file(&path)
+                backend
+                    .remove_file(&path)
                     .map_err(|error| StoreError::io("remove seal", &path, error))?;
             }
             Ok(None)
@@ -1001,18 +1072,20 @@ fn keep_newest(exchanges: &mut Vec<ExchangeRecord>) {
 }
 
 /// Removes `dropped-*` directories: retention drops a crash interrupted.
-fn remove_dropped_partitions(dir: &Path) -> Result<(), StoreError> {
-    let entries =
-        std::fs::read_dir(dir).map_err(|error| StoreError::io("read directory", dir, error))?;
+fn remove_dropped_partitions(backend: &dyn Backend, dir: &Path) -> Result<(), StoreError> {
+    let entries = backend
+        .read_dir(dir)
+        .map_err(|error| StoreError::io("read directory", dir, error))?;
     for entry in entries {
-        let entry = entry.map_err(|error| StoreError::io("read directory", dir, error))?;
         let is_dropped = entry
-            .file_name()
+            .name
             .to_str()
             .is_some_and(|name| name.starts_with(DROPPED_PREFIX));
-        if is_dropped && entry.path().is_dir() {
-            std::fs::remove_dir_all(entry.path())
-                .map_err(|error| StoreError::io("remove dropped partition", entry.path(), error))?;
+        if is_dropped && entry.is_dir {
+            let path = dir.join(&entry.name);
+            backend
+                .remove_dir_all(&path)
+                .map_err(|error| StoreError::io("remove dropped partition", &path, error))?;
         }
     }
     Ok(())
@@ -1053,6 +1126,7 @@ fn check_header(
 }
 
 fn account_cut(
+    backend: &dyn Backend,
     path: &Path,
     len: u64,
     scan: &Scan,
@@ -1064,7 +1138,7 @@ fn account_cut(
         report.bytes_truncated += len - scan.valid_end;
         report.files_truncated += 1;
         if cut {
-            cut_file(path, Some(scan.valid_end))?;
+            cut_file(backend, path, Some(scan.valid_end))?;
         }
     }
     Ok(())
@@ -1361,6 +1435,7 @@ impl Reader {
             .map(|pair| (pair[0], pair[1]))
             .collect();
         Some(SeriesScan {
+            backend: self.inner.backend.clone(),
             sources,
             ranges,
             points_max: SCAN_CHUNK_POINTS_MAX,
@@ -1415,35 +1490,50 @@ impl Retention {
     /// partition; reading the dropped points and removing files happen outside the lock.
     pub fn drop_before(&self, horizon: i64) -> Result<RetentionReport, StoreError> {
         let mut report = RetentionReport::default();
+        let backend = &*self.inner.backend;
         let shards: Vec<Arc<ShardShared>> =
             read_lock(&self.inner.shards).values().cloned().collect();
         for shard in shards {
-            // Partition windows with every segment expired.
-            let mut by_window: BTreeMap<i64, Vec<Arc<SegmentShared>>> = BTreeMap::new();
-            let mut keep: HashSet<i64> = HashSet::new();
-            for segment in read_segments(&shard).iter() {
-                if writer::expired(segment.window_start, segment.partition_secs, horizon) {
-                    by_window
-                        .entry(segment.window_start)
-                        .or_default()
-                        .push(segment.clone());
-                } else {
-                    keep.insert(segment.window_start);
-                }
-            }
-            by_window.retain(|window, _| !keep.contains(window));
-            if by_window.is_empty() {
-                shard.retention_floor.fetch_max(horizon, Ordering::AcqRel);
-                continue;
-            }
             let mut renamed = Vec::new();
             {
+                // Under the lock: no commit writes meanwhile, so the shard's last commit (below)
+                // includes one written and not yet published.
                 let _files = lock(&shard.files);
+                // Partition windows with every segment expired.
+                let mut by_window: BTreeMap<i64, Vec<Arc<SegmentShared>>> = BTreeMap::new();
+                let mut keep: HashSet<i64> = HashSet::new();
+                let segments = read_segments(&shard);
+                // The shard's last commit on disk: recovery requires it to be whole, so none of
+                // its partitions goes before the shard's next commit.
+                let last_commit = segments
+                    .iter()
+                    .map(|segment| segment.last_commit.load(Ordering::Acquire))
+                    .max()
+                    .unwrap_or(0);
+                for segment in segments.iter() {
+                    let holds_last_commit = last_commit > 0
+                        && segment.last_commit.load(Ordering::Acquire) == last_commit;
+                    if writer::expired(segment.window_start, segment.partition_secs, horizon)
+                        && !holds_last_commit
+                    {
+                        by_window
+                            .entry(segment.window_start)
+                            .or_default()
+                            .push(segment.clone());
+                    } else {
+                        keep.insert(segment.window_start);
+                    }
+                }
+                drop(segments);
+                by_window.retain(|window, _| !keep.contains(window));
                 shard.retention_floor.fetch_max(horizon, Ordering::AcqRel);
+                if by_window.is_empty() {
+                    continue;
+                }
                 for (window, segments) in &by_window {
                     let from = shard.dir.join(window.to_string());
                     let to = shard.dir.join(format!("{DROPPED_PREFIX}{window}"));
-                    std::fs::rename(&from, &to).map_err(|error| {
+                    backend.rename(&from, &to).map_err(|error| {
                         StoreError::io("rename dropped partition", &from, error)
                     })?;
                     for segment in segments {
@@ -1454,14 +1544,14 @@ impl Retention {
                 write_lock(&shard.segments)
                     .retain(|segment| !segment.dropped.load(Ordering::Acquire));
             }
-            sync_dir(&shard.dir)?;
+            backend::sync_dir(backend, &shard.dir)?;
             for (dir, segments) in renamed {
                 let mut dropped_points: HashMap<u32, u64> = HashMap::default();
                 for segment in &segments {
                     let path = dir.join(format!("segment-{}.seg", segment.seq));
-                    report.bytes += std::fs::metadata(&path).map_or(0, |m| m.len());
+                    report.bytes += backend.len(&path).unwrap_or(0);
                     if let Ok(LoadedFile::Valid { bytes, scan, .. }) =
-                        load_file(&path, FileKind::Segment)
+                        load_file(backend, &path, FileKind::Segment)
                     {
                         let published = segment.published_len.load(Ordering::Acquire);
                         for frame in scan.frames.iter().filter(|frame| {
@@ -1480,10 +1570,11 @@ impl Retention {
                 lock(&shard.summary).remove_points(&dropped_points);
                 report.points += dropped_points.values().sum::<u64>();
                 report.partitions += 1;
-                std::fs::remove_dir_all(&dir)
+                backend
+                    .remove_dir_all(&dir)
                     .map_err(|error| StoreError::io("remove dropped partition", &dir, error))?;
             }
-            sync_dir(&shard.dir)?;
+            backend::sync_dir(backend, &shard.dir)?;
         }
         if report.partitions > 0 {
             self.inner.generation.fetch_add(1, Ordering::AcqRel);
@@ -1498,6 +1589,7 @@ pub const SCAN_CHUNK_POINTS_MAX: usize = 256 * 1024;
 
 /// A series scan in progress (see [`Reader::scan`]).
 pub struct SeriesScan {
+    backend: Arc<dyn Backend>,
     /// Segments whose window overlaps the range, each with the series' id in its shard.
     sources: Vec<(Arc<SegmentShared>, u32)>,
     /// Time ranges still to read, the earliest last.
@@ -1572,7 +1664,7 @@ impl SeriesScan {
             else {
                 continue;
             };
-            let map = match segment.map(last) {
+            let map = match segment.map(&*self.backend, last) {
                 Ok(map) => map,
                 // Retention dropped it since the scan was made: it is gone for queries.
                 Err(_) if segment.dropped.load(Ordering::Acquire) => continue,

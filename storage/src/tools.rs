@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use crate::format::{self, FileKind};
 use crate::store::{self, LoadedFile, DICTIONARY_FILE};
-use crate::StoreError;
+use crate::{Fs, StoreError};
 
 /// One segment as `inspect` sees it.
 #[derive(Clone, Debug, PartialEq)]
@@ -262,13 +262,13 @@ fn walk(dir: &Path, repair: bool) -> Result<(Inspection, VerifyReport), StoreErr
         ..Inspection::default()
     };
     let mut report = VerifyReport::default();
-    for (shard, shard_dir) in store::list_shards(dir)? {
+    for (shard, shard_dir) in store::list_shards(&Fs, dir)? {
         // Dictionary: ids known to this shard.
         let mut known: Vec<bool> = Vec::new();
         let dictionary_path = shard_dir.join(DICTIONARY_FILE);
         if dictionary_path.exists() {
             report.files += 1;
-            match store::load_file(&dictionary_path, FileKind::Dictionary) {
+            match store::load_file(&Fs, &dictionary_path, FileKind::Dictionary) {
                 Err(error) => add_problem(
                     &mut report,
                     &mut inspection,
@@ -279,7 +279,7 @@ fn walk(dir: &Path, repair: bool) -> Result<(Inspection, VerifyReport), StoreErr
                 ),
                 Ok(LoadedFile::TornCreation { len, reason }) => {
                     if repair {
-                        store::cut_file(&dictionary_path, None)?;
+                        store::cut_file(&Fs, &dictionary_path, None)?;
                     }
                     add_problem(
                         &mut report,
@@ -345,7 +345,8 @@ fn walk(dir: &Path, repair: bool) -> Result<(Inspection, VerifyReport), StoreErr
             }
         }
         let mut tails: Vec<TailState> = Vec::new();
-        for (window, seq, path) in store::list_segments(&shard_dir)? {
+        let mut tally = store::CommitTally::default();
+        for (window, seq, path) in store::list_segments(&Fs, &shard_dir)? {
             report.files += 1;
             let file_bytes = std::fs::metadata(&path)
                 .map(|metadata| metadata.len())
@@ -367,7 +368,7 @@ fn walk(dir: &Path, repair: bool) -> Result<(Inspection, VerifyReport), StoreErr
                 corrupt_regions: 0,
                 sealed: false,
             };
-            match store::load_file(&path, FileKind::Segment) {
+            match store::load_file(&Fs, &path, FileKind::Segment) {
                 Err(error) => add_problem(
                     &mut report,
                     &mut inspection,
@@ -379,7 +380,7 @@ fn walk(dir: &Path, repair: bool) -> Result<(Inspection, VerifyReport), StoreErr
                 Ok(LoadedFile::TornCreation { len, reason }) => {
                     segment.torn_bytes = len;
                     if repair {
-                        store::cut_file(&path, None)?;
+                        store::cut_file(&Fs, &path, None)?;
                     }
                     add_problem(
                         &mut report,
@@ -439,6 +440,11 @@ fn walk(dir: &Path, repair: bool) -> Result<(Inspection, VerifyReport), StoreErr
                     }
                     for frame in &scan.frames {
                         report.frames += 1;
+                        let start = frame.payload_offset() as usize;
+                        tally.add(
+                            frame,
+                            &bytes[start..start + frame.header.payload_len as usize],
+                        );
                         if frame.header.kind == format::FrameKind::Commit {
                             segment.commits += 1;
                             segment.exchanges += frame.header.count as u64;
@@ -490,6 +496,25 @@ fn walk(dir: &Path, repair: bool) -> Result<(Inspection, VerifyReport), StoreErr
             inspection.segments.push(segment);
         }
         check_last_commit(&mut report, &mut inspection, &tails, repair)?;
+        // Earlier commits cannot be torn by a crash under --durability fsync; recovery serves
+        // none of an incomplete commit's frames.
+        if let Some(last) = tally.last().filter(|&last| !tally.complete_as_last(last)) {
+            // Reported (and repaired) by check_last_commit.
+            tally.remove(last);
+        }
+        for (seq, blocks, record) in tally.incomplete() {
+            add_problem(
+                &mut report,
+                &mut inspection,
+                &shard_dir,
+                0,
+                format!(
+                    "incomplete commit {seq} ({blocks} blocks found, commit record {}): none of its readings is served (media corruption, or a power loss under --durability os)",
+                    record.map_or("missing".to_string(), |count| format!("counts {count}"))
+                ),
+                false,
+            );
+        }
     }
     Ok((inspection, report))
 }
@@ -526,7 +551,7 @@ fn check_last_commit(
                 .map_err(|error| StoreError::io("stat", &tail.path, error))?
                 .len();
             if len > tail.first_offset {
-                store::cut_file(&tail.path, Some(tail.first_offset))?;
+                store::cut_file(&Fs, &tail.path, Some(tail.first_offset))?;
             }
         }
         add_problem(
@@ -580,7 +605,7 @@ fn check_scan(
     }
     if scan.valid_end < len {
         if repair {
-            store::cut_file(path, Some(scan.valid_end))?;
+            store::cut_file(&Fs, path, Some(scan.valid_end))?;
         }
         report.problems.push(VerifyProblem {
             path: path.to_path_buf(),

@@ -1,21 +1,20 @@
 //! The single writer of a shard: buffers readings, commits them as a group.
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
 use std::net::SocketAddr;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use crate::backend::{self, Backend, StorageFile};
 use crate::format::{
     self, BlockRecords, FileHeader, FileKind, FrameHeader, FrameKind, StoredValue,
     BLOCK_BYTES_TARGET, BLOCK_RECORDS_MAX, EXCHANGE_RESPONSE_BYTES_MAX, FILE_HEADER_BYTES,
     NAME_BYTES_MAX, VALUE_BYTES_MAX,
 };
 use crate::store::{
-    lock, read_lock, seal_path, seal_tmp_path, segment_path, sync_dir, write_lock, BlockMeta,
-    HashMap, Inner, SegmentShared, ShardShared, DICTIONARY_FILE,
+    lock, read_lock, seal_path, seal_tmp_path, segment_path, write_lock, BlockMeta, HashMap, Inner,
+    SegmentShared, ShardShared, DICTIONARY_FILE,
 };
 use crate::{Durability, StoreError, Value, ValueRef, OPEN_SEGMENTS_MAX, SEGMENT_BYTES_MAX};
 
@@ -58,7 +57,7 @@ struct Pending {
 }
 
 struct OpenSegment {
-    file: File,
+    file: Arc<dyn StorageFile>,
     shared: Arc<SegmentShared>,
     /// Bytes written (published plus this commit's frames).
     len: u64,
@@ -66,34 +65,11 @@ struct OpenSegment {
     written_this_commit: bool,
 }
 
-/// Test hook: fail the n-th following I/O operation of the writer.
-#[derive(Default)]
-struct Faults {
-    fail_after_ops: Option<u32>,
-}
-
-impl Faults {
-    fn check(&mut self, op: &'static str, path: &Path) -> Result<(), StoreError> {
-        if let Some(remaining) = self.fail_after_ops.as_mut() {
-            if *remaining == 0 {
-                self.fail_after_ops = None;
-                return Err(StoreError::io(
-                    op,
-                    path,
-                    std::io::Error::other("injected I/O fault"),
-                ));
-            }
-            *remaining -= 1;
-        }
-        Ok(())
-    }
-}
-
 /// A commit written by [`ShardWriter::prepare`], not yet durable nor published. Send: its
 /// [`Prepared::sync`] may run on another thread.
 pub struct Prepared {
     /// Handles of the files to fdatasync (none under `Durability::Os`).
-    files: Vec<(File, PathBuf)>,
+    files: Vec<(Arc<dyn StorageFile>, PathBuf)>,
     /// What publishing changes; None for a commit that wrote nothing.
     publish: Option<PublishState>,
     stats: CommitStats,
@@ -144,11 +120,12 @@ pub struct ShardWriter {
     exchange_bytes: Vec<u8>,
     exchange_count: u32,
     exchange_arrivals: (f64, f64),
-    dictionary: Option<File>,
+    dictionary: Option<Arc<dyn StorageFile>>,
     dictionary_path: PathBuf,
     /// Published length of the dictionary.
     dictionary_len: u64,
-    open: HashMap<i64, OpenSegment>,
+    /// Ordered by window, so the order of a commit's I/O is deterministic (simulated disks).
+    open: BTreeMap<i64, OpenSegment>,
     tick: u64,
     next_commit_seq: u64,
     /// Set when a commit failed: segments it may have written past their published length.
@@ -156,7 +133,6 @@ pub struct ShardWriter {
     /// Segments written by the commit in progress (for the cut-back after a failure).
     touched: Vec<Arc<SegmentShared>>,
     frame_buffer: Vec<u8>,
-    faults: Faults,
     segment_bytes_max: u64,
     partition_grace_secs: u64,
     /// When the last look for segments due to be sealed happened.
@@ -195,13 +171,12 @@ impl ShardWriter {
             dictionary: None,
             dictionary_path,
             dictionary_len: shard.dictionary_len.load(Ordering::Acquire),
-            open: HashMap::default(),
+            open: BTreeMap::new(),
             tick: 0,
             next_commit_seq: shard.next_commit_seq.load(Ordering::Acquire),
             failed: None,
             touched: Vec::new(),
             frame_buffer: Vec::new(),
-            faults: Faults::default(),
             segment_bytes_max: SEGMENT_BYTES_MAX,
             partition_grace_secs: config.partition_grace_secs,
             last_seal_check: None,
@@ -220,9 +195,9 @@ impl ShardWriter {
     fn open_dictionary(&mut self) -> Result<(), StoreError> {
         let path = self.dictionary_path.clone();
         if self.dictionary_len >= FILE_HEADER_BYTES as u64 {
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
+            let file = self
+                .inner
+                .backend
                 .open(&path)
                 .map_err(|error| StoreError::io("open dictionary", &path, error))?;
             self.dictionary = Some(file);
@@ -235,7 +210,7 @@ impl ShardWriter {
             partition_secs: 0,
             seq: 0,
         };
-        let file = create_with_header(&self.shard.dir, &path, &header, &mut self.faults)?;
+        let file = create_with_header(&*self.inner.backend, &self.shard.dir, &path, &header)?;
         self.dictionary = Some(file);
         self.dictionary_len = FILE_HEADER_BYTES as u64;
         self.shard
@@ -450,12 +425,6 @@ impl ShardWriter {
         self.segment_bytes_max = bytes;
     }
 
-    /// Test hook: the `ops`-th following I/O operation (write, sync, truncate, create) fails.
-    #[doc(hidden)]
-    pub fn inject_io_fault_after(&mut self, ops: u32) {
-        self.faults.fail_after_ops = Some(ops);
-    }
-
     fn discard_failed_commit(&mut self) {
         self.pending.clear();
         if let Some(&(first_id, _, _)) = self.pending_dictionary.first() {
@@ -488,7 +457,6 @@ impl ShardWriter {
         };
         let sync = self.durability == Durability::Fsync;
         if let Some(dictionary) = &self.dictionary {
-            self.faults.check("truncate", &self.dictionary_path)?;
             dictionary
                 .set_len(self.dictionary_len)
                 .map_err(|error| StoreError::io("truncate", &self.dictionary_path, error))?;
@@ -503,9 +471,9 @@ impl ShardWriter {
                 continue;
             }
             let published = segment.published_len.load(Ordering::Acquire);
-            self.faults.check("truncate", &segment.path)?;
-            let file = OpenOptions::new()
-                .write(true)
+            let file = self
+                .inner
+                .backend
                 .open(&segment.path)
                 .map_err(|error| StoreError::io("open", &segment.path, error))?;
             file.set_len(published)
@@ -580,12 +548,10 @@ impl ShardWriter {
                     std::io::Error::other("dictionary is not open"),
                 ));
             };
-            self.faults.check("write", path)?;
             dictionary
                 .write_all_at(&self.frame_buffer, dictionary_end)
                 .map_err(|error| StoreError::io("write", path, error))?;
             if sync {
-                self.faults.check("fdatasync", path)?;
                 dictionary
                     .sync_data()
                     .map_err(|error| StoreError::io("fdatasync", path, error))?;
@@ -684,12 +650,7 @@ impl ShardWriter {
         if sync {
             for segment in self.open.values() {
                 if segment.written_this_commit {
-                    self.faults.check("fdatasync", &segment.shared.path)?;
-                    let file = segment
-                        .file
-                        .try_clone()
-                        .map_err(|error| StoreError::io("dup", &segment.shared.path, error))?;
-                    files.push((file, segment.shared.path.clone()));
+                    files.push((segment.file.clone(), segment.shared.path.clone()));
                 }
             }
         }
@@ -747,7 +708,10 @@ impl ShardWriter {
             ));
         };
         segment.written_this_commit = true;
-        self.faults.check("write", &segment.shared.path)?;
+        segment
+            .shared
+            .last_commit
+            .fetch_max(commit_seq + 1, Ordering::AcqRel);
         segment
             .file
             .write_all_at(&self.frame_buffer, segment.len)
@@ -799,7 +763,10 @@ impl ShardWriter {
         };
         // Marked before writing: a failed write may still have written part of the frame.
         segment.written_this_commit = true;
-        self.faults.check("write", &segment.shared.path)?;
+        segment
+            .shared
+            .last_commit
+            .fetch_max(commit_seq + 1, Ordering::AcqRel);
         let offset = segment.len;
         segment
             .file
@@ -865,9 +832,9 @@ impl ShardWriter {
         if let Some(shared) = newest_matching {
             let len = shared.published_len.load(Ordering::Acquire);
             if len + frame_len <= self.segment_bytes_max || len <= FILE_HEADER_BYTES as u64 {
-                let file = OpenOptions::new()
-                    .read(true)
-                    .write(true)
+                let file = self
+                    .inner
+                    .backend
                     .open(&shared.path)
                     .map_err(|error| StoreError::io("open segment", &shared.path, error))?;
                 self.make_room()?;
@@ -898,7 +865,7 @@ impl ShardWriter {
             seq,
         };
         let window_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        let file = create_with_header(&window_dir, &path, &header, &mut self.faults)?;
+        let file = create_with_header(&*self.inner.backend, &window_dir, &path, &header)?;
         let shared = Arc::new(SegmentShared::new(
             path,
             window,
@@ -945,7 +912,6 @@ impl ShardWriter {
         if segment.written_this_commit {
             self.touched.push(segment.shared.clone());
             if self.durability == Durability::Fsync {
-                self.faults.check("fdatasync", &segment.shared.path)?;
                 segment
                     .file
                     .sync_data()
@@ -999,14 +965,17 @@ impl ShardWriter {
             self.open.remove(&segment.window_start);
         }
         let path = &segment.path;
-        let file = File::open(path).map_err(|error| StoreError::io("open", path, error))?;
+        let backend = &*self.inner.backend;
+        let file = backend
+            .open(path)
+            .map_err(|error| StoreError::io("open", path, error))?;
         file.sync_data()
             .map_err(|error| StoreError::io("fdatasync", path, error))?;
         let segment_len = segment.published_len.load(Ordering::Acquire);
         let blocks: Vec<BlockMeta> = read_lock(&segment.blocks).clone();
         let mut series: Vec<u32> = Vec::new();
         if !blocks.is_empty() {
-            let map = segment.map(segment_len)?;
+            let map = segment.map(backend, segment_len)?;
             for meta in &blocks {
                 let start = meta.payload_offset as usize;
                 let payload = &map[start..start + meta.payload_len as usize];
@@ -1057,11 +1026,8 @@ impl ShardWriter {
         let bytes = format::encode_seal(&header, &index);
         let tmp = seal_tmp_path(path);
         let seal = seal_path(path);
-        let tmp_file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
+        let tmp_file = backend
+            .create(&tmp)
             .map_err(|error| StoreError::io("create", &tmp, error))?;
         tmp_file
             .write_all_at(&bytes, 0)
@@ -1069,9 +1035,11 @@ impl ShardWriter {
         tmp_file
             .sync_data()
             .map_err(|error| StoreError::io("fdatasync", &tmp, error))?;
-        std::fs::rename(&tmp, &seal).map_err(|error| StoreError::io("rename", &tmp, error))?;
+        backend
+            .rename(&tmp, &seal)
+            .map_err(|error| StoreError::io("rename", &tmp, error))?;
         if let Some(dir) = seal.parent() {
-            sync_dir(dir)?;
+            backend::sync_dir(backend, dir)?;
         }
         let _ = segment.sealed.set(series);
         Ok(())
@@ -1153,37 +1121,19 @@ pub(crate) fn window_of(time: f64, partition_secs: u64) -> i64 {
 /// Creates a file (and its directory), writes the header, and makes both durable before any
 /// frame is written to it.
 fn create_with_header(
+    backend: &dyn Backend,
     dir: &Path,
     path: &Path,
     header: &FileHeader,
-    faults: &mut Faults,
-) -> Result<File, StoreError> {
-    let missing: Vec<&Path> = dir
-        .ancestors()
-        .take_while(|ancestor| !ancestor.exists())
-        .collect();
-    if !missing.is_empty() {
-        std::fs::create_dir_all(dir)
-            .map_err(|error| StoreError::io("create directory", dir, error))?;
-        // Make each created directory's entry durable in its parent (outermost first).
-        for created in missing.iter().rev() {
-            if let Some(parent) = created.parent() {
-                sync_dir(parent)?;
-            }
-        }
-    }
-    faults.check("create", path)?;
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
+) -> Result<Arc<dyn StorageFile>, StoreError> {
+    backend::create_dirs(backend, dir)?;
+    let file = backend
+        .create(path)
         .map_err(|error| StoreError::io("create", path, error))?;
     file.write_all_at(&header.encode(), 0)
         .map_err(|error| StoreError::io("write header", path, error))?;
     file.sync_data()
         .map_err(|error| StoreError::io("fdatasync", path, error))?;
-    sync_dir(dir)?;
+    backend::sync_dir(backend, dir)?;
     Ok(file)
 }

@@ -186,8 +186,21 @@ fn retention_drops_whole_old_partitions_and_refuses_readings_older_than_it() {
     writer.commit().unwrap();
     assert_eq!(reader.devices()[0].points, 40);
 
-    // Keep what ended after T0 + 2h: the first two hours go.
+    // Keep what ended after T0 + 2h. The shard's last commit has blocks in every partition, and
+    // recovery requires the last commit whole: nothing goes before the shard's next commit.
     let horizon = T0 as i64 + 2 * HOUR as i64;
+    let report = store.retention().drop_before(horizon).unwrap();
+    assert_eq!(report.partitions, 0);
+    writer
+        .append(
+            "dev-2",
+            "temp",
+            T0 + 5.0 * HOUR as f64,
+            ValueRef::Number(0.0),
+        )
+        .unwrap();
+    writer.commit().unwrap();
+    // Now the first two hours go.
     let report = store.retention().drop_before(horizon).unwrap();
     assert_eq!(report.partitions, 2);
     assert_eq!(report.points, 20);
@@ -227,10 +240,11 @@ fn retention_drops_whole_old_partitions_and_refuses_readings_older_than_it() {
     assert_eq!((stats.points, stats.expired_points), (1, 1));
     drop((writer, reader, store));
 
-    // After a reopen: the same 21 points; a drop interrupted by a crash is finished.
+    // After a reopen: the same 21 points (and dev-2's); a drop interrupted by a crash is
+    // finished.
     std::fs::create_dir_all(dir.path().join("shard-0").join("dropped-5")).unwrap();
     let (store, report) = open(dir.path());
-    assert_eq!(report.points, 21);
+    assert_eq!(report.points, 22);
     assert!(!dir.path().join("shard-0").join("dropped-5").exists());
     assert_eq!(store.reader().devices()[0].points, 21);
 }

@@ -2,9 +2,11 @@
 //! commit failures, the open-segment bound, verify and inspect.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use sluice_storage::sim::{Fault, FaultyDisk};
 use sluice_storage::{
-    inspect, verify, Durability, Store, StoreConfig, StoreError, Value, ValueRef,
+    inspect, verify, Durability, Fs, Store, StoreConfig, StoreError, Value, ValueRef,
 };
 
 const HOUR: u64 = 3600;
@@ -618,12 +620,17 @@ fn verify_repair_cuts_a_torn_tail() {
 
 #[test]
 fn a_failed_commit_publishes_nothing_and_the_next_commit_works() {
-    // Fail at each I/O step of a commit in turn: dictionary write, its sync, segment creation,
-    // block write, segment sync.
+    // Fail at each I/O step of a commit in turn (on the real file system): dictionary write, its
+    // sync, directory and segment creation, header write and sync, directory sync, block
+    // write, segment sync. (storage/tests/faults.rs does the same on a simulated disk, with
+    // more commits and the disk failing until healed.)
     for durability in [Durability::Fsync, Durability::Os] {
-        for fail_at in 0..6 {
+        for fail_at in 0..12 {
             let dir = tempfile::tempdir().unwrap();
-            let store = Store::open(config(dir.path(), durability)).unwrap().0;
+            let disk = FaultyDisk::new(Arc::new(Fs));
+            let store = Store::open_with(config(dir.path(), durability), Arc::new(disk.clone()))
+                .unwrap()
+                .0;
             let reader = store.reader();
             let mut writer = store.writer(0).unwrap();
             writer
@@ -637,11 +644,14 @@ fn a_failed_commit_publishes_nothing_and_the_next_commit_works() {
             writer
                 .append("dev", "x", T0 + 2.0 * HOUR as f64, ValueRef::Number(3.0))
                 .unwrap();
-            writer.inject_io_fault_after(fail_at);
+            disk.fail_after(fail_at, Fault::Io, false);
             let context = format!("{durability:?} fail_at {fail_at}");
             match writer.commit() {
                 Err(error) => {
-                    assert!(error.to_string().contains("injected"), "{context}: {error}");
+                    assert!(
+                        matches!(&error, StoreError::Io { source, .. } if source.raw_os_error() == Some(libc::EIO)),
+                        "{context}: {error}"
+                    );
                     assert_eq!(writer.pending(), 0, "{context}");
                     assert_eq!(reader.generation(), generation, "{context}");
                     assert_eq!(
@@ -662,7 +672,7 @@ fn a_failed_commit_publishes_nothing_and_the_next_commit_works() {
                 }
                 Ok(_) => {
                     // Fewer I/O steps than fail_at in this mode: the fault is still armed.
-                    writer.inject_io_fault_after(u32::MAX);
+                    disk.heal();
                 }
             }
             writer
