@@ -195,6 +195,33 @@ pub fn encode_frame(out: &mut Vec<u8>, header: &FrameHeader, payload: &[u8]) {
     out.extend(std::iter::repeat_n(0u8, padding));
 }
 
+/// Rewrites the file header checksum and, walking frames by their declared lengths, each
+/// frame's payload and header checksum, as a writer would have computed them (fuzzing only:
+/// lets mutated inputs past the checksums).
+pub fn rewrite_checksums(bytes: &mut [u8]) {
+    if bytes.len() < FILE_HEADER_BYTES {
+        return;
+    }
+    let crc = crc32c::crc32c(&bytes[..FILE_HEADER_CRC_OFFSET]);
+    bytes[FILE_HEADER_CRC_OFFSET..FILE_HEADER_BYTES].copy_from_slice(&crc.to_le_bytes());
+    let mut offset = FILE_HEADER_BYTES;
+    while offset + FRAME_HEADER_BYTES <= bytes.len() {
+        let payload_len = read_u32(bytes, offset + 8) as usize;
+        let start = offset + FRAME_HEADER_BYTES;
+        let Some(end) = start
+            .checked_add(payload_len)
+            .filter(|end| *end <= bytes.len())
+        else {
+            break;
+        };
+        let payload_crc = crc32c::crc32c(&bytes[start..end]);
+        bytes[offset + 12..offset + 16].copy_from_slice(&payload_crc.to_le_bytes());
+        let header_crc = crc32c::crc32c(&bytes[offset + 8..start]);
+        bytes[offset + 4..offset + 8].copy_from_slice(&header_crc.to_le_bytes());
+        offset += padded_frame_len(payload_len);
+    }
+}
+
 /// Why the bytes at an offset are not a valid frame.
 #[derive(Clone, Debug, PartialEq)]
 pub enum FrameError {
