@@ -48,15 +48,18 @@ struct Nginx {
     child: Option<Child>,
     dir: tempfile::TempDir,
     listen: SocketAddr,
+    coaps_listen: SocketAddr,
 }
 
 impl Nginx {
-    /// Runs `deploy/nginx/sluice.conf` listening on a free loopback port for plain CoAP, with
-    /// `nodes` as the CoAP upstreams.
-    fn start(nginx: &Path, nodes: [SocketAddr; 2]) -> Nginx {
+    /// Runs `deploy/nginx/sluice.conf` listening on free loopback ports, with `nodes` as the
+    /// CoAP upstreams and `coaps_nodes` as the CoAPS ones (closed ports when None).
+    fn start(nginx: &Path, nodes: [SocketAddr; 2], coaps_nodes: Option<[SocketAddr; 2]>) -> Nginx {
         let dir = tempfile::tempdir().expect("temp dir");
         let listen: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let coaps_listen: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let closed = || SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let coaps_nodes = coaps_nodes.unwrap_or_else(|| [closed(), closed()]);
         let shipped = std::fs::read_to_string(
             Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/nginx/sluice.conf"),
         )
@@ -69,9 +72,8 @@ impl Nginx {
             ("listen 5684 udp", format!("listen {coaps_listen} udp")),
             ("10.0.0.11:5683", nodes[0].to_string()),
             ("10.0.0.12:5683", nodes[1].to_string()),
-            // The CoAPS upstreams are not exercised here; any closed port will do.
-            ("10.0.0.11:5684", format!("127.0.0.1:{}", free_port())),
-            ("10.0.0.12:5684", format!("127.0.0.1:{}", free_port())),
+            ("10.0.0.11:5684", coaps_nodes[0].to_string()),
+            ("10.0.0.12:5684", coaps_nodes[1].to_string()),
         ] {
             assert!(
                 conf.contains(from),
@@ -107,6 +109,7 @@ impl Nginx {
             child: Some(child),
             dir,
             listen,
+            coaps_listen,
         };
         nginx.wait_ready();
         nginx
@@ -301,9 +304,10 @@ fn readings_of(node: &Daemon, device: &str) -> BTreeSet<u32> {
         .collect()
 }
 
-#[test]
-fn a_fleet_behind_nginx_spreads_over_two_nodes_and_rehomes_when_one_dies() {
-    let Some(nginx) = nginx_binary() else {
+/// nginx, or None (the test is skipped, loudly) when it is missing outside CI.
+fn nginx_or_skip(test: &str) -> Option<PathBuf> {
+    let found = nginx_binary();
+    if found.is_none() {
         let message = format!(
             "nginx with its stream module ({STREAM_MODULE}) is not installed: run the README's \
              test command, which installs it (Debian packages nginx-light and libnginx-mod-stream)"
@@ -311,7 +315,16 @@ fn a_fleet_behind_nginx_spreads_over_two_nodes_and_rehomes_when_one_dies() {
         if std::env::var("CI").is_ok_and(|v| v == "true") {
             panic!("{message}");
         }
-        eprintln!("SKIPPED a_fleet_behind_nginx_spreads_over_two_nodes_and_rehomes_when_one_dies: {message}");
+        eprintln!("SKIPPED {test}: {message}");
+    }
+    found
+}
+
+#[test]
+fn a_fleet_behind_nginx_spreads_over_two_nodes_and_rehomes_when_one_dies() {
+    let Some(nginx) =
+        nginx_or_skip("a_fleet_behind_nginx_spreads_over_two_nodes_and_rehomes_when_one_dies")
+    else {
         return;
     };
     let temp = tempfile::tempdir().unwrap();
@@ -320,7 +333,7 @@ fn a_fleet_behind_nginx_spreads_over_two_nodes_and_rehomes_when_one_dies() {
     // loss), which is what this test does to a node.
     let mut node_a = Daemon::start_in(&dir_a, &["--durability", "os"]);
     let mut node_b = Daemon::start_in(&dir_b, &["--durability", "os"]);
-    let balancer = Nginx::start(&nginx, [node_a.coap, node_b.coap]);
+    let balancer = Nginx::start(&nginx, [node_a.coap, node_b.coap], None);
 
     // 1. A load-generator fleet (200 devices, each its own source port) lands on both nodes.
     let output = common::sluice(&[
@@ -426,4 +439,89 @@ fn a_fleet_behind_nginx_spreads_over_two_nodes_and_rehomes_when_one_dies() {
     let (on_a, on_b) = (devices_of(&node_a), devices_of(&node_b));
     assert!(fleet_points(&on_a) + fleet_points(&on_b) >= load_acknowledged);
     assert_eq!(node_a.stop().code(), Some(0), "{}", node_a.log_text());
+}
+
+/// Writes `sluice load --gen-credentials N --device-prefix P > path`.
+fn gen_credentials(path: &Path, count: usize, prefix: &str) {
+    let file = std::fs::File::create(path).unwrap();
+    let status = Command::new(common::binary("sluice"))
+        .args(["load", "--gen-credentials", &count.to_string()])
+        .args(["--device-prefix", prefix])
+        .stdin(Stdio::null())
+        .stdout(file)
+        .status()
+        .unwrap();
+    assert!(status.success(), "sluice load --gen-credentials failed");
+}
+
+#[test]
+fn dtls_devices_handshake_through_nginx_and_spread_over_both_nodes() {
+    let Some(nginx) =
+        nginx_or_skip("dtls_devices_handshake_through_nginx_and_spread_over_both_nodes")
+    else {
+        return;
+    };
+    let temp = tempfile::tempdir().unwrap();
+    let credentials = temp.path().join("credentials.toml");
+    gen_credentials(&credentials, 40, "dtls-");
+    let start = |name: &str| {
+        let coaps: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let node = Daemon::start_in(
+            &temp.path().join(name),
+            &[
+                "--credentials",
+                credentials.to_str().unwrap(),
+                "--coaps",
+                &coaps.to_string(),
+                "--durability",
+                "os",
+            ],
+        );
+        (node, coaps)
+    };
+    let ((node_a, coaps_a), (node_b, coaps_b)) = (start("a"), start("b"));
+    let balancer = Nginx::start(&nginx, [node_a.coap, node_b.coap], Some([coaps_a, coaps_b]));
+    // Each device handshakes through nginx, then sends its readings in the same nginx session
+    // (the CoAPS server block keeps sessions open): the node's DTLS session stays valid.
+    let output = common::sluice(&[
+        "load",
+        "--target",
+        &balancer.coaps_listen.to_string(),
+        "--dtls",
+        "--credentials",
+        credentials.to_str().unwrap(),
+        "--devices",
+        "40",
+        "--count",
+        "400",
+        "--json",
+        "--quiet",
+    ]);
+    assert!(
+        output.status.success(),
+        "sluice load --dtls through nginx: {}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        balancer.log()
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let report: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().unwrap_or("")).expect("load --json line");
+    assert_eq!(report["acknowledged"], 400, "{report}");
+    assert_eq!(report["timeouts"], 0, "{report}");
+    let (on_a, on_b) = (devices_of(&node_a), devices_of(&node_b));
+    let points = |m: &BTreeMap<String, u64>| -> u64 { m.values().sum() };
+    assert!(
+        !on_a.is_empty() && !on_b.is_empty(),
+        "the DTLS devices should land on both nodes: {on_a:?} / {on_b:?}"
+    );
+    // Stored under the identities' device ids, each device on one node only (affinity).
+    assert!(on_a
+        .keys()
+        .chain(on_b.keys())
+        .all(|d| d.starts_with("dtls-")));
+    assert!(
+        on_a.keys().all(|d| !on_b.contains_key(d)),
+        "{on_a:?} / {on_b:?}"
+    );
+    assert_eq!(points(&on_a) + points(&on_b), 400);
 }
