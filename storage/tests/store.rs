@@ -927,3 +927,73 @@ fn a_prepared_commit_is_invisible_until_published_and_abandoning_it_drops_what_f
     );
     assert!(verify(dir.path(), false).unwrap().is_clean());
 }
+
+#[test]
+fn an_earlier_commit_without_its_record_is_not_served_and_verify_reports_it() {
+    // Commit 0 writes a block in two partitions and its record in the later one; commit 1
+    // writes only to the earlier one. Losing commit 0's record (a power loss under
+    // --durability os that persisted the earlier segment but not the later one's tail, or media
+    // corruption) leaves an incomplete commit before a complete one.
+    let dir = tempfile::tempdir().unwrap();
+    let peer = std::net::SocketAddr::from(([127, 0, 0, 1], 5683));
+    {
+        let store = open(dir.path());
+        let mut writer = store.writer(0).unwrap();
+        writer
+            .append("dev", "x", T0, ValueRef::Number(1.0))
+            .unwrap();
+        writer
+            .append("dev", "x", T0 + HOUR as f64, ValueRef::Number(2.0))
+            .unwrap();
+        writer
+            .record_exchange(peer, 1, true, T0, &[0x60, 0x44, 0, 1])
+            .unwrap();
+        writer.commit().unwrap();
+        writer
+            .append("dev", "x", T0 + 10.0, ValueRef::Number(3.0))
+            .unwrap();
+        writer
+            .record_exchange(peer, 2, true, T0 + 10.0, &[0x60, 0x44, 0, 2])
+            .unwrap();
+        writer.commit().unwrap();
+    }
+    let later = dir
+        .path()
+        .join("shard-0")
+        .join(format!("{}", T0 as i64 + HOUR as i64))
+        .join("segment-0.seg");
+    let len = std::fs::metadata(&later).unwrap().len();
+    truncate(&later, len - 1);
+
+    for reopen in 0..2 {
+        let (store, report) = Store::open(config(dir.path(), Durability::Os)).unwrap();
+        let context = format!("reopen {reopen}: {report}");
+        // Only commit 1 is served: none of commit 0's readings, nor its exchange.
+        let points = store
+            .reader()
+            .series("dev", "x", 0.0, f64::MAX)
+            .unwrap()
+            .unwrap();
+        assert_eq!(numbers(&points), vec![(T0 + 10.0, 3.0)], "{context}");
+        let exchanges: Vec<u16> = store
+            .take_recovered_exchanges()
+            .iter()
+            .map(|exchange| exchange.message_id)
+            .collect();
+        assert_eq!(exchanges, vec![2], "{context}");
+        assert_eq!(report.incomplete_commits, 1, "{context}");
+        assert_eq!(report.commits_rolled_back, 0, "{context}");
+        assert!(
+            report.to_string().contains("1 incomplete commits"),
+            "{context}"
+        );
+        assert_eq!(store.reader().devices()[0].points, 1, "{context}");
+        drop(store);
+        let verified = verify(dir.path(), false).unwrap();
+        assert!(!verified.is_clean(), "{context}: {verified}");
+        assert!(
+            verified.to_string().contains("incomplete commit 0"),
+            "{context}: {verified}"
+        );
+    }
+}
