@@ -1,4 +1,6 @@
 //! Decode throughput of the three payload formats sluiced accepts, in records per second.
+//! `reference/senml_json` and `reference/senml_cbor` are the tree-based decoders the streaming
+//! ones replaced (`protocol/tests/reference/senml.rs`): a baseline measured in the same run.
 //!
 //! `cargo bench --bench decode -- --measurement-time 3 --warm-up-time 1`
 
@@ -6,7 +8,11 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use sluice_protocol::batch::{self, Batch, BatchDecoder, BatchRecord, BatchValue};
-use sluice_protocol::senml;
+use sluice_protocol::{senml, Readings};
+
+#[allow(dead_code)]
+#[path = "../protocol/tests/reference/senml.rs"]
+mod reference;
 
 /// A fixed arrival time (unix seconds); payload times are absolute.
 const UNIX_NOW: f64 = 1_763_900_000.0;
@@ -88,7 +94,8 @@ fn rkyv_batch(records: usize) -> Vec<u8> {
 
 fn decode(c: &mut Criterion) {
     let mut group = c.benchmark_group("decode");
-    let mut out = Vec::with_capacity(4096);
+    let mut out = Readings::new();
+    let mut reference_out = Vec::with_capacity(4096);
 
     for records in [1usize, 16] {
         let payload = senml_json(records);
@@ -101,6 +108,13 @@ fn decode(c: &mut Criterion) {
                 out.clear();
                 senml::decode_json(black_box(&payload), UNIX_NOW, &mut out).unwrap();
                 black_box(out.len())
+            })
+        });
+        group.bench_function(format!("reference/senml_json/{records}"), |b| {
+            b.iter(|| {
+                reference_out.clear();
+                reference::decode_json(black_box(&payload), UNIX_NOW, &mut reference_out).unwrap();
+                black_box(reference_out.len())
             })
         });
     }
@@ -116,6 +130,13 @@ fn decode(c: &mut Criterion) {
                 out.clear();
                 senml::decode_cbor(black_box(&payload), UNIX_NOW, &mut out).unwrap();
                 black_box(out.len())
+            })
+        });
+        group.bench_function(format!("reference/senml_cbor/{records}"), |b| {
+            b.iter(|| {
+                reference_out.clear();
+                reference::decode_cbor(black_box(&payload), UNIX_NOW, &mut reference_out).unwrap();
+                black_box(reference_out.len())
             })
         });
     }

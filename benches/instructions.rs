@@ -19,7 +19,7 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use sluice_protocol::batch::{self, Batch, BatchRecord, BatchValue};
-use sluice_protocol::{Endpoint, EndpointConfig, Exchange, Outcome, Reading, Value};
+use sluice_protocol::{Endpoint, EndpointConfig, Exchange, Outcome, Reading, Readings, Value};
 use sluice_storage::{Durability, ShardWriter, Store, StoreConfig, ValueRef};
 
 /// Requests handled before the measured ones, in both runs: tables and buffers reach their
@@ -121,7 +121,7 @@ fn value(reading: &Reading) -> ValueRef<'_> {
 struct Shard {
     endpoint: Endpoint,
     writer: ShardWriter,
-    readings: Vec<Reading>,
+    readings: Readings,
     response: Vec<u8>,
     pending: Vec<Exchange>,
     pending_bytes: Vec<u8>,
@@ -145,12 +145,12 @@ impl Shard {
             panic!("not stored: {outcome:?} {:?}", self.response);
         };
         let device = exchange.device.as_str();
-        for r in &self.readings {
+        for r in self.readings.iter() {
             self.writer
                 .check(device, &r.name, r.time, &value(r))
                 .expect("check");
         }
-        for r in &self.readings {
+        for r in self.readings.iter() {
             self.writer
                 .append(device, &r.name, r.time, value(r))
                 .expect("append");
@@ -201,7 +201,7 @@ fn main() {
     let mut shard = Shard {
         endpoint: Endpoint::new(EndpointConfig::default()),
         writer: store.writer(0).expect("writer"),
-        readings: Vec::new(),
+        readings: Readings::new(),
         response: Vec::new(),
         pending: Vec::new(),
         pending_bytes: Vec::new(),

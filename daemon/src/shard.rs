@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use sluice_protocol::{Endpoint, EndpointConfig, Exchange, Identity, Outcome, Reading, Value};
+use sluice_protocol::{
+    Endpoint, EndpointConfig, Exchange, Identity, Outcome, Reading, Readings, Value,
+};
 use sluice_storage::{Durability, ExchangeRecord, Prepared, ShardWriter, StoreError, ValueRef};
 
 use crate::coaps::Coaps;
@@ -161,7 +163,7 @@ impl Shard {
         }
         let mut receive = ReceiveBatch::new();
         let mut send = SendBatch::new();
-        let mut readings: Vec<Reading> = Vec::new();
+        let mut readings = Readings::new();
         let mut response: Vec<u8> = Vec::new();
         let mut pending: Vec<Pending> = Vec::new();
         let mut pending_bytes: Vec<u8> = Vec::new();

@@ -7,7 +7,7 @@
 use rkyv::rancor;
 use rkyv::util::AlignedVec;
 
-use crate::{check_name, resolve_time, DecodeError, Reading, Value};
+use crate::{check_name, resolve_time, DecodeError, Readings, ValueRef};
 
 /// A batch of records sharing one base time.
 #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Clone, Debug, PartialEq)]
@@ -45,10 +45,22 @@ pub fn encode(batch: &Batch) -> Vec<u8> {
     }
 }
 
+/// Alignment the archive needs: that of its most aligned type (f64 fields).
+const ARCHIVE_ALIGNMENT: usize = {
+    let batch = std::mem::align_of::<ArchivedBatch>();
+    let record = std::mem::align_of::<ArchivedBatchRecord>();
+    if batch > record {
+        batch
+    } else {
+        record
+    }
+};
+
 /// Decodes batches, reusing one aligned scratch buffer across calls.
 ///
-/// Payloads arrive at arbitrary alignment inside a receive buffer; rkyv needs the archive aligned,
-/// so the payload is copied into the scratch buffer and validated with rkyv's checked access.
+/// rkyv needs the archive aligned: a payload that happens to lie aligned in the receive buffer
+/// is validated and read in place; any other is first copied into the scratch buffer (a
+/// memcpy into reused memory, no allocation once it has grown).
 #[derive(Default)]
 pub struct BatchDecoder {
     scratch: AlignedVec,
@@ -64,11 +76,16 @@ impl BatchDecoder {
         &mut self,
         payload: &[u8],
         unix_now: f64,
-        out: &mut Vec<Reading>,
+        out: &mut Readings,
     ) -> Result<(), DecodeError> {
-        self.scratch.clear();
-        self.scratch.extend_from_slice(payload);
-        let batch = rkyv::access::<ArchivedBatch, rancor::Error>(&self.scratch)
+        let archive = if (payload.as_ptr() as usize).is_multiple_of(ARCHIVE_ALIGNMENT) {
+            payload
+        } else {
+            self.scratch.clear();
+            self.scratch.extend_from_slice(payload);
+            &self.scratch[..]
+        };
+        let batch = rkyv::access::<ArchivedBatch, rancor::Failure>(archive)
             .map_err(|_| DecodeError::Batch("validation failed".into()))?;
         let len_at_entry = out.len();
         let result = append_readings(batch, unix_now, out);
@@ -82,13 +99,12 @@ impl BatchDecoder {
 fn append_readings(
     batch: &ArchivedBatch,
     unix_now: f64,
-    out: &mut Vec<Reading>,
+    out: &mut Readings,
 ) -> Result<(), DecodeError> {
     let base_time = batch.base_time.to_native();
-    out.reserve(batch.records.len());
     for (index, record) in batch.records.iter().enumerate() {
         let name = record.name.as_str();
-        check_name(name, index)?;
+        check_name(name.len(), index)?;
         let time = resolve_time(base_time + record.time.to_native(), unix_now);
         if !time.is_finite() {
             return Err(DecodeError::NonFinite { index });
@@ -99,17 +115,13 @@ fn append_readings(
                 if !x.is_finite() {
                     return Err(DecodeError::NonFinite { index });
                 }
-                Value::Number(x)
+                ValueRef::Number(x)
             }
-            ArchivedBatchValue::Bool(b) => Value::Bool(*b),
-            ArchivedBatchValue::String(s) => Value::String(s.as_str().to_owned()),
-            ArchivedBatchValue::Data(d) => Value::Data(d.as_slice().to_vec()),
+            ArchivedBatchValue::Bool(b) => ValueRef::Bool(*b),
+            ArchivedBatchValue::String(s) => ValueRef::String(s.as_str()),
+            ArchivedBatchValue::Data(d) => ValueRef::Data(d.as_slice()),
         };
-        out.push(Reading {
-            name: name.to_owned(),
-            time,
-            value,
-        });
+        out.push_parts(&[name], time, value);
     }
     Ok(())
 }

@@ -10,10 +10,10 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use ahash::RandomState;
-use coap_lite::{CoapOption, MessageClass, MessageType, Packet, ResponseType};
 
 use crate::batch::BatchDecoder;
-use crate::{senml, DecodeError, Reading};
+use crate::message::{self, Message};
+use crate::{senml, DecodeError, Readings};
 use crate::{CONTENT_FORMAT_RKYV_BATCH, CONTENT_FORMAT_SENML_CBOR, CONTENT_FORMAT_SENML_JSON};
 
 mod refuse;
@@ -62,6 +62,25 @@ mod option {
 const CODE_GET: u8 = 0x01;
 const CODE_POST: u8 = 0x02;
 
+/// Response codes (RFC 7252 §12.1.2, RFC 7959): class << 5 | detail.
+mod code {
+    pub const CHANGED: u8 = 0x44;
+    pub const CONTENT: u8 = 0x45;
+    pub const CONTINUE: u8 = 0x5f;
+    pub const BAD_REQUEST: u8 = 0x80;
+    pub const UNAUTHORIZED: u8 = 0x81;
+    pub const BAD_OPTION: u8 = 0x82;
+    pub const FORBIDDEN: u8 = 0x83;
+    pub const NOT_FOUND: u8 = 0x84;
+    pub const METHOD_NOT_ALLOWED: u8 = 0x85;
+    pub const REQUEST_ENTITY_INCOMPLETE: u8 = 0x88;
+    pub const REQUEST_ENTITY_TOO_LARGE: u8 = 0x8d;
+    pub const UNSUPPORTED_CONTENT_FORMAT: u8 = 0x8f;
+    pub const TOO_MANY_REQUESTS: u8 = 0x9d;
+    pub const SERVICE_UNAVAILABLE: u8 = 0xa3;
+    pub const PROXYING_NOT_SUPPORTED: u8 = 0xa5;
+}
+
 /// Limits and lifetimes of one endpoint (one shard).
 #[derive(Clone, Debug)]
 pub struct EndpointConfig {
@@ -102,14 +121,82 @@ impl Default for EndpointConfig {
     }
 }
 
+/// A device id held inline (at most [`DEVICE_ID_BYTES_MAX`] bytes of UTF-8): no allocation per
+/// request. Derefs to `str`.
+#[derive(Clone, Copy)]
+pub struct DeviceId {
+    len: u8,
+    bytes: [u8; DEVICE_ID_BYTES_MAX],
+}
+
+impl DeviceId {
+    /// None when `id` is empty or longer than [`DEVICE_ID_BYTES_MAX`].
+    pub fn new(id: &str) -> Option<DeviceId> {
+        if id.is_empty() || id.len() > DEVICE_ID_BYTES_MAX {
+            return None;
+        }
+        let mut bytes = [0; DEVICE_ID_BYTES_MAX];
+        bytes[..id.len()].copy_from_slice(id.as_bytes());
+        Some(DeviceId {
+            len: id.len() as u8,
+            bytes,
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Built from a &str by `new`: always UTF-8.
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or("")
+    }
+}
+
+impl std::ops::Deref for DeviceId {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Debug for DeviceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.as_str().fmt(f)
+    }
+}
+
+impl std::fmt::Display for DeviceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq for DeviceId {
+    fn eq(&self, other: &DeviceId) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for DeviceId {}
+
+impl PartialEq<str> for DeviceId {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for DeviceId {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
 /// An exchange whose readings await their commit.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub struct Exchange {
     pub peer: SocketAddr,
     pub message_id: u16,
     /// The request was confirmable (CON).
     pub confirmable: bool,
-    pub device: String,
+    pub device: DeviceId,
 }
 
 /// What the caller does with a handled datagram.
@@ -178,7 +265,43 @@ struct DedupEntry {
     token: [u8; 8],
     token_len: u8,
     no_response: u8,
-    response: Vec<u8>,
+    response: StoredResponse,
+}
+
+/// Responses up to this size are kept inside the dedup entry: a 2.04 is at most 4 (header) + 8
+/// (token) + 4 (Block1) bytes, an RST 4. Longer ones (error diagnostics, restored exchanges) go
+/// to the heap.
+const RESPONSE_INLINE_BYTES: usize = 22;
+
+/// The response a duplicate gets again.
+enum StoredResponse {
+    Inline {
+        len: u8,
+        bytes: [u8; RESPONSE_INLINE_BYTES],
+    },
+    Heap(Box<[u8]>),
+}
+
+impl StoredResponse {
+    fn new(response: &[u8]) -> StoredResponse {
+        if response.len() <= RESPONSE_INLINE_BYTES {
+            let mut bytes = [0; RESPONSE_INLINE_BYTES];
+            bytes[..response.len()].copy_from_slice(response);
+            StoredResponse::Inline {
+                len: response.len() as u8,
+                bytes,
+            }
+        } else {
+            StoredResponse::Heap(response.into())
+        }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            StoredResponse::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            StoredResponse::Heap(bytes) => bytes,
+        }
+    }
 }
 
 /// The session scope of plain CoAP requests.
@@ -221,7 +344,7 @@ enum Answer {
     /// RST for a CON, nothing for a NON (counted as malformed).
     Reject,
     Error {
-        code: ResponseType,
+        code: u8,
         diagnostic: String,
         size1: Option<u32>,
         max_age_s: Option<u32>,
@@ -231,13 +354,13 @@ enum Answer {
     },
     WellKnownCore,
     Store {
-        device: String,
+        device: DeviceId,
         readings: usize,
         block1: Option<u32>,
     },
 }
 
-fn error(code: ResponseType, diagnostic: impl Into<String>) -> Answer {
+fn error(code: u8, diagnostic: impl Into<String>) -> Answer {
     Answer::Error {
         code,
         diagnostic: diagnostic.into(),
@@ -248,7 +371,7 @@ fn error(code: ResponseType, diagnostic: impl Into<String>) -> Answer {
 
 fn too_large(diagnostic: impl Into<String>, size1: usize) -> Answer {
     Answer::Error {
-        code: ResponseType::RequestEntityTooLarge,
+        code: code::REQUEST_ENTITY_TOO_LARGE,
         diagnostic: diagnostic.into(),
         size1: Some(u32::try_from(size1).unwrap_or(u32::MAX)),
         max_age_s: None,
@@ -315,7 +438,7 @@ impl Endpoint {
         peer: SocketAddr,
         identity: Option<Identity<'_>>,
         datagram: &[u8],
-        readings: &mut Vec<Reading>,
+        readings: &mut Readings,
         response: &mut Vec<u8>,
     ) -> Outcome {
         response.clear();
@@ -326,7 +449,6 @@ impl Endpoint {
             return Outcome::Ignore;
         }
         let message_type = (datagram[0] >> 4) & 0x3;
-        let token_length = usize::from(datagram[0] & 0x0f);
         let code = datagram[1];
         let message_id = u16::from_be_bytes([datagram[2], datagram[3]]);
         let confirmable = message_type == 0;
@@ -350,11 +472,12 @@ impl Endpoint {
             self.counters.malformed += 1;
             return Outcome::Ignore;
         }
-        if code >> 5 != 0 || token_length > 8 || !well_formed(datagram) {
-            // A response (we send no requests), a reserved class, or a message format error.
+        if code >> 5 != 0 {
+            // A response (we send no requests) or a reserved class.
             return self.reject(confirmable, message_id, response);
         }
-        let Ok(packet) = Packet::from_bytes(datagram) else {
+        let Ok(message) = Message::parse(datagram) else {
+            // A message format error (RFC 7252 §3).
             return self.reject(confirmable, message_id, response);
         };
         self.counters.requests += 1;
@@ -366,28 +489,29 @@ impl Endpoint {
             let same_scope = entry.session == session || entry.session == ANY_SESSION;
             if same_scope && now.saturating_duration_since(entry.inserted) < lifetime {
                 self.counters.duplicates += 1;
-                if confirmable && entry.state == DedupState::Done && !entry.response.is_empty() {
-                    response.extend_from_slice(&entry.response);
+                let stored = entry.response.as_slice();
+                if confirmable && entry.state == DedupState::Done && !stored.is_empty() {
+                    response.extend_from_slice(stored);
                     return Outcome::Reply;
                 }
                 return Outcome::Ignore;
             }
         }
 
-        let no_response = packet
-            .get_first_option(CoapOption::NoResponse)
-            .and_then(|value| uint(value))
+        let no_response = message
+            .option(option::NO_RESPONSE)
+            .and_then(uint)
             .map_or(0, |bits| bits as u8);
         let request = Request {
             session,
             confirmable,
             message_id,
-            token: packet.get_token(),
+            token: message.token,
             no_response,
         };
         let readings_at_entry = readings.len();
         let device = identity.map(|identity| identity.device);
-        let answer = self.process(now, unix_now, peer, device, &packet, readings);
+        let answer = self.process(now, unix_now, peer, device, &message, readings);
         match answer {
             Answer::Reject => self.reject(confirmable, message_id, response),
             Answer::Error {
@@ -398,17 +522,21 @@ impl Endpoint {
             } => {
                 readings.truncate(readings_at_entry);
                 self.count_error(code);
-                let mut options: Vec<(CoapOption, Vec<u8>)> = Vec::new();
-                if let Some(size1) = size1 {
-                    options.push((CoapOption::Size1, uint_bytes(size1)));
-                }
-                if let Some(max_age_s) = max_age_s {
-                    options.push((CoapOption::MaxAge, uint_bytes(max_age_s)));
+                // In ascending option number order.
+                let options = [
+                    max_age_s.map(|max_age_s| (option::MAX_AGE, max_age_s)),
+                    size1.map(|size1| (option::SIZE1, size1)),
+                ];
+                let mut present = [(0, 0); 2];
+                let mut count = 0;
+                for option in options.into_iter().flatten() {
+                    present[count] = option;
+                    count += 1;
                 }
                 self.respond(
                     &request,
                     code,
-                    &options,
+                    &present[..count],
                     truncate(&diagnostic).as_bytes(),
                     response,
                 );
@@ -417,19 +545,19 @@ impl Endpoint {
             }
             Answer::Continue { block1 } => {
                 self.counters.block1_continues += 1;
-                let options = [(CoapOption::Block1, uint_bytes(block1))];
-                self.respond(&request, ResponseType::Continue, &options, &[], response);
+                let options = [(option::BLOCK1, block1)];
+                self.respond(&request, code::CONTINUE, &options, &[], response);
                 self.remember(now, key, &request, DedupState::Done, response);
                 reply_if_any(response)
             }
             Answer::WellKnownCore => {
                 let options = [(
-                    CoapOption::ContentFormat,
-                    uint_bytes(u32::from(CONTENT_FORMAT_LINK_FORMAT)),
+                    option::CONTENT_FORMAT,
+                    u32::from(CONTENT_FORMAT_LINK_FORMAT),
                 )];
                 self.respond(
                     &request,
-                    ResponseType::Content,
+                    code::CONTENT,
                     &options,
                     WELL_KNOWN_CORE.as_bytes(),
                     response,
@@ -443,11 +571,9 @@ impl Endpoint {
                 block1,
             } => {
                 self.counters.readings += count as u64;
-                let options: Vec<(CoapOption, Vec<u8>)> = block1
-                    .map(|block1| (CoapOption::Block1, uint_bytes(block1)))
-                    .into_iter()
-                    .collect();
-                self.respond(&request, ResponseType::Changed, &options, &[], response);
+                let options = [(option::BLOCK1, block1.unwrap_or(0))];
+                let options = if block1.is_some() { &options[..] } else { &[] };
+                self.respond(&request, code::CHANGED, options, &[], response);
                 self.remember(now, key, &request, DedupState::Pending, response);
                 Outcome::Store(Exchange {
                     peer,
@@ -518,11 +644,11 @@ impl Endpoint {
         let Some(entry) = self.dedup.remove(&(exchange.peer, exchange.message_id)) else {
             return;
         };
-        let options = [(CoapOption::MaxAge, uint_bytes(max_age_s))];
+        let options = [(option::MAX_AGE, max_age_s)];
         self.respond_to_entry(
             exchange,
             &entry,
-            ResponseType::ServiceUnavailable,
+            code::SERVICE_UNAVAILABLE,
             &options,
             "storage unavailable",
             response,
@@ -542,15 +668,14 @@ impl Endpoint {
         self.respond_to_entry(
             exchange,
             &entry,
-            ResponseType::BadRequest,
+            code::BAD_REQUEST,
             &[],
             truncate(diagnostic),
             response,
         );
         let mut entry = entry;
         entry.state = DedupState::Done;
-        entry.response.clear();
-        entry.response.extend_from_slice(response);
+        entry.response = StoredResponse::new(response);
         self.dedup.insert(key, entry);
     }
 
@@ -558,8 +683,8 @@ impl Endpoint {
         &mut self,
         exchange: &Exchange,
         entry: &DedupEntry,
-        code: ResponseType,
-        options: &[(CoapOption, Vec<u8>)],
+        code: u8,
+        options: &[(u16, u32)],
         diagnostic: &str,
         response: &mut Vec<u8>,
     ) {
@@ -617,20 +742,20 @@ impl Endpoint {
         }
     }
 
-    fn count_error(&mut self, code: ResponseType) {
+    fn count_error(&mut self, code: u8) {
         let counter = match code {
-            ResponseType::BadRequest => &mut self.counters.bad_request,
-            ResponseType::Unauthorized => &mut self.counters.unauthorized,
-            ResponseType::BadOption => &mut self.counters.bad_option,
-            ResponseType::Forbidden => &mut self.counters.forbidden,
-            ResponseType::NotFound => &mut self.counters.not_found,
-            ResponseType::MethodNotAllowed => &mut self.counters.method_not_allowed,
-            ResponseType::RequestEntityIncomplete => &mut self.counters.incomplete,
-            ResponseType::RequestEntityTooLarge => &mut self.counters.too_large,
-            ResponseType::UnsupportedContentFormat => &mut self.counters.unsupported_format,
-            ResponseType::ServiceUnavailable => &mut self.counters.unavailable,
-            ResponseType::TooManyRequests => &mut self.counters.too_many_requests,
-            ResponseType::ProxyingNotSupported => &mut self.counters.proxying_not_supported,
+            code::BAD_REQUEST => &mut self.counters.bad_request,
+            code::UNAUTHORIZED => &mut self.counters.unauthorized,
+            code::BAD_OPTION => &mut self.counters.bad_option,
+            code::FORBIDDEN => &mut self.counters.forbidden,
+            code::NOT_FOUND => &mut self.counters.not_found,
+            code::METHOD_NOT_ALLOWED => &mut self.counters.method_not_allowed,
+            code::REQUEST_ENTITY_INCOMPLETE => &mut self.counters.incomplete,
+            code::REQUEST_ENTITY_TOO_LARGE => &mut self.counters.too_large,
+            code::UNSUPPORTED_CONTENT_FORMAT => &mut self.counters.unsupported_format,
+            code::SERVICE_UNAVAILABLE => &mut self.counters.unavailable,
+            code::TOO_MANY_REQUESTS => &mut self.counters.too_many_requests,
+            code::PROXYING_NOT_SUPPORTED => &mut self.counters.proxying_not_supported,
             _ => return,
         };
         *counter += 1;
@@ -641,8 +766,8 @@ impl Endpoint {
     fn respond(
         &mut self,
         request: &Request<'_>,
-        code: ResponseType,
-        options: &[(CoapOption, Vec<u8>)],
+        code: u8,
+        options: &[(u16, u32)],
         payload: &[u8],
         response: &mut Vec<u8>,
     ) {
@@ -650,7 +775,7 @@ impl Endpoint {
         let message_id = if request.confirmable {
             request.message_id
         } else {
-            let class = u8::from(MessageClass::Response(code)) >> 5;
+            let class = code >> 5;
             let suppress = match class {
                 2 => NO_RESPONSE_2XX,
                 4 => NO_RESPONSE_4XX,
@@ -663,23 +788,20 @@ impl Endpoint {
             self.next_message_id = self.next_message_id.wrapping_add(1);
             message_id
         };
-        let mut packet = Packet::new();
-        packet.header.set_version(1);
-        packet.header.set_type(if request.confirmable {
-            MessageType::Acknowledgement
+        let message_type = if request.confirmable {
+            message::TYPE_ACKNOWLEDGEMENT
         } else {
-            MessageType::NonConfirmable
-        });
-        packet.header.code = MessageClass::Response(code);
-        packet.header.message_id = message_id;
-        packet.set_token(request.token.to_vec());
-        for (number, value) in options {
-            packet.add_option(*number, value.clone());
-        }
-        packet.payload = payload.to_vec();
-        if let Ok(bytes) = packet.to_bytes_unlimited() {
-            response.extend_from_slice(&bytes);
-        }
+            message::TYPE_NON_CONFIRMABLE
+        };
+        message::write(
+            response,
+            message_type,
+            code,
+            message_id,
+            request.token,
+            options,
+            payload,
+        );
     }
 
     /// Records an answered or pending exchange in the dedup table, evicting the oldest entry when
@@ -719,7 +841,7 @@ impl Endpoint {
                 token,
                 token_len: token_len as u8,
                 no_response: request.no_response,
-                response: response.to_vec(),
+                response: StoredResponse::new(response),
             },
         );
         let queue = if request.confirmable {
@@ -782,18 +904,21 @@ impl Endpoint {
         unix_now: f64,
         peer: SocketAddr,
         identity: Option<&str>,
-        packet: &Packet,
-        readings: &mut Vec<Reading>,
+        message: &Message<'_>,
+        readings: &mut Readings,
     ) -> Answer {
-        let confirmable = packet.header.get_type() == MessageType::Confirmable;
-        for (&number, values) in packet.options() {
+        let confirmable = message.message_type == message::TYPE_CONFIRMABLE;
+        let mut previous = None;
+        for (number, _) in message.options() {
+            let repeated = previous == Some(number);
+            previous = Some(number);
             match number {
                 option::PROXY_URI | option::PROXY_SCHEME => {
-                    return error(ResponseType::ProxyingNotSupported, "not a proxy");
+                    return error(code::PROXYING_NOT_SUPPORTED, "not a proxy");
                 }
-                option::CONTENT_FORMAT | option::BLOCK1 if values.len() > 1 => {
+                option::CONTENT_FORMAT | option::BLOCK1 if repeated => {
                     return if confirmable {
-                        error(ResponseType::BadOption, format!("repeated option {number}"))
+                        error(code::BAD_OPTION, format!("repeated option {number}"))
                     } else {
                         Answer::Reject
                     };
@@ -815,7 +940,7 @@ impl Endpoint {
                     // RFC 7252 §5.4.1: 4.02 for a CON, reject a NON.
                     return if confirmable {
                         error(
-                            ResponseType::BadOption,
+                            code::BAD_OPTION,
                             format!("unsupported critical option {critical}"),
                         )
                     } else {
@@ -826,10 +951,8 @@ impl Endpoint {
             }
         }
 
-        let method = u8::from(packet.header.code);
-        let empty = std::collections::LinkedList::new();
-        let path = packet.get_option(CoapOption::UriPath).unwrap_or(&empty);
-        let mut segments = path.iter().map(Vec::as_slice);
+        let method = message.code;
+        let mut segments = message.option_values(option::URI_PATH);
         let first = segments.next();
         let second = segments.next();
         let third = segments.next();
@@ -838,44 +961,47 @@ impl Endpoint {
                 return if method == CODE_GET {
                     Answer::WellKnownCore
                 } else {
-                    error(ResponseType::MethodNotAllowed, "use GET")
+                    error(code::METHOD_NOT_ALLOWED, "use GET")
                 };
             }
             (Some(b"t"), device, None) => device,
-            _ => return error(ResponseType::NotFound, "no such resource; POST to /t"),
+            _ => return error(code::NOT_FOUND, "no such resource; POST to /t"),
         };
         if method != CODE_POST {
-            return error(ResponseType::MethodNotAllowed, "use POST");
+            return error(code::METHOD_NOT_ALLOWED, "use POST");
         }
 
         let device = match (identity, path_device) {
-            (Some(identity), None) => identity.to_owned(),
-            (Some(identity), Some(device)) if device == identity.as_bytes() => identity.to_owned(),
+            (Some(identity), None) => DeviceId::new(identity),
+            (Some(identity), Some(device)) if device == identity.as_bytes() => {
+                DeviceId::new(identity)
+            }
             (Some(_), Some(_)) => {
-                return error(ResponseType::Forbidden, "a device may only write as itself")
+                return error(code::FORBIDDEN, "a device may only write as itself")
             }
             (None, Some(device)) => match device_id(device) {
-                Some(device) => device.to_owned(),
+                Some(device) => DeviceId::new(device),
                 None => {
                     return error(
-                        ResponseType::BadRequest,
+                        code::BAD_REQUEST,
                         "bad device id: 1-64 bytes of A-Z a-z 0-9 . _ : -",
                     )
                 }
             },
             (None, None) => {
-                return error(
-                    ResponseType::Unauthorized,
-                    "no identity: use DTLS or /t/{device}",
-                )
+                return error(code::UNAUTHORIZED, "no identity: use DTLS or /t/{device}")
             }
         };
+        let Some(device) = device else {
+            // Only an identity can get here: path device ids were checked above.
+            return error(code::BAD_REQUEST, "device id longer than 64 bytes");
+        };
 
-        let content_format = match packet.get_first_option(CoapOption::ContentFormat) {
+        let content_format = match message.option(option::CONTENT_FORMAT) {
             None => None,
             Some(value) => match uint(value).filter(|_| value.len() <= 2) {
                 Some(format) => Some(format as u16),
-                None => return error(ResponseType::BadRequest, "bad Content-Format option"),
+                None => return error(code::BAD_REQUEST, "bad Content-Format option"),
             },
         };
         if let Some(format) = content_format {
@@ -884,20 +1010,20 @@ impl Endpoint {
                 CONTENT_FORMAT_SENML_JSON | CONTENT_FORMAT_SENML_CBOR | CONTENT_FORMAT_RKYV_BATCH
             ) {
                 return error(
-                    ResponseType::UnsupportedContentFormat,
+                    code::UNSUPPORTED_CONTENT_FORMAT,
                     "use Content-Format 110, 112 or 65362",
                 );
             }
         }
 
-        let block1 = match packet.get_first_option(CoapOption::Block1) {
+        let block1 = match message.option(option::BLOCK1) {
             None => None,
             Some(value) => match uint(value).filter(|_| value.len() <= 3) {
                 Some(block1) => Some(block1),
-                None => return error(ResponseType::BadRequest, "bad Block1 option"),
+                None => return error(code::BAD_REQUEST, "bad Block1 option"),
             },
         };
-        let payload = packet.payload.as_slice();
+        let payload = message.payload;
         let Some(block1) = block1 else {
             if payload.len() > self.config.datagram_payload_bytes_max {
                 return too_large("payload too large", self.config.datagram_payload_bytes_max);
@@ -910,22 +1036,16 @@ impl Endpoint {
         let more = block1 & 0x8 != 0;
         let szx = block1 & 0x7;
         if szx == 7 {
-            return error(ResponseType::BadRequest, "Block1 SZX 7 is reserved");
+            return error(code::BAD_REQUEST, "Block1 SZX 7 is reserved");
         }
         let block_size = 1usize << (szx + 4);
-        if let Some(size1) = packet
-            .get_first_option(CoapOption::Size1)
-            .and_then(|v| uint(v))
-        {
+        if let Some(size1) = message.option(option::SIZE1).and_then(uint) {
             if size1 as usize > self.config.body_bytes_max {
                 return too_large("body too large", self.config.body_bytes_max);
             }
         }
         if (more && payload.len() != block_size) || payload.len() > block_size {
-            return error(
-                ResponseType::BadRequest,
-                "Block1 payload does not match its SZX",
-            );
+            return error(code::BAD_REQUEST, "Block1 payload does not match its SZX");
         }
         if num == 0 && !more {
             // A single block: no reassembly needed.
@@ -939,7 +1059,7 @@ impl Endpoint {
             );
         }
 
-        let key = (peer, device);
+        let key = (peer, device.to_string());
         let timeout = self.config.block1_timeout;
         if num == 0 {
             if !self.transfers.contains_key(&key)
@@ -948,7 +1068,7 @@ impl Endpoint {
                 self.expire(now);
                 if self.transfers.len() >= self.config.block1_transfers_max {
                     return Answer::Error {
-                        code: ResponseType::ServiceUnavailable,
+                        code: code::SERVICE_UNAVAILABLE,
                         diagnostic: "too many Block1 transfers".into(),
                         size1: None,
                         max_age_s: Some(BLOCK1_BUSY_MAX_AGE_S),
@@ -977,7 +1097,7 @@ impl Endpoint {
             if !in_sequence {
                 self.transfers.remove(&key);
                 return error(
-                    ResponseType::RequestEntityIncomplete,
+                    code::REQUEST_ENTITY_INCOMPLETE,
                     "Block1 block out of sequence",
                 );
             }
@@ -985,7 +1105,7 @@ impl Endpoint {
         let body_bytes_max = self.config.body_bytes_max;
         let Some(transfer) = self.transfers.get_mut(&key) else {
             return error(
-                ResponseType::RequestEntityIncomplete,
+                code::REQUEST_ENTITY_INCOMPLETE,
                 "Block1 block out of sequence",
             );
         };
@@ -1003,11 +1123,10 @@ impl Endpoint {
         }
         let Some(transfer) = self.transfers.remove(&key) else {
             return error(
-                ResponseType::RequestEntityIncomplete,
+                code::REQUEST_ENTITY_INCOMPLETE,
                 "Block1 block out of sequence",
             );
         };
-        let (_, device) = key;
         self.decode(
             device,
             transfer.content_format,
@@ -1021,11 +1140,11 @@ impl Endpoint {
     /// Decodes a complete body for `device`.
     fn decode(
         &mut self,
-        device: String,
+        device: DeviceId,
         content_format: Option<u16>,
         body: &[u8],
         unix_now: f64,
-        readings: &mut Vec<Reading>,
+        readings: &mut Readings,
         block1: Option<u32>,
     ) -> Answer {
         let start = readings.len();
@@ -1036,20 +1155,17 @@ impl Endpoint {
             _ => self.batch_decoder.decode(body, unix_now, readings),
         };
         if let Err(decode_error) = result {
-            return error(ResponseType::BadRequest, decode_error.to_string());
+            return error(code::BAD_REQUEST, decode_error.to_string());
         }
         let count = readings.len() - start;
         if count == 0 {
-            return error(
-                ResponseType::BadRequest,
-                DecodeError::NoReadings.to_string(),
-            );
+            return error(code::BAD_REQUEST, DecodeError::NoReadings.to_string());
         }
         let max = self.config.readings_per_request_max;
         if count > max {
             readings.truncate(start);
             return Answer::Error {
-                code: ResponseType::RequestEntityTooLarge,
+                code: code::REQUEST_ENTITY_TOO_LARGE,
                 diagnostic: DecodeError::TooManyReadings { max }.to_string(),
                 size1: None,
                 max_age_s: None,
@@ -1131,13 +1247,6 @@ fn uint(bytes: &[u8]) -> Option<u32> {
     Some(bytes.iter().fold(0u32, |acc, b| (acc << 8) | u32::from(*b)))
 }
 
-/// The shortest encoding of a uint option value.
-fn uint_bytes(value: u32) -> Vec<u8> {
-    let bytes = value.to_be_bytes();
-    let skip = bytes.iter().take_while(|b| **b == 0).count();
-    bytes[skip..].to_vec()
-}
-
 /// Truncates a diagnostic to [`DIAGNOSTIC_BYTES_MAX`] on a char boundary.
 fn truncate(diagnostic: &str) -> &str {
     if diagnostic.len() <= DIAGNOSTIC_BYTES_MAX {
@@ -1148,55 +1257,4 @@ fn truncate(diagnostic: &str) -> &str {
         end -= 1;
     }
     &diagnostic[..end]
-}
-
-/// Checks the option and payload-marker encoding of a message (RFC 7252 §3): option delta and
-/// length nibbles 15 only as the payload marker, options within the datagram, and a payload
-/// marker followed by a non-empty payload.
-fn well_formed(datagram: &[u8]) -> bool {
-    let token_length = usize::from(datagram[0] & 0x0f);
-    let mut index = 4 + token_length;
-    if index > datagram.len() {
-        return false;
-    }
-    let mut number: u32 = 0;
-    while index < datagram.len() {
-        let byte = datagram[index];
-        index += 1;
-        if byte == 0xff {
-            return index < datagram.len();
-        }
-        let mut extended = |nibble: u8| -> Option<usize> {
-            match nibble {
-                0..=12 => Some(usize::from(nibble)),
-                13 => {
-                    let value = usize::from(*datagram.get(index)?) + 13;
-                    index += 1;
-                    Some(value)
-                }
-                14 => {
-                    let high = usize::from(*datagram.get(index)?);
-                    let low = usize::from(*datagram.get(index + 1)?);
-                    index += 2;
-                    Some((high << 8 | low) + 269)
-                }
-                _ => None,
-            }
-        };
-        let Some(delta) = extended(byte >> 4) else {
-            return false;
-        };
-        let Some(length) = extended(byte & 0x0f) else {
-            return false;
-        };
-        number += delta as u32;
-        if number > u32::from(u16::MAX) {
-            return false;
-        }
-        index += length;
-        if index > datagram.len() {
-            return false;
-        }
-    }
-    true
 }

@@ -40,10 +40,10 @@ fn round_trip_at_any_alignment() {
     for shift in 0..9 {
         let mut buffer = vec![0u8; shift];
         buffer.extend_from_slice(&bytes);
-        let mut out = Vec::new();
+        let mut out = sluice_protocol::Readings::new();
         decoder.decode(&buffer[shift..], NOW, &mut out).unwrap();
         assert_eq!(
-            out,
+            out.to_vec(),
             vec![
                 Reading {
                     name: "temp".into(),
@@ -80,7 +80,7 @@ fn small_base_time_is_relative_to_now() {
             value: BatchValue::Number(1.0),
         }],
     };
-    let mut out = Vec::new();
+    let mut out = sluice_protocol::Readings::new();
     BatchDecoder::new()
         .decode(&encode(&batch), NOW, &mut out)
         .unwrap();
@@ -95,7 +95,7 @@ fn invalid_records_are_rejected_all_or_nothing() {
         time: 0.0,
         value: BatchValue::Number(1.0),
     });
-    let mut out = Vec::new();
+    let mut out = sluice_protocol::Readings::new();
     let mut decoder = BatchDecoder::new();
     assert!(matches!(
         decoder.decode(&encode(&batch), NOW, &mut out),
@@ -113,7 +113,7 @@ fn invalid_records_are_rejected_all_or_nothing() {
 #[test]
 fn garbage_is_rejected() {
     let mut decoder = BatchDecoder::new();
-    let mut out = Vec::new();
+    let mut out = sluice_protocol::Readings::new();
     assert!(decoder.decode(&[], NOW, &mut out).is_err());
     assert!(decoder
         .decode(b"[{\"n\":\"a\",\"v\":1}]", NOW, &mut out)

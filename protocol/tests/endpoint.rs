@@ -49,7 +49,7 @@ fn uint(value: u32) -> Vec<u8> {
 struct Harness {
     endpoint: Endpoint,
     t0: Instant,
-    readings: Vec<Reading>,
+    readings: sluice_protocol::Readings,
     response: Vec<u8>,
 }
 
@@ -62,7 +62,7 @@ impl Harness {
         Self {
             endpoint: Endpoint::new(config),
             t0: Instant::now(),
-            readings: Vec::new(),
+            readings: sluice_protocol::Readings::new(),
             response: Vec::new(),
         }
     }
@@ -134,7 +134,7 @@ fn con_store_acks_only_in_store_then_duplicates_get_the_same_bytes() {
     assert_eq!(exchange.device, "dev-1");
     assert_eq!(exchange.message_id, 7);
     assert_eq!(
-        h.readings,
+        h.readings.to_vec(),
         vec![Reading {
             name: "temp".into(),
             time: NOW,

@@ -115,7 +115,7 @@ fn run(seed: u64, steps: usize) {
     let mut endpoint = Endpoint::new(config);
     let t0 = Instant::now();
     let seeds = seeds();
-    let mut readings = Vec::new();
+    let mut readings = sluice_protocol::Readings::new();
     let mut response = Vec::new();
     let mut pending: Vec<Exchange> = Vec::new();
     for step in 0..steps {
@@ -195,7 +195,7 @@ proptest! {
     #[test]
     fn random_datagrams_never_panic(datagram in proptest::collection::vec(any::<u8>(), 0..256)) {
         let mut endpoint = Endpoint::new(EndpointConfig::default());
-        let mut readings = Vec::new();
+        let mut readings = sluice_protocol::Readings::new();
         let mut response = Vec::new();
         let peer = SocketAddr::from(([127, 0, 0, 1], 1));
         let _ = endpoint.handle(Instant::now(), 1.7e9, peer, None, &datagram, &mut readings, &mut response);
@@ -203,7 +203,7 @@ proptest! {
 
     #[test]
     fn random_payloads_never_panic_the_decoders(payload in proptest::collection::vec(any::<u8>(), 0..256)) {
-        let mut out = Vec::new();
+        let mut out = sluice_protocol::Readings::new();
         let _ = decode_json(&payload, 1.7e9, &mut out);
         let _ = decode_cbor(&payload, 1.7e9, &mut out);
         let _ = sluice_protocol::batch::BatchDecoder::new().decode(&payload, 1.7e9, &mut out);

@@ -7,15 +7,15 @@ use sluice_protocol::{DecodeError, Reading, Value};
 const NOW: f64 = 1_700_000_000.0;
 
 fn json(text: &str) -> Result<Vec<Reading>, DecodeError> {
-    let mut out = Vec::new();
-    decode_json(text.as_bytes(), NOW, &mut out).map(|()| out)
+    let mut out = sluice_protocol::Readings::new();
+    decode_json(text.as_bytes(), NOW, &mut out).map(|()| out.to_vec())
 }
 
 fn cbor(value: C) -> Result<Vec<Reading>, DecodeError> {
     let mut bytes = Vec::new();
     ciborium::into_writer(&value, &mut bytes).unwrap();
-    let mut out = Vec::new();
-    decode_cbor(&bytes, NOW, &mut out).map(|()| out)
+    let mut out = sluice_protocol::Readings::new();
+    decode_cbor(&bytes, NOW, &mut out).map(|()| out.to_vec())
 }
 
 fn reading(name: &str, time: f64, value: Value) -> Reading {
@@ -167,7 +167,8 @@ fn json_bad_inputs_are_rejected_and_leave_out_untouched() {
         }),
     ];
     for (input, expected) in cases {
-        let mut out = vec![reading("kept", 1.0, Value::Bool(false))];
+        let mut out = sluice_protocol::Readings::new();
+        out.push("kept", 1.0, sluice_protocol::ValueRef::Bool(false));
         let error = decode_json(input.as_bytes(), NOW, &mut out).unwrap_err();
         assert!(expected(&error), "{input}: unexpected {error:?}");
         assert!(error.to_string().len() < 128);
@@ -269,7 +270,7 @@ fn cbor_all_value_kinds_times_and_sum() {
 
 #[test]
 fn cbor_bad_inputs_are_rejected() {
-    let mut out = Vec::new();
+    let mut out = sluice_protocol::Readings::new();
     assert!(matches!(
         decode_cbor(&[0xff, 0x00], NOW, &mut out),
         Err(DecodeError::Cbor(_))

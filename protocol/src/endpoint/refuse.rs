@@ -8,9 +8,10 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use super::{
-    option, uint, well_formed, DedupState, Endpoint, Request, ANY_SESSION, NO_RESPONSE_4XX,
-    NO_RESPONSE_5XX, PLAIN,
+    option, uint, DedupState, Endpoint, Request, ANY_SESSION, NO_RESPONSE_4XX, NO_RESPONSE_5XX,
+    PLAIN,
 };
+use crate::message::{self, Message};
 
 /// Why a new request is refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,21 +52,18 @@ impl Endpoint {
         response: &mut Vec<u8>,
     ) -> bool {
         response.clear();
-        if datagram.len() < 4 || datagram[0] >> 6 != 1 {
+        // A valid header and options, CON or NON, a request code (class 0, not Empty).
+        let Ok(request) = Message::parse(datagram) else {
+            return false;
+        };
+        if request.message_type > message::TYPE_NON_CONFIRMABLE
+            || request.code == 0
+            || request.code >> 5 != 0
+        {
             return false;
         }
-        let message_type = (datagram[0] >> 4) & 0x3;
-        let token_length = usize::from(datagram[0] & 0x0f);
-        let code = datagram[1];
-        // CON or NON, a request code (class 0, not Empty), a valid header and options.
-        if message_type > 1 || code == 0 || code >> 5 != 0 || token_length > 8 {
-            return false;
-        }
-        if !well_formed(datagram) {
-            return false;
-        }
-        let message_id = u16::from_be_bytes([datagram[2], datagram[3]]);
-        let confirmable = message_type == 0;
+        let message_id = request.message_id;
+        let confirmable = request.message_type == message::TYPE_CONFIRMABLE;
         let session = session.unwrap_or(PLAIN);
         if let Some(entry) = self.dedup.get(&(peer, message_id)) {
             let same_scope = entry.session == session || entry.session == ANY_SESSION;
@@ -74,9 +72,9 @@ impl Endpoint {
                 return false;
             }
         }
-        let no_response = options(datagram)
-            .find(|(number, _)| *number == option::NO_RESPONSE)
-            .and_then(|(_, value)| uint(value))
+        let no_response = request
+            .option(option::NO_RESPONSE)
+            .and_then(uint)
             .map_or(0, |bits| bits as u8);
         self.counters.datagrams += 1;
         self.counters.requests += 1;
@@ -84,41 +82,37 @@ impl Endpoint {
             Refusal::Overloaded => self.counters.unavailable += 1,
             Refusal::RateLimited => self.counters.too_many_requests += 1,
         }
-        // Written by hand rather than through coap-lite: this is the path that must stay
-        // cheap when the shard is overloaded. Same bytes as `respond` writes.
+        // The same bytes as `respond` writes, without a dedup entry.
         let (code, suppressed_by) = match refusal {
-            Refusal::Overloaded => (0xa3, NO_RESPONSE_5XX),
-            Refusal::RateLimited => (0x9d, NO_RESPONSE_4XX),
+            Refusal::Overloaded => (super::code::SERVICE_UNAVAILABLE, NO_RESPONSE_5XX),
+            Refusal::RateLimited => (super::code::TOO_MANY_REQUESTS, NO_RESPONSE_4XX),
         };
         let request_message_id = message_id;
         let (message_type, message_id) = if confirmable {
-            (2u8, message_id)
+            (message::TYPE_ACKNOWLEDGEMENT, message_id)
         } else {
             if no_response & suppressed_by != 0 {
                 return true;
             }
             let fresh = self.next_message_id;
             self.next_message_id = fresh.wrapping_add(1);
-            (1u8, fresh)
+            (message::TYPE_NON_CONFIRMABLE, fresh)
         };
-        response.push(0x40 | message_type << 4 | token_length as u8);
-        response.push(code);
-        response.extend_from_slice(&message_id.to_be_bytes());
-        response.extend_from_slice(&datagram[4..4 + token_length]);
-        let max_age = max_age_s.to_be_bytes();
-        let skip = max_age.iter().take_while(|b| **b == 0).count();
-        // Option 14 (Max-Age) as the first option: delta 14 = 13 + 1 (one extension byte).
-        response.push(0xd0 | (4 - skip) as u8);
-        response.push(option::MAX_AGE as u8 - 13);
-        response.extend_from_slice(&max_age[skip..]);
-        response.push(0xff);
-        response.extend_from_slice(refusal.diagnostic().as_bytes());
+        message::write(
+            response,
+            message_type,
+            code,
+            message_id,
+            request.token,
+            &[(option::MAX_AGE, max_age_s)],
+            refusal.diagnostic().as_bytes(),
+        );
         if confirmable {
             let request = Request {
                 session,
                 confirmable,
                 message_id: request_message_id,
-                token: &datagram[4..4 + token_length],
+                token: request.token,
                 no_response,
             };
             let key = (peer, request_message_id);
@@ -133,54 +127,12 @@ impl Endpoint {
 /// for any other path, or a malformed datagram. The id is not validated here; the request's
 /// handling does that.
 pub fn path_device(datagram: &[u8]) -> Option<&[u8]> {
-    if datagram.len() < 4 || usize::from(datagram[0] & 0x0f) > 8 || !well_formed(datagram) {
-        return None;
-    }
-    let mut segments = options(datagram)
-        .take_while(|(number, _)| *number <= option::URI_PATH)
-        .filter(|(number, _)| *number == option::URI_PATH)
-        .map(|(_, value)| value);
+    let request = Message::parse(datagram).ok()?;
+    let mut segments = request.option_values(option::URI_PATH);
     match (segments.next(), segments.next(), segments.next()) {
         (Some(b"t"), Some(device), None) => Some(device),
         _ => None,
     }
-}
-
-/// The options of a well-formed message (check with `well_formed` first) as (number, value),
-/// in order, without allocating.
-fn options(datagram: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    let mut index = 4 + usize::from(datagram[0] & 0x0f);
-    let mut number: u32 = 0;
-    std::iter::from_fn(move || {
-        let byte = *datagram.get(index)?;
-        if byte == 0xff {
-            return None;
-        }
-        index += 1;
-        let mut extended = |nibble: u8| -> Option<usize> {
-            match nibble {
-                0..=12 => Some(usize::from(nibble)),
-                13 => {
-                    let value = usize::from(*datagram.get(index)?) + 13;
-                    index += 1;
-                    Some(value)
-                }
-                14 => {
-                    let high = usize::from(*datagram.get(index)?);
-                    let low = usize::from(*datagram.get(index + 1)?);
-                    index += 2;
-                    Some((high << 8 | low) + 269)
-                }
-                _ => None,
-            }
-        };
-        let delta = extended(byte >> 4)?;
-        let length = extended(byte & 0x0f)?;
-        number += delta as u32;
-        let value = datagram.get(index..index + length)?;
-        index += length;
-        Some((u16::try_from(number).ok()?, value))
-    })
 }
 
 #[cfg(test)]
@@ -241,7 +193,7 @@ mod tests {
             // The retransmission is a duplicate: left to handle, which answers the same.
             let refusal_bytes = response.clone();
             assert!(!endpoint.refuse_new(now, peer(), None, &request, refusal, 9, &mut response));
-            let mut readings = Vec::new();
+            let mut readings = crate::Readings::new();
             let outcome = endpoint.handle(
                 now,
                 0.0,
@@ -285,7 +237,7 @@ mod tests {
         let mut endpoint = Endpoint::new(EndpointConfig::default());
         let now = Instant::now();
         let request = post(MessageType::Confirmable, 9, "/t/dev-1", None);
-        let (mut readings, mut response) = (Vec::new(), Vec::new());
+        let (mut readings, mut response) = (crate::Readings::new(), Vec::new());
         let Outcome::Store(exchange) = endpoint.handle(
             now,
             0.0,
