@@ -84,8 +84,10 @@ mod code {
 /// Limits and lifetimes of one endpoint (one shard).
 #[derive(Clone, Debug)]
 pub struct EndpointConfig {
-    /// Bound of the (peer, Message ID) table: 262 144 entries of about 250 bytes (entry, map slot,
-    /// expiry queue item) is about 64 MiB per shard. It remembers every exchange for the full
+    /// Bound of the (peer, Message ID) table. The table is allocated up front with room for
+    /// twice the bound (see [`Endpoint::new`]): 2^20 slots of about 112 bytes for 262 144
+    /// entries, 112 MiB of address space that a full table touches, plus up to 16 MiB of expiry
+    /// queue. It remembers every exchange for the full
     /// EXCHANGE_LIFETIME up to 1 000 requests/s per shard, and for MAX_TRANSMIT_SPAN (45 s, the
     /// window in which a CON is retransmitted) up to 5 800 requests/s per shard. Beyond that the
     /// oldest entries are evicted (counted in `dedup_evictions`).
@@ -400,10 +402,15 @@ impl Endpoint {
         let hasher = RandomState::new();
         // RFC 7252 §4.4: start Message IDs at a random value.
         let next_message_id = hasher.hash_one(0x5eed_u32) as u16;
+        let dedup_capacity = config.dedup_entries_max.saturating_mul(2);
         Self {
             config,
             counters: Counters::default(),
-            dedup: HashMap::with_hasher(hasher.clone()),
+            // Room for twice the bound, allocated now: at the bound every new exchange evicts
+            // the oldest, and hashbrown clears the tombstones evictions leave by rehashing in
+            // place only while the table is at most half full; a table sized for the bound would
+            // be reallocated under load, with an allocation on the per-datagram path.
+            dedup: HashMap::with_capacity_and_hasher(dedup_capacity, hasher.clone()),
             con_queue: VecDeque::new(),
             non_queue: VecDeque::new(),
             next_sequence: 0,
