@@ -341,6 +341,89 @@ struct Request<'a> {
     no_response: u8,
 }
 
+/// Why a request's options refuse it, for the first such option in number order.
+#[derive(Clone, Copy)]
+enum OptionRefusal {
+    /// Proxy-Uri or Proxy-Scheme: 5.05.
+    Proxy,
+    /// A repeated Content-Format or Block1.
+    Repeated(u16),
+    /// An unsupported critical option.
+    Critical(u16),
+}
+
+/// The options a request is processed by, gathered in one pass (first values only).
+#[derive(Default)]
+struct RequestOptions<'a> {
+    /// The first three Uri-Path segments.
+    path: [Option<&'a [u8]>; 3],
+    content_format: Option<&'a [u8]>,
+    block1: Option<&'a [u8]>,
+    size1: Option<&'a [u8]>,
+    no_response: Option<&'a [u8]>,
+    refusal: Option<OptionRefusal>,
+}
+
+impl<'a> RequestOptions<'a> {
+    fn scan(message: &Message<'a>) -> RequestOptions<'a> {
+        let mut options = RequestOptions::default();
+        let mut previous = None;
+        let mut segments = 0;
+        for (number, value) in message.options() {
+            let repeated = previous == Some(number);
+            previous = Some(number);
+            let first = |slot: &mut Option<&'a [u8]>| {
+                if slot.is_none() {
+                    *slot = Some(value);
+                }
+            };
+            let refusal = match number {
+                option::PROXY_URI | option::PROXY_SCHEME => Some(OptionRefusal::Proxy),
+                option::CONTENT_FORMAT | option::BLOCK1 if repeated => {
+                    Some(OptionRefusal::Repeated(number))
+                }
+                option::URI_PATH => {
+                    if let Some(slot) = options.path.get_mut(segments) {
+                        *slot = Some(value);
+                        segments += 1;
+                    }
+                    None
+                }
+                option::CONTENT_FORMAT => {
+                    first(&mut options.content_format);
+                    None
+                }
+                option::BLOCK1 => {
+                    first(&mut options.block1);
+                    None
+                }
+                option::SIZE1 => {
+                    first(&mut options.size1);
+                    None
+                }
+                option::NO_RESPONSE => {
+                    first(&mut options.no_response);
+                    None
+                }
+                option::URI_HOST
+                | option::OBSERVE
+                | option::URI_PORT
+                | option::MAX_AGE
+                | option::URI_QUERY
+                | option::ACCEPT
+                | option::BLOCK2
+                | option::SIZE2 => None,
+                critical if critical & 1 == 1 => Some(OptionRefusal::Critical(critical)),
+                _ => None, // unknown elective options are ignored
+            };
+            if options.refusal.is_none() {
+                options.refusal = refusal;
+            }
+        }
+        options
+    }
+}
+
 /// What processing a (non-duplicate) request decided.
 enum Answer {
     /// RST for a CON, nothing for a NON (counted as malformed).
@@ -505,8 +588,9 @@ impl Endpoint {
             }
         }
 
-        let no_response = message
-            .option(option::NO_RESPONSE)
+        let options = RequestOptions::scan(&message);
+        let no_response = options
+            .no_response
             .and_then(uint)
             .map_or(0, |bits| bits as u8);
         let request = Request {
@@ -518,7 +602,7 @@ impl Endpoint {
         };
         let readings_at_entry = readings.len();
         let device = identity.map(|identity| identity.device);
-        let answer = self.process(now, unix_now, peer, device, &message, readings);
+        let answer = self.process(now, unix_now, peer, device, &message, &options, readings);
         match answer {
             Answer::Reject => self.reject(confirmable, message_id, response),
             Answer::Error {
@@ -905,6 +989,7 @@ impl Endpoint {
     }
 
     /// Routes and processes a well-formed, non-duplicate request.
+    #[allow(clippy::too_many_arguments)]
     fn process(
         &mut self,
         now: Instant,
@@ -912,57 +997,30 @@ impl Endpoint {
         peer: SocketAddr,
         identity: Option<&str>,
         message: &Message<'_>,
+        options: &RequestOptions<'_>,
         readings: &mut Readings,
     ) -> Answer {
         let confirmable = message.message_type == message::TYPE_CONFIRMABLE;
-        let mut previous = None;
-        for (number, _) in message.options() {
-            let repeated = previous == Some(number);
-            previous = Some(number);
-            match number {
-                option::PROXY_URI | option::PROXY_SCHEME => {
-                    return error(code::PROXYING_NOT_SUPPORTED, "not a proxy");
-                }
-                option::CONTENT_FORMAT | option::BLOCK1 if repeated => {
-                    return if confirmable {
-                        error(code::BAD_OPTION, format!("repeated option {number}"))
-                    } else {
-                        Answer::Reject
-                    };
-                }
-                option::URI_HOST
-                | option::OBSERVE
-                | option::URI_PORT
-                | option::URI_PATH
-                | option::CONTENT_FORMAT
-                | option::MAX_AGE
-                | option::URI_QUERY
-                | option::ACCEPT
-                | option::BLOCK2
-                | option::BLOCK1
-                | option::SIZE2
-                | option::SIZE1
-                | option::NO_RESPONSE => {}
-                critical if critical & 1 == 1 => {
-                    // RFC 7252 §5.4.1: 4.02 for a CON, reject a NON.
-                    return if confirmable {
-                        error(
-                            code::BAD_OPTION,
-                            format!("unsupported critical option {critical}"),
-                        )
-                    } else {
-                        Answer::Reject
-                    };
-                }
-                _ => {} // unknown elective options are ignored
+        match options.refusal {
+            None => {}
+            Some(OptionRefusal::Proxy) => {
+                return error(code::PROXYING_NOT_SUPPORTED, "not a proxy")
+            }
+            // RFC 7252 §5.4.1: 4.02 for a CON, reject a NON.
+            Some(_) if !confirmable => return Answer::Reject,
+            Some(OptionRefusal::Repeated(number)) => {
+                return error(code::BAD_OPTION, format!("repeated option {number}"))
+            }
+            Some(OptionRefusal::Critical(number)) => {
+                return error(
+                    code::BAD_OPTION,
+                    format!("unsupported critical option {number}"),
+                )
             }
         }
 
         let method = message.code;
-        let mut segments = message.option_values(option::URI_PATH);
-        let first = segments.next();
-        let second = segments.next();
-        let third = segments.next();
+        let [first, second, third] = options.path;
         let path_device = match (first, second, third) {
             (Some(b".well-known"), Some(b"core"), None) => {
                 return if method == CODE_GET {
@@ -1004,7 +1062,7 @@ impl Endpoint {
             return error(code::BAD_REQUEST, "device id longer than 64 bytes");
         };
 
-        let content_format = match message.option(option::CONTENT_FORMAT) {
+        let content_format = match options.content_format {
             None => None,
             Some(value) => match uint(value).filter(|_| value.len() <= 2) {
                 Some(format) => Some(format as u16),
@@ -1023,7 +1081,7 @@ impl Endpoint {
             }
         }
 
-        let block1 = match message.option(option::BLOCK1) {
+        let block1 = match options.block1 {
             None => None,
             Some(value) => match uint(value).filter(|_| value.len() <= 3) {
                 Some(block1) => Some(block1),
@@ -1046,7 +1104,7 @@ impl Endpoint {
             return error(code::BAD_REQUEST, "Block1 SZX 7 is reserved");
         }
         let block_size = 1usize << (szx + 4);
-        if let Some(size1) = message.option(option::SIZE1).and_then(uint) {
+        if let Some(size1) = options.size1.and_then(uint) {
             if size1 as usize > self.config.body_bytes_max {
                 return too_large("body too large", self.config.body_bytes_max);
             }

@@ -238,6 +238,7 @@ impl<'de> de::Visitor<'de> for PackVisitor<'_> {
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         let mut base = Base::default();
+        let mut record = JsonRecord::default();
         let mut index = 0;
         loop {
             if self.error.is_some() {
@@ -246,13 +247,16 @@ impl<'de> de::Visitor<'de> for PackVisitor<'_> {
                 }
                 continue;
             }
-            let Some(record) = seq.next_element_seed(RecordSeed)? else {
+            record.fields.iter_mut().for_each(|field| *field = None);
+            record.mandatory = None;
+            let Some(is_map) = seq.next_element_seed(RecordSeed(&mut record))? else {
                 return Ok(());
             };
-            let result = match record {
-                None => Err(DecodeError::RecordNotMap { index }),
-                Some(record) => json_record(record, index, self.out)
-                    .and_then(|raw| resolve(&mut base, raw, index, self.unix_now, self.out)),
+            let result = if is_map {
+                json_record(&mut record, index, self.out)
+                    .and_then(|raw| resolve(&mut base, raw, index, self.unix_now, self.out))
+            } else {
+                Err(DecodeError::RecordNotMap { index })
             };
             if let Err(error) = result {
                 *self.error = Some(error);
@@ -347,31 +351,28 @@ fn drain_seq<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<(), A::Error> {
     Ok(())
 }
 
-/// One record: Some(fields) for a map, None for anything else (consumed).
-struct RecordSeed;
+/// One record, read into the given fields: true for a map, false for anything else (consumed).
+struct RecordSeed<'r, 'de>(&'r mut JsonRecord<'de>);
 
-impl<'de> DeserializeSeed<'de> for RecordSeed {
-    type Value = Option<JsonRecord<'de>>;
+impl<'de> DeserializeSeed<'de> for RecordSeed<'_, 'de> {
+    type Value = bool;
 
-    fn deserialize<D: de::Deserializer<'de>>(
-        self,
-        deserializer: D,
-    ) -> Result<Self::Value, D::Error> {
-        deserializer.deserialize_any(RecordVisitor)
+    fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<bool, D::Error> {
+        deserializer.deserialize_any(RecordVisitor(self.0))
     }
 }
 
-struct RecordVisitor;
+struct RecordVisitor<'r, 'de>(&'r mut JsonRecord<'de>);
 
-impl<'de> de::Visitor<'de> for RecordVisitor {
-    type Value = Option<JsonRecord<'de>>;
+impl<'de> de::Visitor<'de> for RecordVisitor<'_, 'de> {
+    type Value = bool;
 
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         f.write_str("a SenML record")
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut record = JsonRecord::default();
+        let record = self.0;
         while let Some(label) = map.next_key_seed(TextSeed)? {
             match JSON_LABELS.binary_search(&&*label) {
                 Ok(position) => record.fields[position] = Some(map.next_value_seed(FieldSeed)?),
@@ -388,29 +389,29 @@ impl<'de> de::Visitor<'de> for RecordVisitor {
                 }
             }
         }
-        Ok(Some(record))
+        Ok(true)
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
-        drain_seq(seq).map(|()| None)
+        drain_seq(seq).map(|()| false)
     }
     fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(None)
+        Ok(false)
     }
     fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(None)
+        Ok(false)
     }
     fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-        Ok(None)
+        Ok(false)
     }
     fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(None)
+        Ok(false)
     }
     fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
-        Ok(None)
+        Ok(false)
     }
     fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-        Ok(None)
+        Ok(false)
     }
 }
 
@@ -502,13 +503,14 @@ impl<'de> de::Visitor<'de> for FieldVisitor {
 
 /// Checks a JSON record's fields in label order and builds its raw record.
 fn json_record<'a>(
-    record: JsonRecord<'a>,
+    record: &mut JsonRecord<'a>,
     index: usize,
     out: &mut Readings,
 ) -> Result<RawRecord<'a>, DecodeError> {
     let mut raw = RawRecord::default();
-    let mut mandatory = record.mandatory;
-    for (position, field) in record.fields.into_iter().enumerate() {
+    let mut mandatory = record.mandatory.take();
+    for (position, field) in record.fields.iter_mut().enumerate() {
+        let field = field.take();
         let label = JSON_LABELS[position];
         if let Some(lowest) = mandatory.take() {
             if *lowest < *label {
