@@ -67,6 +67,10 @@ fn agrees(datagram: &[u8]) -> Result<(), TestCaseError> {
     // re-encoding.
     let reference_valid = match &reference {
         Ok(packet) => {
+            // Re-encoded with a non-Empty code: coap-lite writes an Empty message (0.00)
+            // without its options and payload.
+            let mut packet = packet.clone();
+            packet.header.code = MessageClass::from(0x01);
             datagram[0] >> 6 == 1 && packet.to_bytes_unlimited().unwrap().len() == datagram.len()
         }
         Err(_) => false,
