@@ -214,6 +214,7 @@ pub fn add_counters(total: &mut Counters, more: &Counters) {
     total.requests += more.requests;
     total.readings += more.readings;
     total.duplicates += more.duplicates;
+    total.message_id_reuses += more.message_id_reuses;
     total.malformed += more.malformed;
     total.pings += more.pings;
     total.resets_received += more.resets_received;

@@ -144,12 +144,13 @@ pub struct Snapshot {
 }
 
 /// The protocol counters, each with its metric name and, for error responses, its code.
-fn protocol_counters(c: &Counters) -> [(&'static str, Option<&'static str>, u64); 22] {
+fn protocol_counters(c: &Counters) -> [(&'static str, Option<&'static str>, u64); 23] {
     [
         ("sluice_datagrams_received_total", None, c.datagrams),
         ("sluice_requests_total", None, c.requests),
         ("sluice_readings_decoded_total", None, c.readings),
         ("sluice_duplicates_total", None, c.duplicates),
+        ("sluice_message_id_reuses_total", None, c.message_id_reuses),
         ("sluice_malformed_datagrams_total", None, c.malformed),
         ("sluice_pings_total", None, c.pings),
         ("sluice_resets_received_total", None, c.resets_received),
@@ -196,6 +197,9 @@ fn protocol_help(name: &str) -> &'static str {
             "Readings decoded from requests (stored ones: sluice_points_stored_total)."
         }
         "sluice_duplicates_total" => "Retransmitted requests answered from the dedup table.",
+        "sluice_message_id_reuses_total" => {
+            "Requests with the address, port and Message ID of a remembered exchange but other bytes (NAT, balancer, restarted device): handled as new."
+        }
         "sluice_malformed_datagrams_total" => "Datagrams that are not CoAP messages.",
         "sluice_pings_total" => "CoAP pings (empty CON) answered with RST.",
         "sluice_resets_received_total" => "RST messages received.",

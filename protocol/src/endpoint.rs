@@ -199,6 +199,9 @@ pub struct Exchange {
     /// The request was confirmable (CON).
     pub confirmable: bool,
     pub device: DeviceId,
+    /// The dedup entry the exchange owns: a later request that reused the peer and Message ID
+    /// (with other bytes) replaces the entry, and this exchange's outcome then leaves it alone.
+    pub sequence: u64,
 }
 
 /// What the caller does with a handled datagram.
@@ -222,6 +225,10 @@ pub struct Counters {
     pub requests: u64,
     pub readings: u64,
     pub duplicates: u64,
+    /// Requests that reused the peer and Message ID of a remembered exchange with other bytes
+    /// (another device behind the same NAT or balancer port, or a device that restarted): handled
+    /// as new requests, not answered from the dedup table.
+    pub message_id_reuses: u64,
     /// Silently dropped or RST-rejected datagrams.
     pub malformed: u64,
     pub pings: u64,
@@ -267,8 +274,25 @@ struct DedupEntry {
     token: [u8; 8],
     token_len: u8,
     no_response: u8,
+    /// Hash of the request datagram ([`UNKNOWN_FINGERPRINT`] for a restored exchange): a
+    /// retransmission is the same bytes (RFC 7252 §4.5), a request with other bytes is new.
+    fingerprint: u64,
     response: StoredResponse,
 }
+
+/// What the dedup table says of a request.
+enum Remembered<'a> {
+    /// Not remembered (or expired, or from another DTLS session).
+    No,
+    /// A retransmission of this exchange.
+    Duplicate(&'a DedupEntry),
+    /// Another request with the peer and Message ID of a remembered exchange.
+    Reused,
+}
+
+/// The fingerprint of an exchange restored from the store, whose request bytes are not kept:
+/// any request with its peer and Message ID counts as its retransmission.
+const UNKNOWN_FINGERPRINT: u64 = 0;
 
 /// Responses up to this size are kept inside the dedup entry: a 2.04 is at most 4 (header) + 8
 /// (token) + 4 (Block1) bytes, an RST 4. Longer ones (error diagnostics, restored exchanges) go
@@ -339,6 +363,7 @@ struct Request<'a> {
     message_id: u16,
     token: &'a [u8],
     no_response: u8,
+    fingerprint: u64,
 }
 
 /// Why a request's options refuse it, for the first such option in number order.
@@ -574,18 +599,23 @@ impl Endpoint {
 
         let key = (peer, message_id);
         let session = identity.map_or(PLAIN, |identity| identity.session);
-        if let Some(entry) = self.dedup.get(&key) {
-            let lifetime = self.lifetime(entry.confirmable);
-            let same_scope = entry.session == session || entry.session == ANY_SESSION;
-            if same_scope && now.saturating_duration_since(entry.inserted) < lifetime {
-                self.counters.duplicates += 1;
+        let fingerprint = self.fingerprint(datagram);
+        match self.remembered(now, key, session, fingerprint) {
+            Remembered::Duplicate(entry) => {
                 let stored = entry.response.as_slice();
-                if confirmable && entry.state == DedupState::Done && !stored.is_empty() {
+                let reply = confirmable && entry.state == DedupState::Done && !stored.is_empty();
+                if reply {
                     response.extend_from_slice(stored);
-                    return Outcome::Reply;
                 }
-                return Outcome::Ignore;
+                self.counters.duplicates += 1;
+                return if reply {
+                    Outcome::Reply
+                } else {
+                    Outcome::Ignore
+                };
             }
+            Remembered::Reused => self.counters.message_id_reuses += 1,
+            Remembered::No => {}
         }
 
         let options = RequestOptions::scan(&message);
@@ -599,6 +629,7 @@ impl Endpoint {
             message_id,
             token: message.token,
             no_response,
+            fingerprint,
         };
         let readings_at_entry = readings.len();
         let device = identity.map(|identity| identity.device);
@@ -665,12 +696,13 @@ impl Endpoint {
                 let options = [(option::BLOCK1, block1.unwrap_or(0))];
                 let options = if block1.is_some() { &options[..] } else { &[] };
                 self.respond(&request, code::CHANGED, options, &[], response);
-                self.remember(now, key, &request, DedupState::Pending, response);
+                let sequence = self.remember(now, key, &request, DedupState::Pending, response);
                 Outcome::Store(Exchange {
                     peer,
                     message_id,
                     confirmable,
                     device,
+                    sequence,
                 })
             }
         }
@@ -706,6 +738,7 @@ impl Endpoint {
             message_id,
             token,
             no_response: 0,
+            fingerprint: UNKNOWN_FINGERPRINT,
         };
         let inserted = now.checked_sub(age).unwrap_or(now);
         self.remember(
@@ -720,7 +753,7 @@ impl Endpoint {
 
     /// The commit covering a Store outcome succeeded: duplicates now get the stored response.
     pub fn committed(&mut self, exchange: &Exchange) {
-        if let Some(entry) = self.dedup.get_mut(&(exchange.peer, exchange.message_id)) {
+        if let Some(entry) = self.entry_of(exchange) {
             entry.state = DedupState::Done;
         }
     }
@@ -732,6 +765,9 @@ impl Endpoint {
     pub fn unavailable(&mut self, exchange: &Exchange, max_age_s: u32, response: &mut Vec<u8>) {
         response.clear();
         self.counters.unavailable += 1;
+        if self.entry_of(exchange).is_none() {
+            return;
+        }
         let Some(entry) = self.dedup.remove(&(exchange.peer, exchange.message_id)) else {
             return;
         };
@@ -753,6 +789,9 @@ impl Endpoint {
         response.clear();
         self.counters.bad_request += 1;
         let key = (exchange.peer, exchange.message_id);
+        if self.entry_of(exchange).is_none() {
+            return;
+        }
         let Some(entry) = self.dedup.remove(&key) else {
             return;
         };
@@ -785,6 +824,7 @@ impl Endpoint {
             message_id: exchange.message_id,
             token: &entry.token[..usize::from(entry.token_len)],
             no_response: entry.no_response,
+            fingerprint: entry.fingerprint,
         };
         self.respond(&request, code, options, diagnostic.as_bytes(), response);
     }
@@ -896,7 +936,7 @@ impl Endpoint {
     }
 
     /// Records an answered or pending exchange in the dedup table, evicting the oldest entry when
-    /// the table is full.
+    /// the table is full. Returns the entry's sequence number.
     fn remember(
         &mut self,
         now: Instant,
@@ -904,10 +944,10 @@ impl Endpoint {
         request: &Request<'_>,
         state: DedupState,
         response: &[u8],
-    ) {
+    ) -> u64 {
         let entries_max = self.config.dedup_entries_max;
         if entries_max == 0 {
-            return;
+            return u64::MAX;
         }
         if !self.dedup.contains_key(&key) {
             while self.dedup.len() >= entries_max {
@@ -932,6 +972,7 @@ impl Endpoint {
                 token,
                 token_len: token_len as u8,
                 no_response: request.no_response,
+                fingerprint: request.fingerprint,
                 response: StoredResponse::new(response),
             },
         );
@@ -957,6 +998,43 @@ impl Endpoint {
             self.con_queue.retain(live);
             self.non_queue.retain(live);
         }
+        sequence
+    }
+
+    /// The hash a request datagram is remembered by (never [`UNKNOWN_FINGERPRINT`]).
+    fn fingerprint(&self, datagram: &[u8]) -> u64 {
+        self.dedup.hasher().hash_one(datagram).max(1)
+    }
+
+    /// Whether a request from `key` over `session` with `fingerprint` is a retransmission of a
+    /// remembered exchange (within its lifetime, same DTLS session, same bytes), or reuses its
+    /// peer and Message ID with other bytes.
+    fn remembered(
+        &self,
+        now: Instant,
+        key: DedupKey,
+        session: u64,
+        fingerprint: u64,
+    ) -> Remembered<'_> {
+        let Some(entry) = self.dedup.get(&key) else {
+            return Remembered::No;
+        };
+        let same_scope = entry.session == session || entry.session == ANY_SESSION;
+        let lifetime = self.lifetime(entry.confirmable);
+        if !same_scope || now.saturating_duration_since(entry.inserted) >= lifetime {
+            return Remembered::No;
+        }
+        if entry.fingerprint != UNKNOWN_FINGERPRINT && entry.fingerprint != fingerprint {
+            return Remembered::Reused;
+        }
+        Remembered::Duplicate(entry)
+    }
+
+    /// The dedup entry `exchange` owns, if it was not evicted or replaced since.
+    fn entry_of(&mut self, exchange: &Exchange) -> Option<&mut DedupEntry> {
+        self.dedup
+            .get_mut(&(exchange.peer, exchange.message_id))
+            .filter(|entry| entry.sequence == exchange.sequence)
     }
 
     /// Evicts the oldest live entry; false when there is none.

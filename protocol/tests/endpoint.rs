@@ -165,6 +165,70 @@ fn con_store_acks_only_in_store_then_duplicates_get_the_same_bytes() {
 }
 
 #[test]
+fn another_request_reusing_peer_and_message_id_is_stored_not_answered_from_the_table() {
+    // Behind a NAT or a UDP balancer, another device (or a device that restarted) can reach
+    // sluiced from the same address and port with a Message ID still remembered: its request has
+    // other bytes than the remembered one, so it is new, not a retransmission.
+    let mut h = Harness::new();
+    let first = post(MessageType::Confirmable, 7, &["t", "dev-1"], BODY);
+    let second = post(
+        MessageType::Confirmable,
+        7,
+        &["t", "dev-2"],
+        br#"[{"n":"temp","v":3}]"#,
+    );
+    let Outcome::Store(first_exchange) = h.send(&first) else {
+        panic!("expected Store")
+    };
+    let Outcome::Store(second_exchange) = h.send(&second) else {
+        panic!("a request with other bytes must be stored")
+    };
+    assert_eq!(second_exchange.device, "dev-2");
+    assert_eq!(h.readings.len(), 1);
+    assert_eq!(h.endpoint.counters().message_id_reuses, 1);
+    assert_eq!(h.endpoint.counters().duplicates, 0);
+
+    // The first exchange's commit must not mark the second one answered: the second's
+    // retransmission waits for its own commit.
+    h.endpoint.committed(&first_exchange);
+    assert!(matches!(h.send(&second), Outcome::Ignore));
+    h.endpoint.committed(&second_exchange);
+    assert!(matches!(h.send(&second), Outcome::Reply));
+    assert_eq!(h.answer().get_token(), second.get_token());
+    // A failure of the replaced exchange neither answers nor forgets the live one.
+    let mut response = Vec::new();
+    h.endpoint.unavailable(&first_exchange, 30, &mut response);
+    assert!(response.is_empty());
+    assert!(matches!(h.send(&second), Outcome::Reply));
+    assert_eq!(h.endpoint.counters().duplicates, 3);
+}
+
+#[test]
+fn a_restored_exchange_answers_any_request_with_its_peer_and_message_id() {
+    // The store keeps the response of an exchange, not the request's bytes: after a restart, a
+    // request with the peer and Message ID of a recovered exchange counts as its retransmission.
+    let mut h = Harness::new();
+    let packet = post(MessageType::Confirmable, 11, &["t", "dev-1"], BODY);
+    let Outcome::Store(exchange) = h.send(&packet) else {
+        panic!("expected Store")
+    };
+    let ack = h.response.clone();
+    h.endpoint.committed(&exchange);
+    let mut restarted = Harness::new();
+    assert!(restarted.endpoint.restore(
+        restarted.t0,
+        Duration::from_secs(1),
+        peer(1),
+        11,
+        true,
+        &ack
+    ));
+    let other = post(MessageType::Confirmable, 11, &["t", "dev-1"], b"[]");
+    assert!(matches!(restarted.send(&other), Outcome::Reply));
+    assert_eq!(restarted.response, ack);
+}
+
+#[test]
 fn unavailable_answers_503_and_a_retransmission_is_stored() {
     let mut h = Harness::new();
     let packet = post(MessageType::Confirmable, 9, &["t", "dev-1"], BODY);

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use super::{
-    option, uint, DedupState, Endpoint, Request, ANY_SESSION, NO_RESPONSE_4XX, NO_RESPONSE_5XX,
+    option, uint, DedupState, Endpoint, Remembered, Request, NO_RESPONSE_4XX, NO_RESPONSE_5XX,
     PLAIN,
 };
 use crate::message::{self, Message};
@@ -65,12 +65,11 @@ impl Endpoint {
         let message_id = request.message_id;
         let confirmable = request.message_type == message::TYPE_CONFIRMABLE;
         let session = session.unwrap_or(PLAIN);
-        if let Some(entry) = self.dedup.get(&(peer, message_id)) {
-            let same_scope = entry.session == session || entry.session == ANY_SESSION;
-            let lifetime = self.lifetime(entry.confirmable);
-            if same_scope && now.saturating_duration_since(entry.inserted) < lifetime {
-                return false;
-            }
+        let fingerprint = self.fingerprint(datagram);
+        if let Remembered::Duplicate(_) =
+            self.remembered(now, (peer, message_id), session, fingerprint)
+        {
+            return false;
         }
         let no_response = request
             .option(option::NO_RESPONSE)
@@ -114,6 +113,7 @@ impl Endpoint {
                 message_id: request_message_id,
                 token: request.token,
                 no_response,
+                fingerprint,
             };
             let key = (peer, request_message_id);
             self.remember(now, key, &request, DedupState::Done, response);
