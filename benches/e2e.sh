@@ -10,6 +10,10 @@
 #   SLUICE_E2E_WARMUP    seconds of unmeasured load before each measurement (default 1, 0 = none)
 #   SLUICE_E2E_KEEP      1: keep the scratch directory (logs, data dirs) and print its path
 #   SLUICE_E2E_NO_BUILD  1: skip `cargo build` (use the binaries already in target/release)
+#   SLUICE_E2E_IO        socket backends to compare, e.g. "recvmmsg uring": for each, three more
+#                        rows (fsync CON, os CON, fsync NON) with `sluiced --io BACKEND`, and a
+#                        table of the ratios to the first one. The other rows use sluiced's
+#                        default backend (or SLUICE_IO).
 #
 # Needs: cargo, curl, jq, ss, coap-server-notls (Debian: libcoap3-bin).
 set -euo pipefail
@@ -33,6 +37,7 @@ SLUICED=$ROOT/target/release/sluiced
 SLUICE=$ROOT/target/release/sluice
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/sluice-e2e.XXXXXX")
 PIDS=()
+SLUICED_IO=()
 
 log() { printf '[e2e %s] %s\n' "$(date +%T)" "$*" >&2; }
 
@@ -225,10 +230,11 @@ measure_sluiced() {
     http=$(free_port)
     while [[ $http == "$coap" ]]; do http=$(free_port); done
     "$SLUICED" --data-dir "$dir/data" --coap "127.0.0.1:$coap" --http "127.0.0.1:$http" \
-        --durability "$durability" >"$dir/sluiced.log" 2>&1 &
+        --durability "$durability" "${SLUICED_IO[@]}" >"$dir/sluiced.log" 2>&1 &
     pid=$!
     PIDS+=("$pid")
     wait_ready "$pid" "$http" "$dir/sluiced.log"
+    grep -o 'backend=[^ ]*' "$dir/sluiced.log" | head -1 >"$WORK/$name.backend" || true
     warm_up "$name" --target "127.0.0.1:$coap" "$@"
     local before after
     before=$(points_stored "$http")
@@ -312,6 +318,26 @@ measure_sluiced fsync_rkyv64 fsync --devices 20 --window 2 --mode con \
     --format rkyv --records-per-datagram 64
 measure_coaps coap_fsync coaps_fsync fsync --devices 100 --window 1 --mode con
 measure_coaps coap_os coaps_os os --devices 100 --window 1 --mode con
+# The socket backends side by side (SLUICE_E2E_IO), interleaved so that drift hits both alike.
+read -r -a BACKENDS <<<"${SLUICE_E2E_IO:-}"
+for backend in "${BACKENDS[@]}"; do
+    [[ $backend == uring || $backend == recvmmsg ]] || {
+        echo "SLUICE_E2E_IO: uring or recvmmsg, not '$backend'" >&2
+        exit 2
+    }
+done
+SLUICED_IO_SAVED=("${SLUICED_IO[@]}")
+for mode in fsync_con os_con fsync_non; do
+    for backend in "${BACKENDS[@]}"; do
+        SLUICED_IO=(--io "$backend")
+        case $mode in
+        fsync_con) measure_sluiced "io_${backend}_$mode" fsync --devices 100 --window 1 --mode con ;;
+        os_con) measure_sluiced "io_${backend}_$mode" os --devices 100 --window 1 --mode con ;;
+        fsync_non) measure_sluiced "io_${backend}_$mode" fsync --devices 100 --window 4 --mode non ;;
+        esac
+    done
+done
+SLUICED_IO=("${SLUICED_IO_SAVED[@]}")
 # libcoap again, last: how much the machine's load drifted during the run.
 measure_libcoap libcoap_again
 
@@ -352,6 +378,16 @@ row coap_fsync "sluiced fsync, CON, 100 dev × 1 (plain CoAP, daemon shared with
 row coaps_fsync "sluiced fsync, **CoAPS** CON (DTLS PSK, CCM_8), 100 dev × 1"
 row coap_os "sluiced os, CON, 100 dev × 1 (plain CoAP, daemon shared with the next row)"
 row coaps_os "sluiced os, **CoAPS** CON (DTLS PSK, CCM_8), 100 dev × 1"
+for mode in fsync_con os_con fsync_non; do
+    for backend in "${BACKENDS[@]}"; do
+        case $mode in
+        fsync_con) label="sluiced fsync, CON, 100 dev × 1, --io $backend" ;;
+        os_con) label="sluiced os, CON, 100 dev × 1, --io $backend" ;;
+        fsync_non) label="sluiced fsync, NON, 100 dev × 4, --io $backend" ;;
+        esac
+        row "io_${backend}_$mode" "$label"
+    done
+done
 row libcoap_again "libcoap coap-server-notls again (drift check)"
 echo
 
@@ -373,3 +409,22 @@ for durability in fsync os; do
     echo
     echo "CoAPS / plain CoAP CON req/s, $durability: **$ratio** (target ≥ 0.60: **$met**; $handshakes before the run)."
 done
+
+# The socket backends against the first one of SLUICE_E2E_IO, same run.
+if ((${#BACKENDS[@]} > 1)); then
+    first=${BACKENDS[0]}
+    echo
+    echo "Rows without \`--io\` ran with $(cat "$WORK/fsync_con.backend" 2>/dev/null || echo 'an unknown backend')."
+    echo
+    echo "| requests/s, ratio to --io $first | $(printf '%s | ' "${BACKENDS[@]:1}")"
+    echo "|---|$(printf -- '---:|%.0s' "${BACKENDS[@]:1}")"
+    for mode in fsync_con os_con fsync_non; do
+        line="| $mode |"
+        for backend in "${BACKENDS[@]:1}"; do
+            ratio=$(awk -v a="$(jq -r '.rate' "$WORK/io_${backend}_$mode.json")" \
+                -v b="$(jq -r '.rate' "$WORK/io_${first}_$mode.json")" 'BEGIN {printf "%.2f", a / b}')
+            line="$line **$ratio** |"
+        done
+        echo "$line"
+    done
+fi

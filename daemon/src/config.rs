@@ -86,6 +86,11 @@ pub struct Options {
     #[arg(long, env = "SLUICE_DRAIN", value_name = "DURATION")]
     pub drain: Option<String>,
 
+    /// Socket I/O: `uring` (one io_uring per shard) or `recvmmsg` (poll, recvmmsg, sendmmsg)
+    /// [default: uring where the kernel allows it, else recvmmsg]
+    #[arg(long, env = "SLUICE_IO", value_enum)]
+    pub io: Option<crate::io::Backend>,
+
     /// Log line format on stderr [default: text]
     #[arg(long, env = "SLUICE_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -167,6 +172,8 @@ pub struct Config {
     /// How long a shutdown keeps serving with `/readyz` at 503 before it stops receiving.
     pub drain: Duration,
     pub log_format: LogFormat,
+    /// `--io`; None: io_uring where the kernel allows it.
+    pub io: Option<crate::io::Backend>,
     /// Shedding and rate limiting (docs/overload.md).
     pub overload: OverloadConfig,
     /// Base URLs of the nodes cluster reads cover (empty: cluster reads off).
@@ -296,6 +303,7 @@ impl Options {
             log_format: self.log_format.unwrap_or(LogFormat::Text),
             peers,
             peer_timeout,
+            io: self.io,
         })
     }
 
@@ -363,6 +371,7 @@ impl Options {
             steering,
             drain,
             log_format,
+            io,
             shed_backlog,
             shed_delay,
             device_rate,

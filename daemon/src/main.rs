@@ -126,6 +126,10 @@ fn run(mut config: Config) -> anyhow::Result<()> {
         )))
     });
 
+    let (io_backend, fallback) = io::choose(config.io)?;
+    if let Some(reason) = fallback {
+        tracing::warn!(%reason, "io_uring is not usable here: falling back to recvmmsg");
+    }
     let notifier = Arc::new(notify::Notifier::from_env());
     let shutdown = Arc::new(AtomicBool::new(false));
     let mut shards = Vec::with_capacity(config.shards);
@@ -136,7 +140,7 @@ fn run(mut config: Config) -> anyhow::Result<()> {
                 let (socket, receive_buffer) =
                     io::bind(addr).with_context(|| format!("cannot bind CoAP on {addr}"))?;
                 if index == 0 {
-                    tracing::info!(%addr, shards = config.shards, backend = io::BACKEND, receive_buffer, "CoAP listening");
+                    tracing::info!(%addr, shards = config.shards, backend = %io_backend.name(), receive_buffer, "CoAP listening");
                 }
                 Some(socket)
             }
@@ -169,6 +173,7 @@ fn run(mut config: Config) -> anyhow::Result<()> {
             shutdown: shutdown.clone(),
             history: history.clone(),
             overload: config.overload,
+            io: io_backend,
         });
     }
     let cpus = match config.steering {

@@ -61,6 +61,10 @@ pub struct ShardMetrics {
     pub queue_delay_us: Mutex<Histogram<u64>>,
     /// Datagrams the kernel dropped on the shard's sockets (queue full), from SO_MEMINFO.
     pub receive_drops: AtomicU64,
+    /// io_uring: multishot receives armed again after they ended.
+    pub receive_rearms: AtomicU64,
+    /// io_uring: multishot receives that ended because every provided buffer was taken.
+    pub receive_buffers_exhausted: AtomicU64,
 }
 
 impl ShardMetrics {
@@ -88,6 +92,8 @@ impl ShardMetrics {
             rate_limit_buckets: AtomicU64::new(0),
             queue_delay_us: Mutex::new(latency_histogram()),
             receive_drops: AtomicU64::new(0),
+            receive_rearms: AtomicU64::new(0),
+            receive_buffers_exhausted: AtomicU64::new(0),
         }
     }
 
@@ -255,7 +261,7 @@ impl Snapshot {
         }
         families.extend(dtls_families(shards));
         families.extend(overload_families(shards));
-        let atomics: [(&'static str, &'static str, bool, CounterField); 8] = [
+        let atomics: [(&'static str, &'static str, bool, CounterField); 10] = [
             (
                 "sluice_commits_total",
                 "Group commits that succeeded.",
@@ -285,6 +291,18 @@ impl Snapshot {
                 "Responses the kernel would not take.",
                 true,
                 |s| &s.responses_dropped,
+            ),
+            (
+                "sluice_receive_rearms_total",
+                "io_uring: multishot receives armed again after they ended.",
+                true,
+                |s| &s.receive_rearms,
+            ),
+            (
+                "sluice_receive_buffers_exhausted_total",
+                "io_uring: multishot receives ended because every provided buffer was taken (ENOBUFS).",
+                true,
+                |s| &s.receive_buffers_exhausted,
             ),
             (
                 "sluice_dedup_entries",

@@ -14,7 +14,7 @@ use sluice_storage::{Durability, ExchangeRecord, Prepared, ShardWriter, StoreErr
 
 use crate::coaps::Coaps;
 use crate::credentials::SharedCredentials;
-use crate::io::{self, ReceiveBatch, SendBatch};
+use crate::io::{self, SendBatch, ShardIo};
 use crate::metrics::{self, ShardMetrics};
 use crate::overload::{Overload, OverloadConfig};
 
@@ -120,6 +120,8 @@ pub struct Shard {
     pub history: Arc<Vec<ExchangeRecord>>,
     /// Shedding and rate limiting (docs/overload.md).
     pub overload: OverloadConfig,
+    /// How the sockets are driven (`--io`).
+    pub io: io::Backend,
 }
 
 /// What a shard needs to serve CoAPS; the session table itself is built on the shard's thread.
@@ -161,7 +163,12 @@ impl Shard {
             // the history, so a CoAPS retransmission after a restart is not stored twice either.
             self.restore(&mut coaps.endpoint);
         }
-        let mut receive = ReceiveBatch::new();
+        let mut receive = ShardIo::new(
+            self.io,
+            self.index,
+            [plain.as_ref(), coaps.as_ref().map(|c| &c.socket)],
+            self.metrics.clone(),
+        );
         let mut send = SendBatch::new();
         let mut readings = Readings::new();
         let mut response: Vec<u8> = Vec::new();
@@ -194,7 +201,7 @@ impl Shard {
                 .as_ref()
                 .filter(|_| in_flight.is_some())
                 .map(|s| s.wake_fd());
-            let [plain_ready, secure_ready, _] = io::wait_readable([
+            let [plain_ready, secure_ready, _] = receive.wait([
                 plain.as_ref().filter(|_| receiving).map(|s| s.as_raw_fd()),
                 coaps
                     .as_ref()
@@ -411,9 +418,11 @@ impl Shard {
             // Counters first: whoever got a response sees the counters that include its request.
             self.publish(&endpoint, coaps.as_ref());
             overload.tick(Instant::now(), &self.metrics);
-            let mut dropped = plain.as_ref().map_or(0, |socket| send.flush(socket));
+            let mut dropped = plain
+                .as_ref()
+                .map_or(0, |socket| receive.flush(socket, &mut send));
             if let Some(coaps) = &mut coaps {
-                dropped += coaps.send.flush(&coaps.socket);
+                dropped += receive.flush(&coaps.socket, &mut coaps.send);
             }
             if count > 0 {
                 if let Ok(mut histogram) = self.metrics.decode_latency_us.lock() {
@@ -442,7 +451,7 @@ impl Shard {
     }
 
     /// Takes a batch of datagrams from `socket` into `receive`; returns how many.
-    fn receive(&self, receive: &mut ReceiveBatch, socket: &UdpSocket) -> usize {
+    fn receive(&self, receive: &mut ShardIo, socket: &UdpSocket) -> usize {
         match receive.receive(socket) {
             Ok(count) => count,
             Err(error) => {
