@@ -92,10 +92,15 @@ fn exchange(
         socket.send_to(datagram, server).ok()?;
         let sent = Instant::now();
         while sent.elapsed() < RETRANSMIT_AFTER {
-            let Ok((len, _)) = socket.recv_from(&mut buffer) else {
+            let Ok((len, from)) = socket.recv_from(&mut buffer) else {
                 break;
             };
-            if len >= 4 && u16::from_be_bytes([buffer[2], buffer[3]]) == message_id {
+            // Only this daemon's answer: a late one of the killed daemon (e.g. a 5.03 it shed
+            // after the device gave up on it) may still wait in the socket.
+            if from == server
+                && len >= 4
+                && u16::from_be_bytes([buffer[2], buffer[3]]) == message_id
+            {
                 return Some(buffer[..len].to_vec());
             }
         }
