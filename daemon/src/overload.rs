@@ -287,6 +287,10 @@ impl Overload {
             Some(identity) => identity.device,
             None => std::str::from_utf8(sluice_protocol::path_device(datagram)?).ok()?,
         };
+        // A retransmission is not a new request: it gets its remembered answer, token-free.
+        if endpoint.is_retransmission(now, peer, session, datagram) {
+            return None;
+        }
         let wait = self.bucket(device, now).take(now, rate).err()?;
         let max_age_s = (wait.as_secs_f64().ceil() as u32).clamp(1, RATE_LIMITED_MAX_AGE_MAX_S);
         let refused = endpoint.refuse_new(

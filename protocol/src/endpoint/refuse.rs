@@ -32,6 +32,32 @@ impl Refusal {
 }
 
 impl Endpoint {
+    /// Whether `datagram` is a retransmission of an exchange the endpoint remembers (same peer,
+    /// Message ID, DTLS session and bytes, within its lifetime): it gets its remembered answer
+    /// from [`Endpoint::handle`], so a rate limit must not charge it as a new request.
+    pub fn is_retransmission(
+        &self,
+        now: Instant,
+        peer: SocketAddr,
+        session: Option<u64>,
+        datagram: &[u8],
+    ) -> bool {
+        if datagram.len() < 4 {
+            return false;
+        }
+        let message_id = u16::from_be_bytes([datagram[2], datagram[3]]);
+        let fingerprint = self.fingerprint(datagram);
+        matches!(
+            self.remembered(
+                now,
+                (peer, message_id),
+                session.unwrap_or(PLAIN),
+                fingerprint
+            ),
+            Remembered::Duplicate(_)
+        )
+    }
+
     /// Refuses `datagram` with `refusal` and Max-Age `max_age_s` if it is a new request: a CON
     /// or NON request (any method, any path) that is not a duplicate of an exchange the endpoint
     /// remembers. Writes the refusal into `response` (cleared first; left empty when the
