@@ -2,15 +2,15 @@
 //! its store writer. Per batch: receive, decode, append, group commit, then send the responses.
 
 use std::net::UdpSocket;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use sluice_protocol::{
     Endpoint, EndpointConfig, Exchange, Identity, Outcome, Reading, Readings, Value,
 };
-use sluice_storage::{Durability, ExchangeRecord, Prepared, ShardWriter, StoreError, ValueRef};
+use sluice_storage::{Durability, ExchangeRecord, ShardWriter, StoreError, ValueRef};
 
 use crate::coaps::Coaps;
 use crate::credentials::SharedCredentials;
@@ -27,85 +27,12 @@ const EXPIRE_INTERVAL: Duration = Duration::from_secs(1);
 /// `EXCHANGES_PER_COMMIT_MAX` exchanges in one) and the memory a slow disk can pin.
 pub const PENDING_EXCHANGES_MAX: usize = 4096;
 
-/// A group commit written to its segments whose fdatasync runs on the sync thread; its
-/// requests are answered when it is durable.
+/// A group commit whose writes and fdatasyncs were handed to the shard's I/O (its ring or its
+/// sync thread); its requests are answered when it is durable.
 struct InFlight {
     pending: Vec<Pending>,
     pending_bytes: Vec<u8>,
     started: Instant,
-}
-
-/// The thread that makes a shard's commits durable (fdatasync), so the shard receives and
-/// decodes the next batch meanwhile. One commit at a time: channels of one slot.
-struct Syncer {
-    requests: Option<mpsc::SyncSender<Prepared>>,
-    results: mpsc::Receiver<(Prepared, Result<(), StoreError>)>,
-    /// Readable when a result is waiting (an eventfd the shard polls with its sockets).
-    wake: Arc<OwnedFd>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Syncer {
-    fn start(shard: usize) -> Syncer {
-        // SAFETY: eventfd returns a new descriptor we own, or -1.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        assert!(fd >= 0, "eventfd: {}", std::io::Error::last_os_error());
-        // SAFETY: `fd` is a valid descriptor owned by nobody else.
-        let wake = Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
-        let (requests, work) = mpsc::sync_channel::<Prepared>(1);
-        let (done, results) = mpsc::sync_channel(1);
-        let thread_wake = wake.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("sluiced-sync-{shard}"))
-            .spawn(move || {
-                for prepared in work {
-                    let result = prepared.sync();
-                    if done.send((prepared, result)).is_err() {
-                        return;
-                    }
-                    let one: u64 = 1;
-                    // SAFETY: an 8-byte write of a u64 to our eventfd.
-                    unsafe { libc::write(thread_wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
-                }
-            })
-            .expect("cannot start a sync thread");
-        Syncer {
-            requests: Some(requests),
-            results,
-            wake,
-            thread: Some(thread),
-        }
-    }
-
-    fn wake_fd(&self) -> RawFd {
-        self.wake.as_raw_fd()
-    }
-
-    fn sync(&self, prepared: Prepared) {
-        if let Some(requests) = &self.requests {
-            // One commit is in flight at a time, so the slot is free.
-            let _ = requests.send(prepared);
-        }
-    }
-
-    /// The commit in flight, once its fdatasync returned.
-    fn finished(&self) -> Option<(Prepared, Result<(), StoreError>)> {
-        // Reset the counter first: the thread sends, then signals, so a signal that lands after
-        // this result was taken causes at most one spurious wake-up, never a busy loop.
-        let mut count = [0u8; 8];
-        // SAFETY: reading the eventfd's counter resets it; non-blocking.
-        unsafe { libc::read(self.wake.as_raw_fd(), count.as_mut_ptr().cast(), 8) };
-        self.results.try_recv().ok()
-    }
-}
-
-impl Drop for Syncer {
-    fn drop(&mut self) {
-        self.requests.take();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
 }
 
 pub struct Shard {
@@ -182,10 +109,9 @@ impl Shard {
         let sockets = sockets.iter().flatten().map(|s| s.as_raw_fd()).collect();
         let mut overload = Overload::new(self.index, self.overload, sockets);
 
-        // Under --durability fsync the fdatasync of a commit runs on this thread's sync thread
-        // while the shard receives and decodes the next batch (pipelined group commit).
-        let syncer =
-            (self.writer.durability() == Durability::Fsync).then(|| Syncer::start(self.index));
+        // Under --durability fsync a commit's writes and fdatasyncs run on the ring (or the sync
+        // thread) while the shard receives and decodes the next batch (pipelined group commit).
+        let pipelined = self.writer.durability() == Durability::Fsync;
         let mut in_flight: Option<InFlight> = None;
         loop {
             self.metrics
@@ -197,18 +123,16 @@ impl Shard {
             }
             // Receive unless stopping, or unless the commit behind the one in flight is full.
             let receiving = !stopping && pending.len() < PENDING_EXCHANGES_MAX;
-            let wake = syncer
-                .as_ref()
-                .filter(|_| in_flight.is_some())
-                .map(|s| s.wake_fd());
-            let [plain_ready, secure_ready, _] = receive.wait([
-                plain.as_ref().filter(|_| receiving).map(|s| s.as_raw_fd()),
-                coaps
-                    .as_ref()
-                    .filter(|_| receiving)
-                    .map(|c| c.socket.as_raw_fd()),
-                wake,
-            ]);
+            let [plain_ready, secure_ready, _] = receive.wait(
+                [
+                    plain.as_ref().filter(|_| receiving).map(|s| s.as_raw_fd()),
+                    coaps
+                        .as_ref()
+                        .filter(|_| receiving)
+                        .map(|c| c.socket.as_raw_fd()),
+                ],
+                in_flight.is_some(),
+            );
             let mut count = 0;
             if let (Some(socket), true) = (&plain, plain_ready) {
                 count = self.receive(&mut receive, socket);
@@ -328,18 +252,12 @@ impl Shard {
             }
 
             // The commit in flight is durable (or failed): answer its requests.
-            if let (Some(syncer), Some(_)) = (&syncer, &in_flight) {
-                if let Some((prepared, synced)) = syncer.finished() {
+            if in_flight.is_some() {
+                if let Some((prepared, synced)) = receive.committed() {
                     let done = in_flight.take().expect("a commit in flight");
-                    let result = match synced {
-                        Ok(()) => Ok(self.writer.publish(prepared)),
-                        Err(error) => {
-                            // What was buffered behind it is discarded with it (see
-                            // ShardWriter::abandon): those requests get 5.03 too.
-                            self.writer.abandon(prepared);
-                            Err(error)
-                        }
-                    };
+                    // A failed commit discards what was buffered behind it (see
+                    // ShardWriter::abandon): those requests get 5.03 too.
+                    let result = self.writer.conclude(prepared, synced);
                     let failed_behind = result.is_err();
                     self.finish(
                         &mut endpoint,
@@ -375,42 +293,34 @@ impl Shard {
             // Start the next commit when none is in flight.
             if in_flight.is_none() && !pending.is_empty() {
                 let started = Instant::now();
-                match self.writer.prepare() {
-                    Err(error) => {
-                        self.finish(
-                            &mut endpoint,
-                            coaps.as_mut(),
-                            &pending,
-                            &pending_bytes,
-                            &mut send,
-                            &mut failing,
-                            Err(error),
+                let result = match self.writer.prepare() {
+                    Err(error) => Some(Err(error)),
+                    Ok(prepared) if pipelined && prepared.needs_sync() => {
+                        receive.commit(prepared);
+                        in_flight = Some(InFlight {
+                            pending: std::mem::take(&mut pending),
+                            pending_bytes: std::mem::take(&mut pending_bytes),
                             started,
-                        );
+                        });
+                        None
                     }
-                    Ok(prepared) => match &syncer {
-                        Some(syncer) if prepared.needs_sync() => {
-                            syncer.sync(prepared);
-                            in_flight = Some(InFlight {
-                                pending: std::mem::take(&mut pending),
-                                pending_bytes: std::mem::take(&mut pending_bytes),
-                                started,
-                            });
-                        }
-                        _ => {
-                            let stats = self.writer.publish(prepared);
-                            self.finish(
-                                &mut endpoint,
-                                coaps.as_mut(),
-                                &pending,
-                                &pending_bytes,
-                                &mut send,
-                                &mut failing,
-                                Ok(stats),
-                                started,
-                            );
-                        }
-                    },
+                    // --durability os: page-cache writes, done here.
+                    Ok(prepared) => {
+                        let written = prepared.perform();
+                        Some(self.writer.conclude(prepared, written))
+                    }
+                };
+                if let Some(result) = result {
+                    self.finish(
+                        &mut endpoint,
+                        coaps.as_mut(),
+                        &pending,
+                        &pending_bytes,
+                        &mut send,
+                        &mut failing,
+                        result,
+                        started,
+                    );
                 }
                 pending.clear();
                 pending_bytes.clear();

@@ -6,11 +6,12 @@
 //! The operations are the ones the store needs, with the durability each promises spelled out
 //! (docs/storage-format.md, "What is assumed of the disk"). Costs: one indirect call per
 //! operation, next to a system call of its own; file handles are shared (`Arc`), so handing a
-//! commit's files to the sync thread costs no `dup(2)`.
+//! commit's files to a sync thread or an io_uring costs no `dup(2)`.
 
 use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -21,7 +22,7 @@ use rkyv::util::AlignedVec;
 use crate::format::FILE_HEADER_BYTES;
 use crate::StoreError;
 
-/// An open file of a [`Backend`], shared by the writer and a commit's sync thread.
+/// An open file of a [`Backend`], shared by the writer and the I/O of its commits.
 pub trait StorageFile: Send + Sync {
     /// pwrite(2) of all of `bytes` at `offset` (the file grows as needed). Not durable until
     /// [`StorageFile::sync_data`] returns.
@@ -31,6 +32,11 @@ pub trait StorageFile: Send + Sync {
     /// fdatasync(2): the file's bytes and length are durable when it returns Ok. The file's
     /// directory entry is not: see [`Backend::sync_dir`].
     fn sync_data(&self) -> io::Result<()>;
+    /// The file's descriptor, for a caller that submits its I/O itself (an io_uring); None for
+    /// a file that is not a real one.
+    fn raw_fd(&self) -> Option<RawFd> {
+        None
+    }
 }
 
 /// A directory entry as [`Backend::read_dir`] lists it.
@@ -103,6 +109,9 @@ impl StorageFile for RealFile {
     }
     fn sync_data(&self) -> io::Result<()> {
         self.0.sync_data()
+    }
+    fn raw_fd(&self) -> Option<RawFd> {
+        Some(self.0.as_raw_fd())
     }
 }
 

@@ -28,7 +28,9 @@ pub use store::{
     RECOVERED_EXCHANGES_MAX, SCAN_CHUNK_POINTS_MAX,
 };
 pub use tools::{inspect, verify, Inspection, SegmentInspection, VerifyProblem, VerifyReport};
-pub use writer::{check_reading, CommitStats, Prepared, ShardWriter, EXCHANGES_PER_COMMIT_MAX};
+pub use writer::{
+    check_reading, CommitStats, Prepared, RawOperation, ShardWriter, EXCHANGES_PER_COMMIT_MAX,
+};
 
 /// Segments are rolled when the next frame would take them past this size.
 pub const SEGMENT_BYTES_MAX: u64 = 64 << 20;

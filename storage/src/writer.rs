@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -65,14 +66,36 @@ struct OpenSegment {
     written_this_commit: bool,
 }
 
-/// A commit written by [`ShardWriter::prepare`], not yet durable nor published. Send: its
-/// [`Prepared::sync`] may run on another thread.
+/// A commit built by [`ShardWriter::prepare`]: its frames, and the I/O that makes it durable,
+/// not done yet. Send: [`Prepared::perform`] may run on another thread, or the I/O may be
+/// submitted elsewhere ([`Prepared::raw_operation`], an io_uring).
 pub struct Prepared {
-    /// Handles of the files to fdatasync (none under `Durability::Os`).
-    files: Vec<(Arc<dyn StorageFile>, PathBuf)>,
+    /// The commit's frames; write operations name ranges of it.
+    bytes: Vec<u8>,
+    /// The I/O, in order: the dictionary's write and (fsync mode) fdatasync, the segments'
+    /// writes, then (fsync mode) their fdatasyncs. Each must finish before the next starts.
+    operations: Vec<Operation>,
     /// What publishing changes; None for a commit that wrote nothing.
     publish: Option<PublishState>,
     stats: CommitStats,
+}
+
+struct Operation {
+    file: Arc<dyn StorageFile>,
+    path: PathBuf,
+    kind: OperationKind,
+}
+
+#[derive(Clone, Copy)]
+enum OperationKind {
+    /// pwrite of `bytes[start..end]` at `offset`.
+    Write {
+        offset: u64,
+        start: usize,
+        end: usize,
+    },
+    /// fdatasync.
+    Sync,
 }
 
 struct PublishState {
@@ -83,24 +106,80 @@ struct PublishState {
     commit_seq: u64,
 }
 
+/// One I/O operation of a [`Prepared`] commit on a file descriptor, for a caller that submits
+/// it itself (an io_uring). The bytes live as long as the `Prepared`, which does not move them.
+#[derive(Clone, Copy, Debug)]
+pub enum RawOperation<'a> {
+    /// pwrite(2) of all of `bytes` at `offset`; a short write is a failure.
+    Write {
+        fd: RawFd,
+        offset: u64,
+        bytes: &'a [u8],
+    },
+    /// fdatasync(2).
+    Sync { fd: RawFd },
+}
+
 impl Prepared {
-    /// Makes the commit durable: fdatasync of every segment it wrote.
-    pub fn sync(&self) -> Result<(), StoreError> {
-        for (file, path) in &self.files {
-            file.sync_data()
-                .map_err(|error| StoreError::io("fdatasync", path, error))?;
+    /// Does the commit's I/O in order: writes its frames, then (fsync mode) fdatasyncs every
+    /// file it wrote. The commit is durable as asked when this returns Ok.
+    pub fn perform(&self) -> Result<(), StoreError> {
+        for (index, operation) in self.operations.iter().enumerate() {
+            let result = match operation.kind {
+                OperationKind::Write { offset, start, end } => {
+                    operation.file.write_all_at(&self.bytes[start..end], offset)
+                }
+                OperationKind::Sync => operation.file.sync_data(),
+            };
+            result.map_err(|error| self.failed(index, error))?;
         }
         Ok(())
     }
 
-    /// Whether [`Prepared::sync`] has anything to do (`Durability::Fsync` and data written).
+    /// Whether the I/O ends with an fdatasync (`Durability::Fsync` and data written).
     pub fn needs_sync(&self) -> bool {
-        !self.files.is_empty()
+        self.operations
+            .iter()
+            .any(|operation| matches!(operation.kind, OperationKind::Sync))
     }
 
     /// Readings the commit holds.
     pub fn points(&self) -> usize {
         self.stats.points
+    }
+
+    /// How many I/O operations the commit needs.
+    pub fn operations(&self) -> usize {
+        self.operations.len()
+    }
+
+    /// The `index`th operation on a file descriptor; None past the end or when the backend's
+    /// files have no descriptor (a simulated disk: use [`Prepared::perform`]).
+    pub fn raw_operation(&self, index: usize) -> Option<RawOperation<'_>> {
+        let operation = self.operations.get(index)?;
+        let fd = operation.file.raw_fd()?;
+        Some(match operation.kind {
+            OperationKind::Write { offset, start, end } => RawOperation::Write {
+                fd,
+                offset,
+                bytes: &self.bytes[start..end],
+            },
+            OperationKind::Sync => RawOperation::Sync { fd },
+        })
+    }
+
+    /// The error of the `index`th operation failing with `error`, naming its file.
+    pub fn failed(&self, index: usize, error: std::io::Error) -> StoreError {
+        match self.operations.get(index) {
+            Some(operation) => {
+                let op = match operation.kind {
+                    OperationKind::Write { .. } => "write",
+                    OperationKind::Sync => "fdatasync",
+                };
+                StoreError::io(op, &operation.path, error)
+            }
+            None => StoreError::io("commit", PathBuf::new(), error),
+        }
     }
 }
 
@@ -132,7 +211,13 @@ pub struct ShardWriter {
     failed: Option<Vec<Arc<SegmentShared>>>,
     /// Segments written by the commit in progress (for the cut-back after a failure).
     touched: Vec<Arc<SegmentShared>>,
-    frame_buffer: Vec<u8>,
+    /// The frames of the commit being prepared (taken by its `Prepared`, given back when it
+    /// is published or abandoned, so the capacity is reused).
+    commit_bytes: Vec<u8>,
+    /// The I/O of the commit being prepared, in order, but for the closing fdatasyncs.
+    operations: Vec<Operation>,
+    /// Files the commit being prepared wrote and must fdatasync: segments closed meanwhile.
+    closed: Vec<(Arc<dyn StorageFile>, PathBuf)>,
     segment_bytes_max: u64,
     partition_grace_secs: u64,
     /// When the last look for segments due to be sealed happened.
@@ -176,7 +261,9 @@ impl ShardWriter {
             next_commit_seq: shard.next_commit_seq.load(Ordering::Acquire),
             failed: None,
             touched: Vec::new(),
-            frame_buffer: Vec::new(),
+            commit_bytes: Vec::new(),
+            operations: Vec::new(),
+            closed: Vec::new(),
             segment_bytes_max: SEGMENT_BYTES_MAX,
             partition_grace_secs: config.partition_grace_secs,
             last_seal_check: None,
@@ -335,7 +422,17 @@ impl ShardWriter {
     /// cuts the files back to their published lengths.
     pub fn commit(&mut self) -> Result<CommitStats, StoreError> {
         let prepared = self.prepare()?;
-        match prepared.sync() {
+        let done = prepared.perform();
+        self.conclude(prepared, done)
+    }
+
+    /// Publishes the prepared commit if its I/O (`done`) succeeded, abandons it otherwise.
+    pub fn conclude(
+        &mut self,
+        prepared: Prepared,
+        done: Result<(), StoreError>,
+    ) -> Result<CommitStats, StoreError> {
+        match done {
             Ok(()) => Ok(self.publish(prepared)),
             Err(error) => {
                 self.abandon(prepared);
@@ -344,14 +441,19 @@ impl ShardWriter {
         }
     }
 
-    /// The first half of [`ShardWriter::commit`], for a caller that makes the commit durable
-    /// elsewhere (a sync thread) while it goes on appending: writes the buffered readings (a
-    /// grown dictionary is synced here, before any block refers to it) and returns what
-    /// [`Prepared::sync`] must make durable before [`ShardWriter::publish`]. Readings appended
+    /// The first half of [`ShardWriter::commit`], for a caller that does the commit's I/O
+    /// elsewhere (a sync thread, an io_uring) while it goes on appending: encodes the buffered
+    /// readings into frames (creating the segments they go to) and returns the writes and
+    /// fdatasyncs ([`Prepared::perform`]) that must be done, in order, before
+    /// [`ShardWriter::publish`]. A grown dictionary's write and sync come first, before any
+    /// block refers to it. Readings appended
     /// meanwhile go to the next commit; call `prepare` again only after `publish` or `abandon`.
     /// On error nothing is published and the buffered readings are discarded, as for `commit`.
     pub fn prepare(&mut self) -> Result<Prepared, StoreError> {
         self.touched.clear();
+        self.commit_bytes.clear();
+        self.operations.clear();
+        self.closed.clear();
         // Retention renames partition directories under this lock: no file of this shard is
         // created or dropped while a commit writes.
         let shard = self.shard.clone();
@@ -362,13 +464,16 @@ impl ShardWriter {
         self.exchange_count = 0;
         self.exchange_arrivals = (f64::INFINITY, f64::NEG_INFINITY);
         if result.is_err() {
+            self.operations.clear();
+            self.closed.clear();
             self.discard_failed_commit();
         }
         result
     }
 
     /// The prepared commit is durable: publishes it to readers and the summary.
-    pub fn publish(&mut self, prepared: Prepared) -> CommitStats {
+    pub fn publish(&mut self, mut prepared: Prepared) -> CommitStats {
+        self.reuse(&mut prepared);
         let Some(state) = prepared.publish else {
             return prepared.stats;
         };
@@ -407,7 +512,8 @@ impl ShardWriter {
     /// The prepared commit could not be made durable: nothing of it is published, and the
     /// readings buffered since it was prepared are discarded with it (their series ids may
     /// follow its own); the next commit first cuts the files back to their published lengths.
-    pub fn abandon(&mut self, prepared: Prepared) {
+    pub fn abandon(&mut self, mut prepared: Prepared) {
+        self.reuse(&mut prepared);
         if let Some(state) = prepared.publish {
             let mut dictionary = state.dictionary;
             dictionary.append(&mut self.pending_dictionary);
@@ -417,6 +523,15 @@ impl ShardWriter {
         self.exchange_count = 0;
         self.exchange_arrivals = (f64::INFINITY, f64::NEG_INFINITY);
         self.discard_failed_commit();
+    }
+
+    /// Keeps the larger of the frame buffers (the commit's, the spare one) for the next commit.
+    fn reuse(&mut self, prepared: &mut Prepared) {
+        if prepared.bytes.capacity() > self.commit_bytes.capacity() {
+            std::mem::swap(&mut self.commit_bytes, &mut prepared.bytes);
+            self.commit_bytes.clear();
+        }
+        prepared.operations.clear();
     }
 
     /// Test hook: roll segments at this size instead of `SEGMENT_BYTES_MAX`.
@@ -507,7 +622,8 @@ impl ShardWriter {
         let expired_points = buffered - self.pending.len();
         if self.pending.is_empty() && self.pending_dictionary.is_empty() {
             return Ok(Prepared {
-                files: Vec::new(),
+                bytes: Vec::new(),
+                operations: Vec::new(),
                 publish: None,
                 stats: CommitStats {
                     points: 0,
@@ -538,26 +654,27 @@ impl ShardWriter {
                 min_time: 0.0,
                 max_time: 0.0,
             };
-            self.frame_buffer.clear();
-            format::encode_frame(&mut self.frame_buffer, &header, &payload);
-            let path = &self.dictionary_path;
-            let Some(dictionary) = &self.dictionary else {
+            let start = self.commit_bytes.len();
+            format::encode_frame(&mut self.commit_bytes, &header, &payload);
+            let frame_len = (self.commit_bytes.len() - start) as u64;
+            let Some(dictionary) = self.dictionary.clone() else {
                 return Err(StoreError::io(
                     "write",
-                    path,
+                    &self.dictionary_path,
                     std::io::Error::other("dictionary is not open"),
                 ));
             };
-            dictionary
-                .write_all_at(&self.frame_buffer, dictionary_end)
-                .map_err(|error| StoreError::io("write", path, error))?;
+            let path = self.dictionary_path.clone();
+            self.queue_write(&dictionary, &path, dictionary_end, start);
             if sync {
-                dictionary
-                    .sync_data()
-                    .map_err(|error| StoreError::io("fdatasync", path, error))?;
+                self.operations.push(Operation {
+                    file: dictionary,
+                    path,
+                    kind: OperationKind::Sync,
+                });
             }
-            dictionary_end += self.frame_buffer.len() as u64;
-            bytes_written += self.frame_buffer.len() as u64;
+            dictionary_end += frame_len;
+            bytes_written += frame_len;
         }
 
         // 2. What this commit changes in the summary: per series, count and latest reading.
@@ -644,18 +761,27 @@ impl ShardWriter {
             }
         }
 
-        // 4. What must be made durable: every segment written (segments closed during the
-        //    commit were synced then).
-        let mut files = Vec::new();
+        // 4. What must be made durable: every segment written, including those closed while
+        //    the commit was prepared.
+        let mut operations = std::mem::take(&mut self.operations);
+        let closed = self.closed.drain(..);
+        let open = self
+            .open
+            .values()
+            .filter(|segment| segment.written_this_commit)
+            .map(|segment| (segment.file.clone(), segment.shared.path.clone()));
         if sync {
-            for segment in self.open.values() {
-                if segment.written_this_commit {
-                    files.push((segment.file.clone(), segment.shared.path.clone()));
-                }
+            for (file, path) in closed.chain(open) {
+                operations.push(Operation {
+                    file,
+                    path,
+                    kind: OperationKind::Sync,
+                });
             }
         }
         Ok(Prepared {
-            files,
+            bytes: std::mem::take(&mut self.commit_bytes),
+            operations,
             publish: Some(PublishState {
                 dictionary_end,
                 published,
@@ -698,8 +824,9 @@ impl ShardWriter {
             min_time,
             max_time,
         };
-        self.frame_buffer.clear();
-        format::encode_frame(&mut self.frame_buffer, &header, &payload);
+        let start = self.commit_bytes.len();
+        format::encode_frame(&mut self.commit_bytes, &header, &payload);
+        let frame_len = (self.commit_bytes.len() - start) as u64;
         let Some(segment) = self.open.get_mut(&window) else {
             return Err(StoreError::io(
                 "write",
@@ -712,12 +839,12 @@ impl ShardWriter {
             .shared
             .last_commit
             .fetch_max(commit_seq + 1, Ordering::AcqRel);
-        segment
-            .file
-            .write_all_at(&self.frame_buffer, segment.len)
-            .map_err(|error| StoreError::io("write", &segment.shared.path, error))?;
-        segment.len += self.frame_buffer.len() as u64;
-        Ok(segment.len)
+        let (file, offset) = (segment.file.clone(), segment.len);
+        segment.len += frame_len;
+        let end = segment.len;
+        let path = segment.shared.path.clone();
+        self.queue_write(&file, &path, offset, start);
+        Ok(end)
     }
 
     /// Writes one block frame to the active segment of `window`; returns the segment, the block's
@@ -750,9 +877,9 @@ impl ShardWriter {
             min_time,
             max_time,
         };
-        self.frame_buffer.clear();
-        format::encode_frame(&mut self.frame_buffer, &header, &payload);
-        let frame_len = self.frame_buffer.len() as u64;
+        let start = self.commit_bytes.len();
+        format::encode_frame(&mut self.commit_bytes, &header, &payload);
+        let frame_len = (self.commit_bytes.len() - start) as u64;
         self.segment_for(window, frame_len)?;
         let Some(segment) = self.open.get_mut(&window) else {
             return Err(StoreError::io(
@@ -761,18 +888,16 @@ impl ShardWriter {
                 std::io::Error::other("segment not open"),
             ));
         };
-        // Marked before writing: a failed write may still have written part of the frame.
+        // Marked now: a failed write may still write part of the frame.
         segment.written_this_commit = true;
         segment
             .shared
             .last_commit
             .fetch_max(commit_seq + 1, Ordering::AcqRel);
         let offset = segment.len;
-        segment
-            .file
-            .write_all_at(&self.frame_buffer, offset)
-            .map_err(|error| StoreError::io("write", &segment.shared.path, error))?;
         segment.len += frame_len;
+        let (file, shared) = (segment.file.clone(), segment.shared.clone());
+        self.queue_write(&file, &shared.path, offset, start);
         let meta = BlockMeta {
             payload_offset: offset + format::FRAME_HEADER_BYTES as u64,
             payload_len: payload.len() as u32,
@@ -780,7 +905,7 @@ impl ShardWriter {
             min_time,
             max_time,
         };
-        Ok((segment.shared.clone(), meta, segment.len))
+        Ok((shared, meta, offset + frame_len))
     }
 
     /// Makes sure `open[window]` is a segment with room for `frame_len` more bytes (or empty).
@@ -802,7 +927,7 @@ impl ShardWriter {
             }
             // Full: roll to the next sequence number.
             let seq = segment.shared.seq + 1;
-            self.close(window)?;
+            self.close(window);
             return self.create_segment(window, seq);
         }
         // Not open: reuse the newest segment of this window if it matches and has room.
@@ -899,27 +1024,52 @@ impl ShardWriter {
             else {
                 break;
             };
-            self.close(window)?;
+            self.close(window);
         }
         Ok(())
     }
 
-    /// Closes an open segment, syncing it first if this commit wrote to it (fsync mode).
-    fn close(&mut self, window: i64) -> Result<(), StoreError> {
-        let Some(segment) = self.open.get(&window) else {
-            return Ok(());
+    /// Closes an open segment; if the commit being prepared wrote to it, the commit's I/O
+    /// syncs it (its handle lives until then).
+    fn close(&mut self, window: i64) {
+        let Some(segment) = self.open.remove(&window) else {
+            return;
         };
         if segment.written_this_commit {
             self.touched.push(segment.shared.clone());
-            if self.durability == Durability::Fsync {
-                segment
-                    .file
-                    .sync_data()
-                    .map_err(|error| StoreError::io("fdatasync", &segment.shared.path, error))?;
+            self.closed
+                .push((segment.file, segment.shared.path.clone()));
+        }
+    }
+
+    /// Queues the write of the frame that starts at `commit_bytes[start..]` (to its end) at
+    /// `offset` of `file`; a write that continues the previous one on the same file joins it.
+    fn queue_write(&mut self, file: &Arc<dyn StorageFile>, path: &Path, offset: u64, start: usize) {
+        let end = self.commit_bytes.len();
+        if let Some(Operation {
+            file: last_file,
+            kind:
+                OperationKind::Write {
+                    offset: last_offset,
+                    start: last_start,
+                    end: last_end,
+                },
+            ..
+        }) = self.operations.last_mut()
+        {
+            if Arc::ptr_eq(last_file, file)
+                && *last_end == start
+                && *last_offset + (*last_end - *last_start) as u64 == offset
+            {
+                *last_end = end;
+                return;
             }
         }
-        self.open.remove(&window);
-        Ok(())
+        self.operations.push(Operation {
+            file: file.clone(),
+            path: path.to_path_buf(),
+            kind: OperationKind::Write { offset, start, end },
+        });
     }
 
     /// Seals every segment of this shard whose partition window plus the grace period has

@@ -188,8 +188,10 @@ fn a_failed_sync_of_a_prepared_commit_is_abandoned_and_the_next_commit_cuts_it_b
         append(&mut writer, 1);
         let prepared = writer.prepare().unwrap();
         assert!(prepared.needs_sync());
-        faulty.fail_after(0, fault, false);
-        let error = prepared.sync().expect_err("the sync fails");
+        // The writes succeed, the last operation (the segment's fdatasync) fails.
+        faulty.fail_after(prepared.operations() as u64 - 1, fault, false);
+        let error = prepared.perform().expect_err("the sync fails");
+        assert!(error.to_string().contains("fdatasync"), "{error}");
         assert!(injected(&error, fault), "{error}");
         writer.abandon(prepared);
         assert_eq!(values(&store), values_of(&[0]));

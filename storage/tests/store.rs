@@ -872,6 +872,78 @@ fn readers_on_other_threads_see_only_whole_commits() {
 }
 
 #[test]
+fn a_prepared_commits_io_is_ordered_merged_and_can_be_done_by_the_caller() {
+    use sluice_storage::RawOperation;
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(config(dir.path(), Durability::Fsync)).unwrap();
+    let mut writer = store.writer(0).unwrap();
+    for i in 0..3 {
+        writer
+            .append(
+                "dev-raw",
+                &format!("n{i}"),
+                T0 + i as f64,
+                ValueRef::Number(i as f64),
+            )
+            .unwrap();
+    }
+    let prepared = writer.prepare().unwrap();
+    // The new series' dictionary entries, durable before the blocks that name them; then the
+    // segment's frames (block and commit record) as one write, then its fdatasync.
+    let kinds: Vec<&str> = (0..prepared.operations())
+        .map(|index| match prepared.raw_operation(index).unwrap() {
+            RawOperation::Write { .. } => "write",
+            RawOperation::Sync { .. } => "sync",
+        })
+        .collect();
+    assert_eq!(kinds, ["write", "sync", "write", "sync"]);
+    assert!(prepared.raw_operation(prepared.operations()).is_none());
+    // Done by the caller, as an io_uring would, with plain system calls.
+    for index in 0..prepared.operations() {
+        let result = match prepared.raw_operation(index).unwrap() {
+            // SAFETY: a pwrite from a live slice to a descriptor the store keeps open.
+            RawOperation::Write { fd, offset, bytes } => unsafe {
+                libc::pwrite(
+                    fd,
+                    bytes.as_ptr().cast(),
+                    bytes.len(),
+                    offset as libc::off_t,
+                ) == bytes.len() as isize
+            },
+            // SAFETY: fdatasync of a descriptor the store keeps open.
+            RawOperation::Sync { fd } => unsafe { libc::fdatasync(fd) == 0 },
+        };
+        assert!(result, "operation {index}");
+    }
+    assert_eq!(writer.publish(prepared).points, 3);
+    drop((writer, store));
+    let store = open(dir.path());
+    for i in 0..3 {
+        let points = store
+            .reader()
+            .series("dev-raw", &format!("n{i}"), T0, T0 + 10.0)
+            .unwrap()
+            .unwrap();
+        assert_eq!(numbers(&points), [(T0 + i as f64, i as f64)]);
+    }
+    // A simulated disk's files have no descriptor: its commits are performed by the store.
+    let (store, _) = Store::open_with(
+        config(Path::new("/data"), Durability::Fsync),
+        Arc::new(sluice_storage::sim::SimDisk::new()),
+    )
+    .unwrap();
+    let mut writer = store.writer(0).unwrap();
+    writer
+        .append("dev-sim", "t", T0, ValueRef::Number(1.0))
+        .unwrap();
+    let prepared = writer.prepare().unwrap();
+    assert!(prepared.operations() > 0);
+    assert!(prepared.raw_operation(0).is_none());
+    prepared.perform().unwrap();
+    writer.publish(prepared);
+}
+
+#[test]
 fn a_prepared_commit_is_invisible_until_published_and_abandoning_it_drops_what_followed() {
     let dir = tempfile::tempdir().unwrap();
     {
@@ -885,7 +957,7 @@ fn a_prepared_commit_is_invisible_until_published_and_abandoning_it_drops_what_f
         assert!(prepared.needs_sync());
         // Written, not yet durable: readers do not see it.
         assert_eq!(reader.series("dev-p", "t", T0, T0 + 10.0).unwrap(), None);
-        prepared.sync().unwrap();
+        prepared.perform().unwrap();
         assert_eq!(writer.publish(prepared).points, 1);
         assert_eq!(
             reader

@@ -1,9 +1,12 @@
-//! Socket I/O of one shard, in one place: SO_REUSEPORT UDP sockets, received from and sent to in
-//! batches by one of two backends (`--io`, docs/configuration.md):
+//! The I/O of one shard, in one place: SO_REUSEPORT UDP sockets, received from and sent to in
+//! batches, and the writes and fdatasyncs of its durable commits, by one of two backends (`--io`,
+//! docs/configuration.md):
 //! - `uring` ([`uring`]): one io_uring per shard; multishot RecvMsg into a ring of provided
-//!   buffers, responses as SendMsg entries, the shard blocks only in io_uring_enter;
-//! - `recvmmsg` ([`recvmmsg`]): poll, recvmmsg and sendmmsg, the fallback where io_uring is not
-//!   allowed (old kernel, seccomp, `kernel.io_uring_disabled`).
+//!   buffers, responses as SendMsg entries, a commit's writes and fdatasyncs as linked entries;
+//!   the shard blocks only in io_uring_enter;
+//! - `recvmmsg` ([`recvmmsg`]): poll, recvmmsg and sendmmsg, commits on a sync thread
+//!   ([`sync_thread`]); the fallback where io_uring is not allowed (old kernel, seccomp,
+//!   `kernel.io_uring_disabled`).
 //!
 //! Buffers are allocated once, at start-up.
 
@@ -18,9 +21,12 @@ use clap::ValueEnum;
 use serde::Deserialize;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
+use sluice_storage::{Prepared, StoreError};
+
 use crate::metrics::ShardMetrics;
 
 pub mod recvmmsg;
+mod sync_thread;
 pub mod uring;
 
 /// Datagrams taken from the kernel per receive call: large enough to amortise the syscall and to
@@ -130,13 +136,15 @@ pub fn choose(requested: Option<Backend>) -> anyhow::Result<(Backend, Option<Str
 }
 
 /// The I/O of one shard: its CoAP and CoAPS sockets, received from in batches, sent to in
-/// batches, and the wait for either or for the sync thread's wake-up descriptor.
+/// batches, the I/O of its durable commits (one at a time), and the wait for any of them.
 pub struct ShardIo {
+    shard: usize,
     inner: Inner,
 }
 
 enum Inner {
-    Recvmmsg(recvmmsg::ReceiveBatch),
+    /// The sync thread starts with the first commit handed over.
+    Recvmmsg(recvmmsg::ReceiveBatch, Option<sync_thread::SyncThread>),
     Uring(Box<uring::Ring>),
 }
 
@@ -150,27 +158,51 @@ impl ShardIo {
         metrics: Arc<ShardMetrics>,
     ) -> ShardIo {
         let inner = match backend {
-            Backend::Recvmmsg => Inner::Recvmmsg(recvmmsg::ReceiveBatch::new()),
+            Backend::Recvmmsg => Inner::Recvmmsg(recvmmsg::ReceiveBatch::new(), None),
             Backend::Uring => {
                 let fds = sockets.map(|s| s.map(AsRawFd::as_raw_fd));
                 match uring::Ring::new(fds, uring::BUFFERS_PER_SOCKET, metrics) {
                     Ok(ring) => Inner::Uring(Box::new(ring)),
                     Err(error) => {
                         tracing::error!(shard, %error, "io_uring set-up failed: this shard uses recvmmsg");
-                        Inner::Recvmmsg(recvmmsg::ReceiveBatch::new())
+                        Inner::Recvmmsg(recvmmsg::ReceiveBatch::new(), None)
                     }
                 }
             }
         };
-        ShardIo { inner }
+        ShardIo { shard, inner }
     }
 
-    /// Waits until one of `fds` (CoAP socket, CoAPS socket, sync thread's eventfd; None: not
-    /// waited for) is readable, or `RECEIVE_TIMEOUT` passes; says which are.
-    pub fn wait(&mut self, fds: [Option<RawFd>; 3]) -> [bool; 3] {
+    /// Waits until one of `sockets` (CoAP, CoAPS; None: not received from now) is readable, or
+    /// (with `commit`) the commit handed over finished, or `RECEIVE_TIMEOUT` passes; says which
+    /// ([CoAP, CoAPS, commit]).
+    pub fn wait(&mut self, sockets: [Option<RawFd>; 2], commit: bool) -> [bool; 3] {
         match &mut self.inner {
-            Inner::Recvmmsg(_) => recvmmsg::wait_readable(fds),
-            Inner::Uring(ring) => ring.wait(fds),
+            Inner::Recvmmsg(_, syncer) => {
+                let wake = syncer.as_ref().filter(|_| commit).map(|s| s.wake_fd());
+                recvmmsg::wait_readable([sockets[0], sockets[1], wake])
+            }
+            Inner::Uring(ring) => ring.wait(sockets, commit),
+        }
+    }
+
+    /// Hands over a prepared commit's writes and fdatasyncs (one commit at a time): submitted
+    /// on the ring, or done by the sync thread. Its outcome is taken with
+    /// [`ShardIo::committed`] once [`ShardIo::wait`] says it finished.
+    pub fn commit(&mut self, prepared: Prepared) {
+        match &mut self.inner {
+            Inner::Recvmmsg(_, syncer) => syncer
+                .get_or_insert_with(|| sync_thread::SyncThread::start(self.shard))
+                .commit(prepared),
+            Inner::Uring(ring) => ring.commit(prepared),
+        }
+    }
+
+    /// The commit handed over, once its I/O finished: Ok when it is durable.
+    pub fn committed(&mut self) -> Option<(Prepared, Result<(), StoreError>)> {
+        match &mut self.inner {
+            Inner::Recvmmsg(_, syncer) => syncer.as_ref().and_then(|s| s.finished()),
+            Inner::Uring(ring) => ring.committed(),
         }
     }
 
@@ -178,7 +210,7 @@ impl ShardIo {
     /// the previous batch are given up.
     pub fn receive(&mut self, socket: &UdpSocket) -> io::Result<usize> {
         match &mut self.inner {
-            Inner::Recvmmsg(batch) => batch.receive(socket),
+            Inner::Recvmmsg(batch, _) => batch.receive(socket),
             Inner::Uring(ring) => Ok(ring.receive(socket.as_raw_fd())),
         }
     }
@@ -187,7 +219,7 @@ impl ShardIo {
     /// not serve) and its bytes.
     pub fn datagram(&self, index: usize) -> (Option<SocketAddr>, &[u8]) {
         match &self.inner {
-            Inner::Recvmmsg(batch) => batch.datagram(index),
+            Inner::Recvmmsg(batch, _) => batch.datagram(index),
             Inner::Uring(ring) => ring.datagram(index),
         }
     }
@@ -195,7 +227,7 @@ impl ShardIo {
     /// When the kernel received the `index`th datagram of the last batch (None: not stamped).
     pub fn arrival(&self, index: usize) -> Option<SystemTime> {
         match &self.inner {
-            Inner::Recvmmsg(batch) => batch.arrival(index),
+            Inner::Recvmmsg(batch, _) => batch.arrival(index),
             Inner::Uring(ring) => ring.arrival(index),
         }
     }
@@ -205,7 +237,7 @@ impl ShardIo {
     /// many were dropped (io_uring: refusals reported since the last flush).
     pub fn flush(&mut self, socket: &UdpSocket, batch: &mut SendBatch) -> usize {
         let dropped = match &mut self.inner {
-            Inner::Recvmmsg(_) => recvmmsg::send(socket, batch),
+            Inner::Recvmmsg(..) => recvmmsg::send(socket, batch),
             Inner::Uring(ring) => ring.send(socket.as_raw_fd(), batch),
         };
         batch.clear();

@@ -1,9 +1,10 @@
 //! The io_uring backend: one ring per shard. Each socket has a multishot RecvMsg armed over its
 //! own ring of provided buffers ([`BufRing`]): the kernel fills a free buffer with each datagram
 //! (source address, control messages, payload) and posts a completion, with no system call per
-//! batch. Responses go out as SendMsg entries submitted together; the wait for the sync thread's
-//! eventfd is a poll on the same ring, so the shard blocks only in io_uring_enter (with a
-//! timeout, for its timers and the shutdown flag).
+//! batch. Responses go out as SendMsg entries submitted together. A durable commit's writes and
+//! fdatasyncs go on the same ring as linked entries (each starts when the one before it
+//! succeeded; a failure cancels the rest), so the shard blocks only in io_uring_enter (with a
+//! timeout, for its timers and the shutdown flag) and never in a write or an fdatasync.
 //!
 //! A multishot receive ends when no buffer is left (ENOBUFS) or for any other reason its
 //! completion lacks the MORE flag: the shard gives its buffers back after each batch and arms it
@@ -19,6 +20,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
+use sluice_storage::{Prepared, RawOperation, StoreError};
 
 use super::{
     arrival, socket_addr, SendBatch, CONTROL_BYTES_PER_DATAGRAM, DATAGRAMS_PER_BATCH_MAX,
@@ -43,11 +45,14 @@ pub const BUFFER_BYTES: usize =
 /// Responses handed to the kernel and not completed yet; a flush beyond it waits for
 /// completions. Each slot's bytes stay owned by the ring until its completion.
 pub const SENDS_IN_FLIGHT_MAX: usize = 256;
-/// Submission queue entries: a batch of sends plus the receives and the wake-up poll.
+/// A commit's operations submitted as one linked chain at most; a commit with more (one that
+/// wrote to many partitions) goes in several chains, one after the other.
+const COMMIT_CHAIN_MAX: usize = 32;
+/// Submission queue entries: a batch of sends plus the receives and a commit chain.
 const SUBMISSION_ENTRIES: u32 = 512;
-/// Completion queue entries: every buffer of both sockets, every send and the poll, twice.
+/// Completion queue entries: every buffer of both sockets, every send and a commit chain, twice.
 const COMPLETION_ENTRIES: u32 =
-    2 * (2 * BUFFERS_PER_SOCKET as u32 + SENDS_IN_FLIGHT_MAX as u32 + 1);
+    2 * (2 * BUFFERS_PER_SOCKET as u32 + SENDS_IN_FLIGHT_MAX as u32 + COMMIT_CHAIN_MAX as u32);
 /// Attempts to find room in the submission queue (submitting in between) before giving up.
 const PUSH_ATTEMPTS_MAX: usize = 4;
 /// Waits of `RECEIVE_TIMEOUT` for a free send slot, or at tear-down for the kernel to finish.
@@ -56,11 +61,21 @@ const WAITS_MAX: usize = 10;
 /// User data of an entry: its kind in the high 32 bits, an index in the low ones.
 const KIND_RECEIVE: u64 = 1;
 const KIND_SEND: u64 = 2;
-const KIND_WAKE: u64 = 3;
+const KIND_COMMIT: u64 = 3;
 const KIND_CANCEL: u64 = 4;
 
 fn user_data(kind: u64, index: usize) -> u64 {
     (kind << 32) | index as u64
+}
+
+/// A commit operation's index in user data: its chain's number (wrapping) and its position in
+/// the chain.
+const CHAIN_POSITION_BITS: u32 = 6;
+const CHAIN_NUMBER_MASK: u32 = u32::MAX >> CHAIN_POSITION_BITS;
+const _: () = assert!(COMMIT_CHAIN_MAX <= 1 << CHAIN_POSITION_BITS);
+
+fn chain_data(number: u32, position: usize) -> usize {
+    ((number as usize) << CHAIN_POSITION_BITS) | position
 }
 
 /// Whether this kernel lets the shards use io_uring: the ring can be set up (not refused by
@@ -75,6 +90,9 @@ pub fn probe() -> Result<(), String> {
     if !ring.params().is_feature_nodrop() {
         return Err("no IORING_FEAT_NODROP (Linux 5.5)".into());
     }
+    if !ring.params().is_feature_skip_cqe_on_success() {
+        return Err("no IORING_FEAT_CQE_SKIP (Linux 5.17)".into());
+    }
     let mut probe = Probe::new();
     ring.submitter()
         .register_probe(&mut probe)
@@ -82,7 +100,8 @@ pub fn probe() -> Result<(), String> {
     for (code, name) in [
         (opcode::RecvMsg::CODE, "RECVMSG"),
         (opcode::SendMsg::CODE, "SENDMSG"),
-        (opcode::PollAdd::CODE, "POLL_ADD"),
+        (opcode::Write::CODE, "WRITE"),
+        (opcode::Fsync::CODE, "FSYNC"),
         (opcode::AsyncCancel::CODE, "ASYNC_CANCEL"),
     ] {
         if !probe.is_supported(code) {
@@ -99,10 +118,10 @@ fn self_test() -> io::Result<()> {
     let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
     let metrics = Arc::new(ShardMetrics::new());
     let mut ring = Ring::new([Some(socket.as_raw_fd()), None], 2, metrics)?;
-    let fds = [Some(socket.as_raw_fd()), None, None];
+    let sockets = [Some(socket.as_raw_fd()), None];
     socket.send_to(b"sluice", socket.local_addr()?)?;
     for _ in 0..WAITS_MAX {
-        if ring.wait(fds)[0] && ring.receive(socket.as_raw_fd()) == 1 {
+        if ring.wait(sockets, false)[0] && ring.receive(socket.as_raw_fd()) == 1 {
             return match ring.datagram(0) {
                 (Some(_), b"sluice") => Ok(()),
                 _ => Err(io::Error::other("the datagram came back wrong")),
@@ -301,7 +320,20 @@ struct SendSlot {
     bytes: Vec<u8>,
 }
 
-/// The ring of one shard and the state of its receives and sends.
+/// A commit handed to the ring: its operations are submitted a chain at a time.
+struct Commit {
+    prepared: Prepared,
+    /// The first operation not submitted yet.
+    next: usize,
+    /// The chain on the ring: its number, first and last operation. Only a failure or the last
+    /// operation posts a completion (the others skip theirs on success; after a failure the
+    /// kernel cancels the rest of the chain, posting nothing or -ECANCELED): either ends it.
+    chain: Option<(u32, usize, usize)>,
+    /// The first operation that failed, and why.
+    failure: Option<(usize, io::Error)>,
+}
+
+/// The ring of one shard and the state of its receives, sends and commit.
 pub struct Ring {
     ring: IoUring,
     receivers: [Option<Receiver>; 2],
@@ -312,8 +344,12 @@ pub struct Ring {
     free_sends: Vec<usize>,
     /// Sends the kernel refused since the last flush.
     sends_refused: usize,
-    wake_armed: bool,
-    wake_fired: bool,
+    /// The commit whose operations are on the ring.
+    commit: Option<Commit>,
+    /// The next chain's number.
+    chains: u32,
+    /// Its outcome, once every operation completed (or one failed).
+    committed: Option<(Prepared, Result<(), StoreError>)>,
     timeout: types::Timespec,
     metrics: Arc<ShardMetrics>,
 }
@@ -392,35 +428,27 @@ impl Ring {
             sends,
             free_sends: (0..SENDS_IN_FLIGHT_MAX).rev().collect(),
             sends_refused: 0,
-            wake_armed: false,
-            wake_fired: false,
+            commit: None,
+            chains: 0,
+            committed: None,
             timeout: types::Timespec::from(RECEIVE_TIMEOUT),
             metrics,
         })
     }
 
-    /// See [`super::ShardIo::wait`]: `fds[0]`/`fds[1]` say whether the CoAP/CoAPS socket is
-    /// received from now, `fds[2]` is the eventfd to wait for.
-    pub fn wait(&mut self, fds: [Option<RawFd>; 3]) -> [bool; 3] {
-        if fds.iter().all(Option::is_none) {
+    /// See [`super::ShardIo::wait`]: `sockets[0]`/`sockets[1]` say whether the CoAP/CoAPS
+    /// socket is received from now, `commit` whether the commit handed over is waited for.
+    pub fn wait(&mut self, sockets: [Option<RawFd>; 2], commit: bool) -> [bool; 3] {
+        if sockets.iter().all(Option::is_none) && !commit {
             return [false; 3];
         }
         self.recycle();
-        for (index, fd) in fds[..2].iter().enumerate() {
+        for (index, fd) in sockets.iter().enumerate() {
             if fd.is_some() {
                 self.arm(index);
             }
         }
-        if let Some(fd) = fds[2] {
-            if !self.wake_armed && !self.wake_fired {
-                let entry = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
-                    .build()
-                    .user_data(user_data(KIND_WAKE, 0));
-                // SAFETY: a poll reads no memory of ours.
-                self.wake_armed = unsafe { self.push(&entry) };
-            }
-        }
-        let outcome = if self.ready(fds).iter().any(|ready| *ready) {
+        let outcome = if self.ready(sockets, commit).iter().any(|ready| *ready) {
             self.ring.submit()
         } else {
             let args = types::SubmitArgs::new().timespec(&self.timeout);
@@ -435,21 +463,120 @@ impl Ring {
             }
         }
         self.reap();
-        let ready = self.ready(fds);
-        if ready[2] {
-            self.wake_fired = false;
-        }
-        ready
+        self.advance_commit();
+        self.ready(sockets, commit)
     }
 
-    fn ready(&self, fds: [Option<RawFd>; 3]) -> [bool; 3] {
+    fn ready(&self, sockets: [Option<RawFd>; 2], commit: bool) -> [bool; 3] {
         let has = |index: usize| {
-            fds[index].is_some()
+            sockets[index].is_some()
                 && self.receivers[index]
                     .as_ref()
                     .is_some_and(|receiver| !receiver.ready.is_empty())
         };
-        [has(0), has(1), fds[2].is_some() && self.wake_fired]
+        [has(0), has(1), commit && self.committed.is_some()]
+    }
+
+    /// See [`super::ShardIo::commit`]. A backend whose files have no descriptor (not the real
+    /// file system) has the commit performed here.
+    pub fn commit(&mut self, prepared: Prepared) {
+        if prepared.operations() == 0 || prepared.raw_operation(0).is_none() {
+            let result = prepared.perform();
+            self.committed = Some((prepared, result));
+            return;
+        }
+        self.commit = Some(Commit {
+            prepared,
+            next: 0,
+            chain: None,
+            failure: None,
+        });
+        self.advance_commit();
+    }
+
+    /// See [`super::ShardIo::committed`].
+    pub fn committed(&mut self) -> Option<(Prepared, Result<(), StoreError>)> {
+        self.committed.take()
+    }
+
+    /// Once the commit's last chain completed: submits the next chain, or ends the commit.
+    fn advance_commit(&mut self) {
+        let Some(commit) = self.commit.as_mut() else {
+            return;
+        };
+        if commit.chain.is_some() {
+            return;
+        }
+        let count = commit.prepared.operations();
+        if commit.failure.is_some() || commit.next == count {
+            let Some(commit) = self.commit.take() else {
+                return;
+            };
+            let result = match commit.failure {
+                Some((index, error)) => Err(commit.prepared.failed(index, error)),
+                None => Ok(()),
+            };
+            self.committed = Some((commit.prepared, result));
+            return;
+        }
+        let chain = (count - commit.next).min(COMMIT_CHAIN_MAX);
+        let mut entries = [const { None }; COMMIT_CHAIN_MAX];
+        for (slot, index) in entries.iter_mut().zip(commit.next..commit.next + chain) {
+            let entry = match commit.prepared.raw_operation(index) {
+                Some(RawOperation::Write { fd, offset, bytes }) => {
+                    opcode::Write::new(types::Fd(fd), bytes.as_ptr(), bytes.len() as u32)
+                        .offset(offset)
+                        .build()
+                }
+                Some(RawOperation::Sync { fd }) => opcode::Fsync::new(types::Fd(fd))
+                    .flags(types::FsyncFlags::DATASYNC)
+                    .build(),
+                None => {
+                    commit.failure = Some((index, io::Error::other("no file descriptor")));
+                    return self.advance_commit();
+                }
+            };
+            let flags = if index + 1 < commit.next + chain {
+                squeue::Flags::IO_LINK | squeue::Flags::SKIP_SUCCESS
+            } else {
+                squeue::Flags::empty()
+            };
+            let position = index - commit.next;
+            let data = user_data(KIND_COMMIT, chain_data(self.chains, position));
+            *slot = Some(entry.flags(flags).user_data(data));
+        }
+        let entries: Vec<squeue::Entry> = entries.into_iter().flatten().collect();
+        // A chain is linked only within one submission: make room for all of it first.
+        {
+            let submission = self.ring.submission();
+            if submission.capacity() - submission.len() < entries.len() {
+                drop(submission);
+                let _ = self.ring.submit();
+            }
+        }
+        // SAFETY: the bytes written live in the Prepared, which stays in `self.commit` (its
+        // heap buffer never moves) until every entry of the chain completed; descriptors are
+        // kept open by its file handles.
+        let pushed = unsafe { self.ring.submission().push_multiple(&entries) };
+        match pushed {
+            Ok(()) => {
+                commit.chain = Some((self.chains, commit.next, commit.next + entries.len() - 1));
+                commit.next += entries.len();
+                self.chains = self.chains.wrapping_add(1) & CHAIN_NUMBER_MASK;
+                if let Err(error) = self.ring.submit() {
+                    if !matches!(error.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) {
+                        tracing::warn!(%error, "io_uring_enter failed");
+                    }
+                }
+            }
+            Err(_) => {
+                commit.failure = Some((
+                    commit.next,
+                    io::Error::other("io_uring submission queue full"),
+                ));
+                self.advance_commit();
+            }
+        }
     }
 
     /// Takes up to a batch of the datagrams received on socket `fd`; returns how many. The
@@ -635,15 +762,14 @@ impl Ring {
     }
 
     /// Takes every completion: received datagrams queue behind their socket, finished sends
-    /// free their slot, the wake-up poll is noted.
+    /// free their slot, a commit's operations are counted (and their failures kept).
     fn reap(&mut self) {
         let Ring {
             ring,
             receivers,
             free_sends,
             sends_refused,
-            wake_armed,
-            wake_fired,
+            commit,
             metrics,
             ..
         } = self;
@@ -688,9 +814,37 @@ impl Ring {
                         *sends_refused += 1;
                     }
                 }
-                KIND_WAKE => {
-                    *wake_armed = false;
-                    *wake_fired = true;
+                KIND_COMMIT => {
+                    let Some(commit) = commit.as_mut() else {
+                        continue;
+                    };
+                    // A late cancellation of an ended chain is ignored.
+                    let Some((number, first, last)) = commit.chain else {
+                        continue;
+                    };
+                    if (index >> CHAIN_POSITION_BITS) as u32 != number {
+                        continue;
+                    }
+                    let index = first + (index & ((1 << CHAIN_POSITION_BITS) - 1));
+                    if index == last || result < 0 {
+                        commit.chain = None;
+                    }
+                    let error = match commit.prepared.raw_operation(index) {
+                        _ if result < 0 => Some(io::Error::from_raw_os_error(-result)),
+                        Some(RawOperation::Write { bytes, .. })
+                            if result as usize != bytes.len() =>
+                        {
+                            Some(io::Error::new(
+                                io::ErrorKind::WriteZero,
+                                format!("short write: {result} of {} bytes", bytes.len()),
+                            ))
+                        }
+                        _ => None,
+                    };
+                    if let Some(error) = error {
+                        commit.chain = None;
+                        commit.failure.get_or_insert((index, error));
+                    }
                 }
                 _ => {}
             }
@@ -700,7 +854,11 @@ impl Ring {
     /// Requests the kernel may still be working on (their memory must outlive them).
     fn outstanding(&self) -> usize {
         let receiving = self.receivers.iter().flatten().filter(|r| r.armed).count();
-        receiving + (SENDS_IN_FLIGHT_MAX - self.free_sends.len()) + usize::from(self.wake_armed)
+        let committing = self
+            .commit
+            .as_ref()
+            .map_or(0, |commit| usize::from(commit.chain.is_some()));
+        receiving + (SENDS_IN_FLIGHT_MAX - self.free_sends.len()) + committing
     }
 }
 
@@ -730,6 +888,7 @@ impl Drop for Ring {
             mem::forget(buffers);
         }
         mem::forget(mem::take(&mut self.sends));
+        mem::forget(self.commit.take());
     }
 }
 
@@ -793,6 +952,9 @@ fn parse(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sluice_storage::{
+        Backend, Durability, Fs, StorageFile, Store, StoreConfig, Value, ValueRef,
+    };
     use std::net::UdpSocket;
     use std::os::fd::AsRawFd;
     use std::time::{Duration, Instant};
@@ -817,7 +979,7 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut got = Vec::new();
         while got.len() < count && Instant::now() < deadline {
-            if ring.wait([Some(fd), None, None])[0] {
+            if ring.wait([Some(fd), None], false)[0] {
                 let n = ring.receive(fd);
                 for index in 0..n {
                     let (peer, bytes) = ring.datagram(index);
@@ -846,7 +1008,7 @@ mod tests {
             let mut got = Vec::new();
             let deadline = Instant::now() + Duration::from_secs(10);
             while got.len() < 3 && Instant::now() < deadline {
-                if ring.wait([Some(fd), None, None])[0] {
+                if ring.wait([Some(fd), None], false)[0] {
                     for index in 0..ring.receive(fd) {
                         let (peer, bytes) = ring.datagram(index);
                         assert_eq!(peer, Some(client.local_addr().unwrap()));
@@ -874,7 +1036,7 @@ mod tests {
         let (server, client, mut ring, metrics) = pair(4);
         let fd = server.as_raw_fd();
         // Arm, then send more than the ring holds before taking anything.
-        assert_eq!(ring.wait([Some(fd), None, None]), [false; 3]);
+        assert_eq!(ring.wait([Some(fd), None], false), [false; 3]);
         for i in 0..40u32 {
             client.send(&i.to_be_bytes()).unwrap();
         }
@@ -966,24 +1128,174 @@ mod tests {
         assert_eq!(ring.free_sends.len(), SENDS_IN_FLIGHT_MAX);
     }
 
+    /// A store in `dir` under `--durability fsync`, on `backend`.
+    fn store(dir: &std::path::Path, backend: Arc<dyn Backend>) -> Store {
+        let config = StoreConfig {
+            dir: dir.to_path_buf(),
+            partition_secs: 3600,
+            partition_grace_secs: u64::MAX,
+            durability: Durability::Fsync,
+        };
+        Store::open_with(config, backend).unwrap().0
+    }
+
+    /// Waits (bounded) until the commit handed to `ring` finished; its outcome.
+    fn finish(ring: &mut Ring) -> (Prepared, Result<(), StoreError>) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if ring.wait([None, None], true)[2] {
+                return ring.committed().unwrap();
+            }
+        }
+        panic!("the commit did not finish");
+    }
+
     #[test]
-    fn the_eventfd_wait_goes_through_the_ring() {
+    fn a_commit_is_written_and_synced_through_the_ring_in_chains() {
         let (_server, _client, mut ring, _) = pair(4);
-        // SAFETY: a new eventfd, closed below.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK) };
-        assert!(fd >= 0);
-        let started = Instant::now();
-        assert_eq!(ring.wait([None, None, Some(fd)]), [false; 3]);
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path(), Arc::new(Fs));
+        let mut writer = store.writer(0).unwrap();
+        // 40 partitions: a dictionary write and sync, 40 segment writes and 40 syncs, more
+        // than one chain.
+        const HOUR: f64 = 3600.0;
+        let t0 = 1_763_899_200.0;
+        for hour in 0..40 {
+            let time = t0 + hour as f64 * HOUR;
+            writer
+                .append("dev-ring", "t", time, ValueRef::Number(hour as f64))
+                .unwrap();
+        }
+        let prepared = writer.prepare().unwrap();
+        assert_eq!(prepared.operations(), 82);
+        // Nothing waited for, nothing ready: the wait returns at once.
+        assert_eq!(ring.wait([None, None], false), [false; 3]);
+        ring.commit(prepared);
+        let (prepared, result) = finish(&mut ring);
+        result.unwrap();
+        assert_eq!(writer.publish(prepared).points, 40);
+        drop((writer, store));
+        let store = self::store(dir.path(), Arc::new(Fs));
+        let points = store
+            .reader()
+            .series("dev-ring", "t", t0, t0 + 40.0 * HOUR)
+            .unwrap()
+            .unwrap();
+        assert_eq!(points.len(), 40);
+        assert_eq!(points[39], (t0 + 39.0 * HOUR, Value::Number(39.0)));
+    }
+
+    /// The real file system, but the descriptor it gives the ring for a file is opened
+    /// read-only: the ring's writes fail (EBADF).
+    struct ReadOnlyDescriptors(Fs);
+
+    struct ReadOnlyFile(Arc<dyn StorageFile>, std::fs::File);
+
+    impl StorageFile for ReadOnlyFile {
+        fn write_all_at(&self, bytes: &[u8], offset: u64) -> io::Result<()> {
+            self.0.write_all_at(bytes, offset)
+        }
+        fn set_len(&self, len: u64) -> io::Result<()> {
+            self.0.set_len(len)
+        }
+        fn sync_data(&self) -> io::Result<()> {
+            self.0.sync_data()
+        }
+        fn raw_fd(&self) -> Option<RawFd> {
+            Some(self.1.as_raw_fd())
+        }
+    }
+
+    impl ReadOnlyDescriptors {
+        fn wrap(
+            path: &std::path::Path,
+            file: io::Result<Arc<dyn StorageFile>>,
+        ) -> io::Result<Arc<dyn StorageFile>> {
+            Ok(Arc::new(ReadOnlyFile(file?, std::fs::File::open(path)?)))
+        }
+    }
+
+    impl Backend for ReadOnlyDescriptors {
+        fn create_dir(&self, path: &std::path::Path) -> io::Result<()> {
+            self.0.create_dir(path)
+        }
+        fn exists(&self, path: &std::path::Path) -> bool {
+            self.0.exists(path)
+        }
+        fn is_dir(&self, path: &std::path::Path) -> bool {
+            self.0.is_dir(path)
+        }
+        fn read_dir(&self, dir: &std::path::Path) -> io::Result<Vec<sluice_storage::DirEntry>> {
+            self.0.read_dir(dir)
+        }
+        fn create(&self, path: &std::path::Path) -> io::Result<Arc<dyn StorageFile>> {
+            Self::wrap(path, self.0.create(path))
+        }
+        fn open(&self, path: &std::path::Path) -> io::Result<Arc<dyn StorageFile>> {
+            Self::wrap(path, self.0.open(path))
+        }
+        fn len(&self, path: &std::path::Path) -> io::Result<u64> {
+            self.0.len(path)
+        }
+        fn read(&self, path: &std::path::Path) -> io::Result<sluice_storage::FileBytes> {
+            self.0.read(path)
+        }
+        fn map(&self, path: &std::path::Path) -> io::Result<sluice_storage::FileBytes> {
+            self.0.map(path)
+        }
+        fn rename(&self, from: &std::path::Path, to: &std::path::Path) -> io::Result<()> {
+            self.0.rename(from, to)
+        }
+        fn remove_file(&self, path: &std::path::Path) -> io::Result<()> {
+            self.0.remove_file(path)
+        }
+        fn remove_dir_all(&self, path: &std::path::Path) -> io::Result<()> {
+            self.0.remove_dir_all(path)
+        }
+        fn sync_dir(&self, dir: &std::path::Path) -> io::Result<()> {
+            self.0.sync_dir(dir)
+        }
+        fn lock(
+            &self,
+            dir: &std::path::Path,
+        ) -> Result<Box<dyn std::any::Any + Send + Sync>, StoreError> {
+            self.0.lock(dir)
+        }
+    }
+
+    #[test]
+    fn a_failed_write_on_the_ring_fails_the_commit_and_cancels_what_follows() {
+        let (_server, _client, mut ring, _) = pair(4);
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path(), Arc::new(ReadOnlyDescriptors(Fs)));
+        let mut writer = store.writer(0).unwrap();
+        writer
+            .append("dev-bad", "t", 1_763_899_200.0, ValueRef::Number(1.0))
+            .unwrap();
+        let prepared = writer.prepare().unwrap();
+        ring.commit(prepared);
+        let (prepared, result) = finish(&mut ring);
+        let error = result.expect_err("a write to a read-only descriptor fails");
+        // The first operation (the dictionary's write) is the cause, not a cancellation.
+        let message = error.to_string();
         assert!(
-            started.elapsed() >= RECEIVE_TIMEOUT / 2,
-            "waited for the timeout"
+            message.contains("write") && message.contains("dictionary"),
+            "{message}"
         );
-        let one = 1u64;
-        // SAFETY: an 8-byte write to our eventfd.
-        unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
-        assert_eq!(ring.wait([None, None, Some(fd)]), [false, false, true]);
-        // SAFETY: closing our own descriptor.
-        unsafe { libc::close(fd) };
+        assert!(ring.commit.is_none() && ring.outstanding() == 0);
+        writer.abandon(prepared);
+        assert!(store.reader().devices().is_empty());
+        // The ring goes on with the next commit (here another store's, with real descriptors).
+        let dir = tempfile::tempdir().unwrap();
+        let store = self::store(dir.path(), Arc::new(Fs));
+        let mut writer = store.writer(0).unwrap();
+        writer
+            .append("dev-good", "t", 1_763_899_200.0, ValueRef::Number(2.0))
+            .unwrap();
+        ring.commit(writer.prepare().unwrap());
+        let (prepared, result) = finish(&mut ring);
+        result.unwrap();
+        assert_eq!(writer.publish(prepared).points, 1);
     }
 
     #[test]
