@@ -155,8 +155,7 @@ impl Shard {
 
     /// The group commit of a batch, then its responses (counted, not sent).
     pub fn commit(&mut self) {
-        let prepared = self.writer.prepare().expect("prepare");
-        self.writer.publish(prepared);
+        self.writer.commit().expect("commit");
         for exchange in &self.pending {
             self.endpoint.committed(exchange);
         }

@@ -426,7 +426,11 @@ impl ShardWriter {
         self.conclude(prepared, done)
     }
 
-    /// Publishes the prepared commit if its I/O (`done`) succeeded, abandons it otherwise.
+    /// The second half of a commit: publishes the prepared commit to readers and the summary if
+    /// its I/O (`done`: [`Prepared::perform`], or the same operations done by the caller)
+    /// succeeded. Otherwise nothing of it is published, the readings buffered since it was
+    /// prepared are discarded with it (their series ids may follow its own), and the next
+    /// commit first cuts the files back to their published lengths.
     pub fn conclude(
         &mut self,
         prepared: Prepared,
@@ -445,9 +449,9 @@ impl ShardWriter {
     /// elsewhere (a sync thread, an io_uring) while it goes on appending: encodes the buffered
     /// readings into frames (creating the segments they go to) and returns the writes and
     /// fdatasyncs ([`Prepared::perform`]) that must be done, in order, before
-    /// [`ShardWriter::publish`]. A grown dictionary's write and sync come first, before any
+    /// [`ShardWriter::conclude`]. A grown dictionary's write and sync come first, before any
     /// block refers to it. Readings appended
-    /// meanwhile go to the next commit; call `prepare` again only after `publish` or `abandon`.
+    /// meanwhile go to the next commit; call `prepare` again only after [`ShardWriter::conclude`].
     /// On error nothing is published and the buffered readings are discarded, as for `commit`.
     pub fn prepare(&mut self) -> Result<Prepared, StoreError> {
         self.touched.clear();
@@ -472,7 +476,7 @@ impl ShardWriter {
     }
 
     /// The prepared commit is durable: publishes it to readers and the summary.
-    pub fn publish(&mut self, mut prepared: Prepared) -> CommitStats {
+    fn publish(&mut self, mut prepared: Prepared) -> CommitStats {
         self.reuse(&mut prepared);
         let Some(state) = prepared.publish else {
             return prepared.stats;
@@ -512,7 +516,7 @@ impl ShardWriter {
     /// The prepared commit could not be made durable: nothing of it is published, and the
     /// readings buffered since it was prepared are discarded with it (their series ids may
     /// follow its own); the next commit first cuts the files back to their published lengths.
-    pub fn abandon(&mut self, mut prepared: Prepared) {
+    fn abandon(&mut self, mut prepared: Prepared) {
         self.reuse(&mut prepared);
         if let Some(state) = prepared.publish {
             let mut dictionary = state.dictionary;

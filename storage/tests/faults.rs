@@ -193,7 +193,7 @@ fn a_failed_sync_of_a_prepared_commit_is_abandoned_and_the_next_commit_cuts_it_b
         let error = prepared.perform().expect_err("the sync fails");
         assert!(error.to_string().contains("fdatasync"), "{error}");
         assert!(injected(&error, fault), "{error}");
-        writer.abandon(prepared);
+        writer.conclude(prepared, Err(error)).unwrap_err();
         assert_eq!(values(&store), values_of(&[0]));
         // Commit 1's frames are on the disk (written, not synced) until the next commit cuts
         // them back; a process crash now would find commit 1 whole (a commit the format

@@ -915,7 +915,7 @@ fn a_prepared_commits_io_is_ordered_merged_and_can_be_done_by_the_caller() {
         };
         assert!(result, "operation {index}");
     }
-    assert_eq!(writer.publish(prepared).points, 3);
+    assert_eq!(writer.conclude(prepared, Ok(())).unwrap().points, 3);
     drop((writer, store));
     let store = open(dir.path());
     for i in 0..3 {
@@ -939,8 +939,8 @@ fn a_prepared_commits_io_is_ordered_merged_and_can_be_done_by_the_caller() {
     let prepared = writer.prepare().unwrap();
     assert!(prepared.operations() > 0);
     assert!(prepared.raw_operation(0).is_none());
-    prepared.perform().unwrap();
-    writer.publish(prepared);
+    let done = prepared.perform();
+    writer.conclude(prepared, done).unwrap();
 }
 
 #[test]
@@ -957,8 +957,8 @@ fn a_prepared_commit_is_invisible_until_published_and_abandoning_it_drops_what_f
         assert!(prepared.needs_sync());
         // Written, not yet durable: readers do not see it.
         assert_eq!(reader.series("dev-p", "t", T0, T0 + 10.0).unwrap(), None);
-        prepared.perform().unwrap();
-        assert_eq!(writer.publish(prepared).points, 1);
+        let done = prepared.perform();
+        assert_eq!(writer.conclude(prepared, done).unwrap().points, 1);
         assert_eq!(
             reader
                 .series("dev-p", "t", T0, T0 + 10.0)
@@ -977,7 +977,12 @@ fn a_prepared_commit_is_invisible_until_published_and_abandoning_it_drops_what_f
         writer
             .append("dev-p", "u", T0 + 2.0, ValueRef::Number(3.0))
             .unwrap();
-        writer.abandon(prepared);
+        let failed = StoreError::Io {
+            op: "fdatasync",
+            path: PathBuf::from("segment"),
+            source: std::io::Error::other("injected"),
+        };
+        writer.conclude(prepared, Err(failed)).unwrap_err();
         assert_eq!(writer.pending(), 0);
         assert_eq!(reader.series("dev-p", "u", T0, T0 + 10.0).unwrap(), None);
         // The writer goes on: the next commit cuts the abandoned bytes back first.

@@ -1172,8 +1172,7 @@ mod tests {
         assert_eq!(ring.wait([None, None], false), [false; 3]);
         ring.commit(prepared);
         let (prepared, result) = finish(&mut ring);
-        result.unwrap();
-        assert_eq!(writer.publish(prepared).points, 40);
+        assert_eq!(writer.conclude(prepared, result).unwrap().points, 40);
         drop((writer, store));
         let store = self::store(dir.path(), Arc::new(Fs));
         let points = store
@@ -1283,7 +1282,7 @@ mod tests {
             "{message}"
         );
         assert!(ring.commit.is_none() && ring.outstanding() == 0);
-        writer.abandon(prepared);
+        writer.conclude(prepared, Err(error)).unwrap_err();
         assert!(store.reader().devices().is_empty());
         // The ring goes on with the next commit (here another store's, with real descriptors).
         let dir = tempfile::tempdir().unwrap();
@@ -1294,8 +1293,7 @@ mod tests {
             .unwrap();
         ring.commit(writer.prepare().unwrap());
         let (prepared, result) = finish(&mut ring);
-        result.unwrap();
-        assert_eq!(writer.publish(prepared).points, 1);
+        assert_eq!(writer.conclude(prepared, result).unwrap().points, 1);
     }
 
     #[test]
