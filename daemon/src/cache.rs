@@ -1,4 +1,5 @@
-//! In-process cache of recent query answers, keyed by the normalised query. An entry carries
+//! In-process cache of recent query answers, keyed by the normalised query (bytes written by
+//! the handler, see `SeriesQuery::key` in http.rs). An entry carries
 //! the version of the data it was computed from (the points of the series it covers, or the
 //! store generation for device listings); a lookup with another version is a miss and drops the
 //! entry, so a commit to a series invalidates exactly the answers that cover it.
@@ -37,9 +38,10 @@ struct Entry {
 
 #[derive(Default)]
 struct Inner {
-    entries: HashMap<String, Entry>,
+    /// Keys come from requests: the hasher is seeded at random.
+    entries: HashMap<Box<[u8]>, Entry, ahash::RandomState>,
     /// Keys in insertion order with their stamps; the oldest is evicted first.
-    order: VecDeque<(String, u64)>,
+    order: VecDeque<(Box<[u8]>, u64)>,
     bytes: usize,
     next_stamp: u64,
 }
@@ -52,7 +54,7 @@ pub struct QueryCache {
 }
 
 impl QueryCache {
-    pub fn get(&self, key: &str, version: u64) -> Option<Answer> {
+    pub fn get(&self, key: &[u8], version: u64) -> Option<Answer> {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let found = match inner.entries.get(key) {
             Some(entry) if entry.version == version => Some(entry.answer.clone()),
@@ -73,10 +75,11 @@ impl QueryCache {
         found
     }
 
-    pub fn insert(&self, key: String, version: u64, answer: Answer) {
+    pub fn insert(&self, key: Vec<u8>, version: u64, answer: Answer) {
         if answer.body.len() > ENTRY_BYTES_MAX {
             return;
         }
+        let key = key.into_boxed_slice();
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let stamp = inner.next_stamp;
         inner.next_stamp += 1;
@@ -133,11 +136,11 @@ mod tests {
     #[test]
     fn a_new_version_misses_and_drops_the_entry() {
         let cache = QueryCache::default();
-        assert!(cache.get("q", 1).is_none());
-        cache.insert("q".into(), 1, answer(10));
-        assert!(cache.get("q", 1).is_some());
-        assert!(cache.get("q", 2).is_none());
-        assert!(cache.get("q", 1).is_none());
+        assert!(cache.get(b"q", 1).is_none());
+        cache.insert(b"q".to_vec(), 1, answer(10));
+        assert!(cache.get(b"q", 1).is_some());
+        assert!(cache.get(b"q", 2).is_none());
+        assert!(cache.get(b"q", 1).is_none());
         assert_eq!(cache.stats(), (1, 3, 0, 0));
     }
 
@@ -145,18 +148,18 @@ mod tests {
     fn bytes_and_entries_stay_bounded() {
         let cache = QueryCache::default();
         for i in 0..(CACHE_BYTES_MAX / ENTRY_BYTES_MAX + 10) {
-            cache.insert(format!("big-{i}"), 0, answer(ENTRY_BYTES_MAX));
+            cache.insert(format!("big-{i}").into_bytes(), 0, answer(ENTRY_BYTES_MAX));
         }
         assert!(cache.stats().3 <= CACHE_BYTES_MAX);
-        assert!(cache.get("big-0", 0).is_none(), "the oldest was evicted");
+        assert!(cache.get(b"big-0", 0).is_none(), "the oldest was evicted");
         for i in 0..(CACHE_ENTRIES_MAX + 100) {
-            cache.insert(format!("small-{i}"), 0, answer(1));
-            cache.insert("same".into(), i as u64, answer(1));
+            cache.insert(format!("small-{i}").into_bytes(), 0, answer(1));
+            cache.insert(b"same".to_vec(), i as u64, answer(1));
         }
         let (_, _, entries, _) = cache.stats();
         assert!(entries <= CACHE_ENTRIES_MAX);
         assert!(cache.inner.lock().unwrap().order.len() <= 2 * CACHE_ENTRIES_MAX + 1);
-        cache.insert("huge".into(), 0, answer(ENTRY_BYTES_MAX + 1));
-        assert!(cache.get("huge", 0).is_none());
+        cache.insert(b"huge".to_vec(), 0, answer(ENTRY_BYTES_MAX + 1));
+        assert!(cache.get(b"huge", 0).is_none());
     }
 }

@@ -1,15 +1,13 @@
 //! The side HTTP port: queries over committed data, the dashboard, health, readiness and
 //! metrics. The API is documented in `docs/http-api.md`.
 
-use std::collections::BTreeMap;
-use std::hash::Hash;
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -76,6 +74,21 @@ pub struct AppState {
     /// Differs between runs of the daemon, so no ETag outlives the process that made it (a torn
     /// tail cut at recovery may change an answer without changing its point count).
     run_nonce: u64,
+    /// The last [`Reader::sealed_before`], with the store generation it was read at.
+    sealed: Mutex<Option<SealedHorizon>>,
+}
+
+/// How long a computed sealed horizon is reused while no commit changes the store: sealing and
+/// the clock only move the horizon later, so a reused one is at worst this much too early (an
+/// answer says `no-cache` where it could already say `immutable`); a commit, which may add an
+/// unsealed segment before it, makes the next request compute it again.
+const SEALED_RECHECK: Duration = Duration::from_secs(1);
+
+#[derive(Clone, Copy)]
+struct SealedHorizon {
+    generation: u64,
+    at: Instant,
+    before: f64,
 }
 
 impl AppState {
@@ -88,6 +101,28 @@ impl AppState {
             query_latency_us: std::array::from_fn(|_| Mutex::new(metrics::latency_histogram())),
             cache: QueryCache::default(),
             run_nonce: ahash::RandomState::new().hash_one(std::process::id()),
+            sealed: Mutex::new(None),
+        }
+    }
+
+    /// [`Reader::sealed_before`], computed at most once per store generation and
+    /// [`SEALED_RECHECK`] (it walks every segment of every shard).
+    fn sealed_before(&self) -> f64 {
+        let generation = self.reader.generation();
+        let mut memo = self.sealed.lock().unwrap_or_else(|p| p.into_inner());
+        match *memo {
+            Some(m) if m.generation == generation && m.at.elapsed() < SEALED_RECHECK => m.before,
+            _ => {
+                // The generation is read first: a commit meanwhile leaves an older generation
+                // beside the horizon, and the next request computes it again.
+                let before = self.reader.sealed_before();
+                *memo = Some(SealedHorizon {
+                    generation,
+                    at: Instant::now(),
+                    before,
+                });
+                before
+            }
         }
     }
 
@@ -101,10 +136,10 @@ impl AppState {
         }
     }
 
-    fn etag(&self, key: &str, version: u64) -> String {
+    fn etag(&self, key: &[u8], version: u64) -> Etag {
         let hash =
             ahash::RandomState::with_seeds(1, 2, 3, 4).hash_one((key, version, self.run_nonce));
-        format!("\"{hash:016x}\"")
+        Etag::new(hash)
     }
 
     /// Every measurement: the shards', query latency per endpoint and the result cache's.
@@ -185,43 +220,61 @@ pub fn error(status: StatusCode, message: String) -> Response {
     (status, axum::Json(json!({ "error": message }))).into_response()
 }
 
-/// Whether `If-None-Match` names `etag` (or `*`).
-fn not_modified(headers: &HeaderMap, etag: &str) -> bool {
-    headers
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.split(',')
-                .map(|t| t.trim().trim_start_matches("W/"))
-                .any(|t| t == etag || t == "*")
-        })
+/// An entity tag: `"` and 16 lower-case hex digits of a hash and `"`, written on the stack.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Etag([u8; 18]);
+
+impl Etag {
+    fn new(hash: u64) -> Etag {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut text = [b'"'; 18];
+        for (i, digit) in text[1..17].iter_mut().enumerate() {
+            *digit = HEX[(hash >> (60 - 4 * i)) as usize & 0xf];
+        }
+        Etag(text)
+    }
+
+    fn header(&self) -> HeaderValue {
+        HeaderValue::from_bytes(&self.0).expect("quoted hex is a valid header")
+    }
 }
 
-/// How long a cache may keep a series answer whose range lies in sealed partitions without
-/// asking again: a day. Such an answer changes only if a reading later than the partition's
-/// grace period arrives (it is stored, in a late segment) or retention drops the partition;
-/// the ETag changes then, and a cache that revalidates sees it.
-pub const SEALED_MAX_AGE_S: u32 = 86_400;
+/// Whether `If-None-Match` names `etag` (or `*`), in any of its header lines.
+fn not_modified(headers: &HeaderMap, etag: &Etag) -> bool {
+    headers.get_all(header::IF_NONE_MATCH).iter().any(|value| {
+        value.as_bytes().split(|b| *b == b',').any(|tag| {
+            let tag = tag.trim_ascii();
+            let tag = tag.strip_prefix(b"W/").unwrap_or(tag);
+            tag == etag.0 || tag == b"*"
+        })
+    })
+}
+
+/// `Cache-Control` of a series answer whose range lies in sealed partitions: caches may keep it
+/// a day without asking again. Such an answer changes only if a reading later than the
+/// partition's grace period arrives (it is stored, in a late segment) or retention drops the
+/// partition; the ETag changes then, and a cache that revalidates sees it.
+const SEALED_CACHE_CONTROL: &str = "public, max-age=86400, immutable";
 
 /// ETag and `Cache-Control`: `public, max-age=…, immutable` for an answer that lies in sealed
 /// data, `no-cache` (revalidate every time) otherwise.
-fn cache_headers(etag: &str, sealed: bool) -> [(header::HeaderName, HeaderValue); 2] {
-    let cache_control = if sealed {
-        HeaderValue::from_str(&format!("public, max-age={SEALED_MAX_AGE_S}, immutable"))
-            .expect("a valid header")
+fn cache_headers(etag: &Etag, sealed: bool) -> [(header::HeaderName, HeaderValue); 2] {
+    let cache_control = HeaderValue::from_static(if sealed {
+        SEALED_CACHE_CONTROL
     } else {
-        HeaderValue::from_static("no-cache")
-    };
+        "no-cache"
+    });
     [
-        (
-            header::ETAG,
-            HeaderValue::from_str(etag).expect("hex etag is a valid header"),
-        ),
+        (header::ETAG, etag.header()),
         (header::CACHE_CONTROL, cache_control),
     ]
 }
 
-fn answer_response(etag: &str, sealed: bool, answer: Answer) -> Response {
+fn not_modified_response(etag: &Etag, sealed: bool) -> Response {
+    (StatusCode::NOT_MODIFIED, cache_headers(etag, sealed)).into_response()
+}
+
+fn answer_response(etag: &Etag, sealed: bool, answer: Answer) -> Response {
     let mut response = (
         StatusCode::OK,
         cache_headers(etag, sealed),
@@ -240,39 +293,55 @@ fn answer_response(etag: &str, sealed: bool, answer: Answer) -> Response {
 // ---------------------------------------------------------------------------------------------
 // Parameters
 
-/// Query parameters with each name at most once, except those listed as repeatable.
-struct Params(BTreeMap<String, Vec<String>>);
+/// Most parameters an endpoint knows.
+const PARAMETERS_MAX: usize = 10;
 
-impl Params {
+/// The parameters of a query string, decoded as `application/x-www-form-urlencoded` (`+` is a
+/// space, `%XX` an escaped byte, invalid UTF-8 replaced) and borrowed from the request where
+/// nothing was escaped. Each known name may appear at most once, except one repeatable name.
+struct Params<'a> {
+    known: &'static [&'static str],
+    /// The value of each known parameter, in the order of `known`.
+    values: [Option<Cow<'a, str>>; PARAMETERS_MAX],
+    /// Every value of the repeatable parameter, in order.
+    repeated: Vec<Cow<'a, str>>,
+}
+
+impl<'a> Params<'a> {
     fn parse(
-        pairs: Result<Query<Vec<(String, String)>>, QueryRejection>,
-        known: &[&str],
-        repeatable: &[&str],
-    ) -> Result<Params, String> {
-        let Query(pairs) = pairs.map_err(|rejection| rejection.body_text())?;
-        let mut params: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for (key, value) in pairs {
-            if !known.contains(&key.as_str()) {
+        query: Option<&'a str>,
+        known: &'static [&'static str],
+        repeatable: Option<&'static str>,
+    ) -> Result<Params<'a>, String> {
+        debug_assert!(known.len() <= PARAMETERS_MAX);
+        let mut params = Params {
+            known,
+            values: Default::default(),
+            repeated: Vec::new(),
+        };
+        for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+            let Some(index) = known.iter().position(|k| *k == key) else {
                 return Err(format!("unknown parameter `{key}`"));
-            }
-            let values = params.entry(key.clone()).or_default();
-            if !values.is_empty() && !repeatable.contains(&key.as_str()) {
+            };
+            if repeatable == Some(known[index]) {
+                params.repeated.push(value);
+            } else if params.values[index].is_some() {
                 return Err(format!("`{key}` is given more than once"));
+            } else {
+                params.values[index] = Some(value);
             }
-            values.push(value);
         }
-        Ok(Params(params))
+        Ok(params)
     }
 
     fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.first()).map(String::as_str)
+        let index = self.known.iter().position(|k| *k == key)?;
+        self.values[index].as_deref()
     }
 
-    fn required(&self, key: &str) -> Result<String, String> {
-        match self.get(key) {
-            Some(v) if !v.is_empty() => Ok(v.to_string()),
-            _ => Err(format!("`{key}` is required")),
-        }
+    fn take(&mut self, key: &str) -> Option<Cow<'a, str>> {
+        let index = self.known.iter().position(|k| *k == key)?;
+        self.values[index].take()
     }
 
     fn limit(&self) -> Result<Option<usize>, String> {
@@ -289,7 +358,7 @@ impl Params {
 
 /// Unix seconds (`1763900000.5`), RFC 3339 (`2026-11-24T01:00:00Z`, any offset), or `now`
 /// minus an optional duration (`now-1h`).
-fn parse_time(parameter: &str, text: &str, now: f64) -> Result<f64, String> {
+fn parse_time(parameter: &str, text: &str, now: fn() -> f64) -> Result<f64, String> {
     if let Ok(seconds) = text.parse::<f64>() {
         if seconds.is_finite() {
             return Ok(seconds);
@@ -297,10 +366,10 @@ fn parse_time(parameter: &str, text: &str, now: f64) -> Result<f64, String> {
     }
     if let Some(rest) = text.strip_prefix("now") {
         if rest.is_empty() {
-            return Ok(now);
+            return Ok(now());
         }
         if let Some(ago) = rest.strip_prefix('-').and_then(|d| parse_duration(d).ok()) {
-            return Ok(now - ago);
+            return Ok(now() - ago);
         }
     }
     text.parse::<jiff::Timestamp>()
@@ -397,11 +466,12 @@ impl Cursor {
     }
 }
 
-/// A validated `/v1/series` query. Its Debug text is the cache key (times resolved).
+/// A validated `/v1/series` query, borrowing from the request's query string where it can
+/// (`into_owned` for a scan that outlives the request).
 #[derive(Debug, Clone, PartialEq)]
-struct SeriesQuery {
-    device: String,
-    names: Vec<String>,
+struct SeriesQuery<'a> {
+    device: Cow<'a, str>,
+    names: Vec<Cow<'a, str>>,
     from: f64,
     to: f64,
     bucket: Option<(f64, Aggregate)>,
@@ -412,14 +482,90 @@ struct SeriesQuery {
     above: Option<f64>,
 }
 
+impl SeriesQuery<'_> {
+    fn into_owned(self) -> SeriesQuery<'static> {
+        SeriesQuery {
+            device: Cow::Owned(self.device.into_owned()),
+            names: self
+                .names
+                .into_iter()
+                .map(|n| Cow::Owned(n.into_owned()))
+                .collect(),
+            from: self.from,
+            to: self.to,
+            bucket: self.bucket,
+            format: self.format,
+            limit: self.limit,
+            cursor: self.cursor,
+            above: self.above,
+        }
+    }
+
+    /// The normalised query (times resolved, so `from=1795478400` and
+    /// `from=2026-11-24T00:00:00Z` share it): the result cache's key and the ETag's input.
+    /// Every field is written, strings after their length, so two queries share a key exactly
+    /// when they ask the same.
+    fn key(&self) -> Vec<u8> {
+        let strings = self.device.len() + self.names.iter().map(|n| n.len() + 4).sum::<usize>();
+        let mut key = Vec::with_capacity(96 + strings);
+        key.push(b'S');
+        key_str(&mut key, &self.device);
+        key_u64(&mut key, self.names.len() as u64);
+        for name in &self.names {
+            key_str(&mut key, name);
+        }
+        key_u64(&mut key, self.from.to_bits());
+        key_u64(&mut key, self.to.to_bits());
+        match self.bucket {
+            None => key.push(0),
+            Some((step, agg)) => {
+                key.push(1 + agg as u8);
+                key_u64(&mut key, step.to_bits());
+            }
+        }
+        key.push(self.format as u8);
+        key_u64(&mut key, self.limit.map_or(u64::MAX, |n| n as u64));
+        match self.cursor {
+            None => key.push(0),
+            Some(cursor) => {
+                key.push(1);
+                key_u64(&mut key, cursor.name as u64);
+                key_u64(&mut key, cursor.time.to_bits());
+                key_u64(&mut key, cursor.skip);
+            }
+        }
+        match self.above {
+            None => key.push(0),
+            Some(above) => {
+                key.push(1);
+                key_u64(&mut key, above.to_bits());
+            }
+        }
+        key
+    }
+}
+
+fn key_u64(key: &mut Vec<u8>, n: u64) {
+    key.extend_from_slice(&n.to_le_bytes());
+}
+
+fn key_str(key: &mut Vec<u8>, text: &str) {
+    key.extend_from_slice(&(text.len() as u32).to_le_bytes());
+    key.extend_from_slice(text.as_bytes());
+}
+
 const SERIES_PARAMETERS: [&str; 10] = [
     "device", "name", "from", "to", "step", "agg", "format", "limit", "cursor", "above",
 ];
 
-fn parse_series_query(params: &Params, now: f64) -> Result<SeriesQuery, String> {
-    let device = params.required("device")?;
-    let names: Vec<String> = params.0.get("name").cloned().unwrap_or_default();
-    if names.is_empty() || names.iter().any(String::is_empty) {
+/// `now` is called only for a time given as `now` or `now-DURATION`.
+fn parse_series_query(mut params: Params<'_>, now: fn() -> f64) -> Result<SeriesQuery<'_>, String> {
+    let device = match params.take("device") {
+        Some(device) if !device.is_empty() => device,
+        _ => return Err("`device` is required".to_string()),
+    };
+    let names = std::mem::take(&mut params.repeated);
+    if names.is_empty() || names.iter().any(|n| n.is_empty()) {
         return Err("`name` is required (repeat it for several series)".to_string());
     }
     if let Some(name) = names
@@ -528,46 +674,55 @@ fn base64url(data: &[u8]) -> String {
 
 /// A listing of devices (`prefix`, `limit`, `cursor` = the last device of the previous page),
 /// answered from memory and cached per store generation.
-async fn listing(
-    state: Arc<AppState>,
-    endpoint: Endpoint,
-    pairs: Result<Query<Vec<(String, String)>>, QueryRejection>,
-    headers: HeaderMap,
-) -> Response {
+async fn listing(state: Arc<AppState>, endpoint: Endpoint, request: Request) -> Response {
     let started = Instant::now();
-    let response = match Params::parse(pairs, &["prefix", "limit", "cursor"], &[]) {
+    let parsed = Params::parse(request.uri().query(), &["prefix", "limit", "cursor"], None)
+        .and_then(|params| Ok((params.limit()?, params)));
+    let response = match parsed {
         Err(message) => error(StatusCode::BAD_REQUEST, message),
-        Ok(params) => match params.limit() {
-            Err(message) => error(StatusCode::BAD_REQUEST, message),
-            Ok(limit) => {
-                let prefix = params.get("prefix").unwrap_or("").to_string();
-                let after = params.get("cursor").map(str::to_string);
-                let key = format!("{endpoint:?}|{prefix:?}|{limit:?}|{after:?}");
-                let version = state.reader.generation();
-                let etag = state.etag(&key, version);
-                if not_modified(&headers, &etag) {
-                    (StatusCode::NOT_MODIFIED, cache_headers(&etag, false)).into_response()
-                } else if let Some(answer) = state.cache.get(&key, version) {
-                    answer_response(&etag, false, answer)
-                } else {
-                    let reader = state.reader.clone();
-                    let built = tokio::task::spawn_blocking(move || {
-                        build_listing(&reader, endpoint, &prefix, limit, after.as_deref())
-                    })
-                    .await;
-                    match built {
-                        Ok(answer) => {
-                            state.cache.insert(key, version, answer.clone());
-                            answer_response(&etag, false, answer)
-                        }
-                        Err(e) => error(
-                            StatusCode::INTERNAL_SERVER_ERROR,
-                            format!("query failed: {e}"),
-                        ),
-                    }
+        Ok((limit, params)) => {
+            let prefix = params.get("prefix").unwrap_or("");
+            let after = params.get("cursor");
+            let mut key = Vec::with_capacity(32 + prefix.len() + after.map_or(0, str::len));
+            key.push(if endpoint == Endpoint::Devices {
+                b'D'
+            } else {
+                b'L'
+            });
+            key_str(&mut key, prefix);
+            key_u64(&mut key, limit.map_or(u64::MAX, |n| n as u64));
+            match after {
+                None => key.push(0),
+                Some(after) => {
+                    key.push(1);
+                    key_str(&mut key, after);
                 }
             }
-        },
+            let version = state.reader.generation();
+            let etag = state.etag(&key, version);
+            if not_modified(request.headers(), &etag) {
+                not_modified_response(&etag, false)
+            } else if let Some(answer) = state.cache.get(&key, version) {
+                answer_response(&etag, false, answer)
+            } else {
+                let reader = state.reader.clone();
+                let (prefix, after) = (prefix.to_string(), after.map(str::to_string));
+                let built = tokio::task::spawn_blocking(move || {
+                    build_listing(&reader, endpoint, &prefix, limit, after.as_deref())
+                })
+                .await;
+                match built {
+                    Ok(answer) => {
+                        state.cache.insert(key, version, answer.clone());
+                        answer_response(&etag, false, answer)
+                    }
+                    Err(e) => error(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("query failed: {e}"),
+                    ),
+                }
+            }
+        }
     };
     state.record_query(endpoint, started);
     response
@@ -686,20 +841,12 @@ fn url_encode(text: &str) -> String {
         .collect()
 }
 
-async fn devices(
-    State(state): State<Arc<AppState>>,
-    pairs: Result<Query<Vec<(String, String)>>, QueryRejection>,
-    headers: HeaderMap,
-) -> Response {
-    listing(state, Endpoint::Devices, pairs, headers).await
+async fn devices(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    listing(state, Endpoint::Devices, request).await
 }
 
-async fn latest(
-    State(state): State<Arc<AppState>>,
-    pairs: Result<Query<Vec<(String, String)>>, QueryRejection>,
-    headers: HeaderMap,
-) -> Response {
-    listing(state, Endpoint::Latest, pairs, headers).await
+async fn latest(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    listing(state, Endpoint::Latest, request).await
 }
 
 async fn device_latest(
@@ -708,10 +855,12 @@ async fn device_latest(
     headers: HeaderMap,
 ) -> Response {
     let started = Instant::now();
-    let key = format!("device_latest|{device:?}");
+    let mut key = Vec::with_capacity(8 + device.len());
+    key.push(b'd');
+    key_str(&mut key, &device);
     let etag = state.etag(&key, state.reader.generation());
     let response = if not_modified(&headers, &etag) {
-        (StatusCode::NOT_MODIFIED, cache_headers(&etag, false)).into_response()
+        not_modified_response(&etag, false)
     } else {
         match state.reader.latest(&device) {
             None => error(StatusCode::NOT_FOUND, format!("unknown device `{device}`")),
@@ -729,14 +878,10 @@ async fn device_latest(
 // ---------------------------------------------------------------------------------------------
 // Series
 
-async fn series(
-    State(state): State<Arc<AppState>>,
-    pairs: Result<Query<Vec<(String, String)>>, QueryRejection>,
-    headers: HeaderMap,
-) -> Response {
+async fn series(State(state): State<Arc<AppState>>, request: Request) -> Response {
     let started = Instant::now();
-    let query = Params::parse(pairs, &SERIES_PARAMETERS, &["name"])
-        .and_then(|params| parse_series_query(&params, now_seconds()));
+    let query = Params::parse(request.uri().query(), &SERIES_PARAMETERS, Some("name"))
+        .and_then(|params| parse_series_query(params, now_seconds));
     let query = match query {
         Ok(query) => query,
         Err(message) => {
@@ -758,17 +903,18 @@ async fn series(
             }
         }
     }
-    let key = format!("{query:?}");
+    let key = query.key();
     let etag = state.etag(&key, version);
-    let sealed = query.to <= state.reader.sealed_before();
-    if not_modified(&headers, &etag) {
+    let sealed = query.to <= state.sealed_before();
+    if not_modified(request.headers(), &etag) {
         state.record_query(Endpoint::Series, started);
-        return (StatusCode::NOT_MODIFIED, cache_headers(&etag, sealed)).into_response();
+        return not_modified_response(&etag, sealed);
     }
     if let Some(answer) = state.cache.get(&key, version) {
         state.record_query(Endpoint::Series, started);
         return answer_response(&etag, sealed, answer);
     }
+    let query = query.into_owned();
     let content_type = query.format.content_type();
     if query.limit.is_some() {
         // A page: built whole (bounded by PAGE_LIMIT_MAX) so its Link header can name the next.
@@ -931,7 +1077,7 @@ impl Bucket {
 /// whenever it passes [`STREAM_CHUNK_BYTES`] and at the end; `emit` returns false when the
 /// client is gone.
 struct Encoder<'a> {
-    query: &'a SeriesQuery,
+    query: &'a SeriesQuery<'a>,
     buffer: Vec<u8>,
     emit: &'a mut dyn FnMut(&mut Vec<u8>) -> bool,
     gone: bool,
@@ -1237,13 +1383,9 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 mod tests {
     use super::*;
 
-    fn params(query: &str) -> Result<Params, String> {
-        let uri: axum::http::Uri = format!("/v1/series?{query}").parse().unwrap();
-        Params::parse(Query::try_from_uri(&uri), &SERIES_PARAMETERS, &["name"])
-    }
-
-    fn parse(query: &str) -> Result<SeriesQuery, String> {
-        parse_series_query(&params(query)?, 1_000_000.0)
+    fn parse(query: &str) -> Result<SeriesQuery<'_>, String> {
+        let params = Params::parse(Some(query), &SERIES_PARAMETERS, Some("name"))?;
+        parse_series_query(params, || 1_000_000.0)
     }
 
     #[test]
@@ -1287,6 +1429,113 @@ mod tests {
             (relative.from, relative.to),
             (1_000_000.0 - 3600.0, 1_000_000.0)
         );
+    }
+
+    #[test]
+    fn query_strings_decode_as_forms_and_borrow_when_nothing_is_escaped() {
+        let q = parse("device=dev-1&name=temp&na%6De=a+b&name=c%2Cd").unwrap();
+        assert_eq!(q.names, ["temp", "a b", "c,d"]);
+        assert!(matches!(q.device, Cow::Borrowed("dev-1")));
+        assert!(matches!(q.names[0], Cow::Borrowed("temp")));
+        // Empty pieces are skipped, a name without `=` has an empty value.
+        assert_eq!(parse("&&device=d&&name=t&").unwrap().names, ["t"]);
+        assert!(parse("device&name=t").unwrap_err().contains("`device`"));
+        assert!(parse("device=d&name=t&name=")
+            .unwrap_err()
+            .contains("`name`"));
+        assert!(parse("").unwrap_err().contains("`device`"));
+        let listing = |q: &str| {
+            Params::parse(Some(q), &["prefix", "limit", "cursor"], None).and_then(|p| p.limit())
+        };
+        assert_eq!(listing("prefix=a&limit=5"), Ok(Some(5)));
+        assert!(listing("prefix=a&prefix=b")
+            .unwrap_err()
+            .contains("`prefix`"));
+        assert!(listing("name=x").unwrap_err().contains("`name`"));
+        assert!(listing("limit=100001").unwrap_err().contains("`limit`"));
+    }
+
+    #[test]
+    fn keys_are_equal_exactly_for_the_same_normalised_query() {
+        let key = |q: &str| parse(q).unwrap().key();
+        let base = key("device=d&name=t&from=1795478400&to=1795479000");
+        assert_eq!(
+            base,
+            key("to=1795479000.0&from=2026-11-24T00:00:00Z&name=t&device=d")
+        );
+        let different = [
+            "device=d&name=t&from=1795478400&to=1795479001",
+            "device=d&name=t&from=1795478401&to=1795479000",
+            "device=e&name=t&from=1795478400&to=1795479000",
+            "device=d&name=u&from=1795478400&to=1795479000",
+            "device=d&name=t&name=u&from=1795478400&to=1795479000",
+            "device=d&name=t&from=1795478400&to=1795479000&step=60&agg=max",
+            "device=d&name=t&from=1795478400&to=1795479000&step=60&agg=min",
+            "device=d&name=t&from=1795478400&to=1795479000&step=120&agg=max",
+            "device=d&name=t&from=1795478400&to=1795479000&format=csv",
+            "device=d&name=t&from=1795478400&to=1795479000&limit=10",
+            "device=d&name=t&from=1795478400&to=1795479000&above=0",
+        ];
+        let mut keys = vec![base];
+        for q in different {
+            let k = key(q);
+            assert!(!keys.contains(&k), "{q} shares a key");
+            keys.push(k);
+        }
+        // Lengths come before strings: device `ab` + name `c` is not device `a` + name `bc`.
+        assert_ne!(key("device=ab&name=c"), key("device=a&name=bc"));
+        let cursor = Cursor {
+            name: 0,
+            time: 1.0,
+            skip: 0,
+        };
+        assert_ne!(
+            key("device=d&name=t&limit=5"),
+            key(&format!(
+                "device=d&name=t&limit=5&cursor={}",
+                cursor.encode()
+            ))
+        );
+    }
+
+    #[test]
+    fn relative_times_read_the_clock_only_when_asked() {
+        fn clock() -> f64 {
+            panic!("the clock was read")
+        }
+        let params = Params::parse(
+            Some("device=d&name=t&from=5&to=6"),
+            &SERIES_PARAMETERS,
+            Some("name"),
+        );
+        assert!(parse_series_query(params.unwrap(), clock).is_ok());
+    }
+
+    #[test]
+    fn etags_are_quoted_hex_and_if_none_match_lists_are_read() {
+        let etag = Etag::new(0x0123_4567_89ab_cdef);
+        assert_eq!(etag.header(), "\"0123456789abcdef\"");
+        let other = Etag::new(1);
+        let headers = |values: &[&str]| {
+            let mut map = HeaderMap::new();
+            for v in values {
+                map.append(header::IF_NONE_MATCH, HeaderValue::from_str(v).unwrap());
+            }
+            map
+        };
+        assert!(not_modified(&headers(&["\"0123456789abcdef\""]), &etag));
+        assert!(not_modified(
+            &headers(&["\"x\" , W/\"0123456789abcdef\""]),
+            &etag
+        ));
+        assert!(not_modified(
+            &headers(&["\"x\"", "\"0123456789abcdef\""]),
+            &etag
+        ));
+        assert!(not_modified(&headers(&["*"]), &other));
+        assert!(!not_modified(&headers(&["\"0123456789abcdef\""]), &other));
+        assert!(!not_modified(&headers(&["0123456789abcdef"]), &etag));
+        assert!(!not_modified(&headers(&[]), &etag));
     }
 
     #[test]
