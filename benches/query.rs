@@ -12,6 +12,7 @@
 //! (and reused when it already holds the same dataset), else in a temporary directory.
 //! The figures are printed as a Markdown table for benches/RESULTS.md.
 
+use std::io::Read as _;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -162,7 +163,6 @@ fn sluiced() -> PathBuf {
     path
 }
 
-/// Latencies in ms of `requests` GETs of the paths `path(i)`: (median, p90, body bytes of one).
 /// Requests per second `wrk` gets from `url` in NOT_MODIFIED_SECONDS (1 thread, 16
 /// keep-alive connections), with an If-None-Match; None when wrk is not installed
 /// (`apt-get install wrk`).
@@ -181,22 +181,83 @@ fn wrk(url: &str, etag: Option<&str>) -> Option<f64> {
         .and_then(|rate| rate.trim().parse().ok())
 }
 
-fn measure(agent: &ureq::Agent, base: &str, path: impl Fn(usize) -> String) -> (f64, f64, usize) {
+/// How a measured request reads its answer; every way receives all of it.
+#[derive(Clone, Copy, PartialEq)]
+enum Reading {
+    /// The body into a buffer sized by its `Content-Length`, then checked as UTF-8.
+    Whole,
+    /// `ureq`'s `into_string` (8 KiB reads through its buffered reader into a growing
+    /// string): how this bench read every answer before it measured the ways apart.
+    UreqString,
+    /// With `Accept-Encoding: gzip`; the body inflated (flate2) and checked as UTF-8.
+    Gzip,
+}
+
+/// One question asked REQUESTS times.
+struct Figures {
+    median_ms: f64,
+    p90_ms: f64,
+    /// Median time to the status line and headers.
+    headers_ms: f64,
+    /// Body bytes of one answer as the application sees it (inflated), and as sent.
+    bytes: usize,
+    wire_bytes: usize,
+}
+
+fn measure(
+    agent: &ureq::Agent,
+    base: &str,
+    reading: Reading,
+    path: impl Fn(usize) -> String,
+) -> Figures {
     let mut latencies = Vec::with_capacity(REQUESTS);
-    let mut bytes = 0;
+    let mut to_headers = Vec::with_capacity(REQUESTS);
+    let (mut bytes, mut wire_bytes) = (0, 0);
     for i in 0..REQUESTS {
         let url = format!("{base}{}", path(i));
         let started = Instant::now();
-        let response = agent
-            .get(&url)
-            .call()
-            .unwrap_or_else(|e| panic!("{url}: {e}"));
-        let body = response.into_string().unwrap();
+        let mut request = agent.get(&url);
+        if reading == Reading::Gzip {
+            request = request.set("Accept-Encoding", "gzip");
+        }
+        let response = request.call().unwrap_or_else(|e| panic!("{url}: {e}"));
+        to_headers.push(started.elapsed().as_secs_f64() * 1e3);
+        let gzipped = response.header("Content-Encoding") == Some("gzip");
+        let length: usize = response
+            .header("Content-Length")
+            .and_then(|l| l.parse().ok())
+            .unwrap_or(0);
+        let body = match reading {
+            Reading::UreqString => response.into_string().unwrap().into_bytes(),
+            Reading::Whole | Reading::Gzip => {
+                let mut body = Vec::with_capacity(length);
+                response.into_reader().read_to_end(&mut body).unwrap();
+                body
+            }
+        };
+        wire_bytes = body.len();
+        let body = if gzipped {
+            let mut inflated = Vec::with_capacity(body.len() * 12);
+            flate2::read::GzDecoder::new(&body[..])
+                .read_to_end(&mut inflated)
+                .unwrap();
+            inflated
+        } else {
+            body
+        };
+        std::str::from_utf8(&body).expect("answers are UTF-8");
         latencies.push(started.elapsed().as_secs_f64() * 1e3);
         bytes = body.len();
     }
     latencies.sort_by(f64::total_cmp);
-    (latencies[REQUESTS / 2], latencies[REQUESTS * 9 / 10], bytes)
+    to_headers.sort_by(f64::total_cmp);
+    Figures {
+        median_ms: latencies[REQUESTS / 2],
+        p90_ms: latencies[REQUESTS * 9 / 10],
+        headers_ms: to_headers[REQUESTS / 2],
+        bytes,
+        wire_bytes,
+    }
 }
 
 fn main() {
@@ -240,7 +301,7 @@ fn main() {
 
     let end = T0 + points as f64 * INTERVAL_S;
     let device = |i: usize| device_name((i as u64 * 7919) % devices);
-    let mut rows: Vec<(String, (f64, f64, usize))> = Vec::new();
+    let mut rows: Vec<(String, Figures)> = Vec::new();
     let latest_cold = {
         let started = Instant::now();
         let body = agent
@@ -251,19 +312,28 @@ fn main() {
             .unwrap();
         (started.elapsed().as_secs_f64() * 1e3, body.len())
     };
+    let whole = Reading::Whole;
     rows.push((
         "lastpoint, all devices (`/v1/latest`), cache hit".into(),
-        measure(&agent, &base, |_| "/v1/latest".into()),
+        measure(&agent, &base, whole, |_| "/v1/latest".into()),
+    ));
+    rows.push((
+        "lastpoint, all devices, cache hit, read by ureq's `into_string`".into(),
+        measure(&agent, &base, Reading::UreqString, |_| "/v1/latest".into()),
+    ));
+    rows.push((
+        "lastpoint, all devices, cache hit, gzip (inflated by the client)".into(),
+        measure(&agent, &base, Reading::Gzip, |_| "/v1/latest".into()),
     ));
     rows.push((
         "lastpoint, one device (`/v1/devices/{d}/latest`)".into(),
-        measure(&agent, &base, |i| {
+        measure(&agent, &base, whole, |i| {
             format!("/v1/devices/{}/latest", device(i))
         }),
     ));
     rows.push((
         "single-groupby-1-1-1: max per 5 min over 1 h, one device, cold".into(),
-        measure(&agent, &base, |i| {
+        measure(&agent, &base, whole, |i| {
             format!(
                 "/v1/series?device={}&name=usage&from={}&to={end}&step=5m&agg=max",
                 device(i),
@@ -273,7 +343,7 @@ fn main() {
     ));
     rows.push((
         "single-groupby-1-1-1, same query again (cache hit)".into(),
-        measure(&agent, &base, |_| {
+        measure(&agent, &base, whole, |_| {
             format!(
                 "/v1/series?device={}&name=usage&from={}&to={end}&step=5m&agg=max",
                 device(0),
@@ -283,7 +353,7 @@ fn main() {
     ));
     rows.push((
         "high-cpu-1: points above 90 over 12 h, one device, cold".into(),
-        measure(&agent, &base, |i| {
+        measure(&agent, &base, whole, |i| {
             format!(
                 "/v1/series?device={}&name=usage&from={}&to={end}&above=90",
                 device(i + 1),
@@ -293,7 +363,7 @@ fn main() {
     ));
     rows.push((
         "last 5 one-minute buckets (avg), one device, cold".into(),
-        measure(&agent, &base, |i| {
+        measure(&agent, &base, whole, |i| {
             format!(
                 "/v1/series?device={}&name=usage&from={}&to={end}&step=1m&agg=avg",
                 device(i + 2),
@@ -346,14 +416,22 @@ fn main() {
         "\n{devices} devices x {points} points = {} points; sluiced ready after {ready_s:.1} s (in-process open {open_s:.1} s)\n",
         devices * points
     );
-    println!("| question | median ms | p90 ms | body bytes |");
-    println!("|---|---:|---:|---:|");
+    println!("| question | median ms | p90 ms | headers after, median ms | body bytes (as sent) |");
+    println!("|---|---:|---:|---:|---:|");
     println!(
-        "| lastpoint, all devices (`/v1/latest`), first request (cache miss) | {:.2} | | {} |",
+        "| lastpoint, all devices (`/v1/latest`), first request (cache miss) | {:.2} | | | {} |",
         latest_cold.0, latest_cold.1
     );
-    for (name, (median, p90, bytes)) in rows {
-        println!("| {name} | {median:.3} | {p90:.3} | {bytes} |");
+    for (name, f) in rows {
+        let wire = if f.wire_bytes == f.bytes {
+            String::new()
+        } else {
+            format!(" ({})", f.wire_bytes)
+        };
+        println!(
+            "| {name} | {:.3} | {:.3} | {:.3} | {}{wire} |",
+            f.median_ms, f.p90_ms, f.headers_ms, f.bytes
+        );
     }
     println!(
         "\nfull-scan aggregate (one series, whole range, in process, one thread): {records} records in {:.3} s = {:.1} M records/s",

@@ -528,3 +528,114 @@ fn answers_that_lie_in_sealed_partitions_are_immutable_the_rest_revalidated() {
         Some("no-cache")
     );
 }
+
+/// A raw GET: status, the named headers and the body bytes as sent (no decoding).
+fn get_raw(
+    daemon: &Daemon,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, Vec<Option<String>>, Vec<u8>) {
+    let mut request =
+        ureq::get(&format!("http://{}{path}", daemon.http)).timeout(Duration::from_secs(10));
+    for (name, value) in headers {
+        request = request.set(name, value);
+    }
+    let response = match request.call() {
+        Ok(response) => response,
+        Err(ureq::Error::Status(_, response)) => response,
+        Err(error) => panic!("GET {path}: {error}"),
+    };
+    let named = ["ETag", "Content-Encoding", "Vary", "Content-Type"]
+        .iter()
+        .map(|name| response.header(name).map(str::to_string))
+        .collect();
+    let status = response.status();
+    let mut body = Vec::new();
+    std::io::Read::read_to_end(&mut response.into_reader(), &mut body).unwrap();
+    (status, named, body)
+}
+
+#[test]
+fn large_listings_go_gzip_compressed_to_clients_that_accept_it() {
+    use std::io::Read as _;
+    let daemon = Daemon::start(&[]);
+    let mut client = Client::new(daemon.coap);
+    // 40 devices: a listing over the 1 KiB below which nothing is compressed.
+    for i in 0..40 {
+        post(
+            &mut client,
+            &format!("dev-{i:02}"),
+            &[("temp", T0 + i, i as f64)],
+        );
+    }
+    let (status, plain_headers, plain) = get_raw(&daemon, "/v1/latest", &[]);
+    assert_eq!(status, 200);
+    let [plain_tag, encoding, vary, _] = &plain_headers[..] else {
+        unreachable!()
+    };
+    assert_eq!(encoding, &None);
+    assert_eq!(vary.as_deref(), Some("accept-encoding"));
+    assert!(plain.len() > 1024, "{}", plain.len());
+
+    let accept = [("Accept-Encoding", "gzip, deflate, br")];
+    let (status, gz_headers, gz) = get_raw(&daemon, "/v1/latest", &accept);
+    assert_eq!(status, 200);
+    let [gz_tag, encoding, vary, content_type] = &gz_headers[..] else {
+        unreachable!()
+    };
+    assert_eq!(encoding.as_deref(), Some("gzip"));
+    assert_eq!(vary.as_deref(), Some("accept-encoding"));
+    assert_eq!(content_type.as_deref(), Some("application/json"));
+    assert_ne!(gz_tag, plain_tag, "each representation has its own tag");
+    assert!(
+        gz.len() < plain.len() / 2,
+        "{} of {}",
+        gz.len(),
+        plain.len()
+    );
+    let mut inflated = Vec::new();
+    flate2::read::GzDecoder::new(&gz[..])
+        .read_to_end(&mut inflated)
+        .unwrap();
+    assert_eq!(inflated, plain);
+    // Again: the compressed body kept in the result cache, the same bytes and tag.
+    let again = get_raw(&daemon, "/v1/latest", &accept);
+    assert_eq!((again.1[0].as_ref(), &again.2), (gz_tag.as_ref(), &gz));
+
+    // Either tag revalidates; the 304 names the one the client holds.
+    let gz_tag = gz_tag.clone().unwrap();
+    let plain_tag = plain_tag.clone().unwrap();
+    for (tag, encoding) in [
+        (&gz_tag, "gzip"),
+        (&plain_tag, "gzip"),
+        (&plain_tag, "identity"),
+    ] {
+        let (status, headers, body) = get_raw(
+            &daemon,
+            "/v1/latest",
+            &[("Accept-Encoding", encoding), ("If-None-Match", tag)],
+        );
+        assert_eq!(
+            (status, headers[0].as_ref(), body.len()),
+            (304, Some(tag), 0)
+        );
+    }
+    // gzip refused, a small answer, and /v1/series: identity.
+    for (path, encoding) in [
+        ("/v1/latest", "gzip;q=0, identity"),
+        ("/v1/latest?prefix=dev-01", "gzip"),
+        ("/v1/series?device=dev-01&name=temp", "gzip"),
+    ] {
+        let (status, headers, _) = get_raw(&daemon, path, &[("Accept-Encoding", encoding)]);
+        assert_eq!((status, headers[1].as_deref()), (200, None), "{path}");
+    }
+    // A commit changes both tags.
+    post(&mut client, "dev-00", &[("temp", T0 + 100, 1.0)]);
+    let (status, headers, _) = get_raw(
+        &daemon,
+        "/v1/latest",
+        &[("Accept-Encoding", "gzip"), ("If-None-Match", &gz_tag)],
+    );
+    assert_eq!(status, 200);
+    assert_ne!(headers[0].as_ref(), Some(&gz_tag));
+}

@@ -27,6 +27,15 @@ pub struct Answer {
     pub body: Bytes,
     /// The `Link: <...>; rel="next"` target of a page, if there is a next page.
     pub next: Option<String>,
+    /// `body` gzip-compressed, once a client that accepts gzip asked for it.
+    pub gzip: Option<Bytes>,
+}
+
+impl Answer {
+    /// Bytes the answer holds (its body, and its compressed body if made).
+    pub fn bytes(&self) -> usize {
+        self.body.len() + self.gzip.as_ref().map_or(0, Bytes::len)
+    }
 }
 
 struct Entry {
@@ -46,6 +55,26 @@ struct Inner {
     next_stamp: u64,
 }
 
+impl Inner {
+    /// Drops the oldest entries until the bounds hold. Stale slots (replaced or dropped
+    /// entries) are skipped; the queue holds at most one live slot per entry plus stale ones,
+    /// and is trimmed whenever it outgrows the table.
+    fn evict(&mut self) {
+        while self.bytes > CACHE_BYTES_MAX
+            || self.entries.len() > CACHE_ENTRIES_MAX
+            || self.order.len() > 2 * CACHE_ENTRIES_MAX
+        {
+            let Some((key, stamp)) = self.order.pop_front() else {
+                break;
+            };
+            if self.entries.get(&key).is_some_and(|e| e.stamp == stamp) {
+                let evicted = self.entries.remove(&key).expect("entry just seen");
+                self.bytes -= evicted.answer.bytes();
+            }
+        }
+    }
+}
+
 #[derive(Default)]
 pub struct QueryCache {
     inner: Mutex<Inner>,
@@ -60,7 +89,7 @@ impl QueryCache {
             Some(entry) if entry.version == version => Some(entry.answer.clone()),
             Some(_) => {
                 let stale = inner.entries.remove(key).expect("entry just seen");
-                inner.bytes -= stale.answer.body.len();
+                inner.bytes -= stale.answer.bytes();
                 None
             }
             None => None,
@@ -75,15 +104,18 @@ impl QueryCache {
         found
     }
 
-    pub fn insert(&self, key: Vec<u8>, version: u64, answer: Answer) {
+    pub fn insert(&self, key: Vec<u8>, version: u64, mut answer: Answer) {
         if answer.body.len() > ENTRY_BYTES_MAX {
             return;
+        }
+        if answer.bytes() > ENTRY_BYTES_MAX {
+            answer.gzip = None;
         }
         let key = key.into_boxed_slice();
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let stamp = inner.next_stamp;
         inner.next_stamp += 1;
-        inner.bytes += answer.body.len();
+        inner.bytes += answer.bytes();
         inner.order.push_back((key.clone(), stamp));
         let entry = Entry {
             version,
@@ -91,22 +123,27 @@ impl QueryCache {
             stamp,
         };
         if let Some(old) = inner.entries.insert(key, entry) {
-            inner.bytes -= old.answer.body.len();
+            inner.bytes -= old.answer.bytes();
         }
-        // Stale slots (replaced or dropped entries) are skipped; the queue holds at most one
-        // live slot per entry plus stale ones, and is trimmed whenever it outgrows the table.
-        while inner.bytes > CACHE_BYTES_MAX
-            || inner.entries.len() > CACHE_ENTRIES_MAX
-            || inner.order.len() > 2 * CACHE_ENTRIES_MAX
+        inner.evict();
+    }
+
+    /// Keeps `gzip` beside the entry of `key` if it is still the one of `version`.
+    pub fn insert_gzip(&self, key: &[u8], version: u64, gzip: Bytes) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(entry) = inner.entries.get_mut(key) else {
+            return;
+        };
+        if entry.version != version
+            || entry.answer.gzip.is_some()
+            || entry.answer.body.len() + gzip.len() > ENTRY_BYTES_MAX
         {
-            let Some((key, stamp)) = inner.order.pop_front() else {
-                break;
-            };
-            if inner.entries.get(&key).is_some_and(|e| e.stamp == stamp) {
-                let evicted = inner.entries.remove(&key).expect("entry just seen");
-                inner.bytes -= evicted.answer.body.len();
-            }
+            return;
         }
+        let added = gzip.len();
+        entry.answer.gzip = Some(gzip);
+        inner.bytes += added;
+        inner.evict();
     }
 
     /// (hits, misses, entries, bytes)
@@ -130,6 +167,7 @@ mod tests {
             content_type: "application/json",
             body: Bytes::from(vec![b'x'; len]),
             next: None,
+            gzip: None,
         }
     }
 
@@ -161,5 +199,31 @@ mod tests {
         assert!(cache.inner.lock().unwrap().order.len() <= 2 * CACHE_ENTRIES_MAX + 1);
         cache.insert(b"huge".to_vec(), 0, answer(ENTRY_BYTES_MAX + 1));
         assert!(cache.get(b"huge", 0).is_none());
+    }
+
+    #[test]
+    fn a_compressed_body_joins_its_entry_and_counts_in_its_bytes() {
+        let cache = QueryCache::default();
+        cache.insert(b"q".to_vec(), 1, answer(100));
+        cache.insert_gzip(b"q", 2, Bytes::from_static(b"old version"));
+        cache.insert_gzip(b"other", 1, Bytes::from_static(b"no such entry"));
+        assert!(cache.get(b"q", 1).unwrap().gzip.is_none());
+        cache.insert_gzip(b"q", 1, Bytes::from_static(b"gz"));
+        assert_eq!(
+            cache.get(b"q", 1).unwrap().gzip.as_deref(),
+            Some(&b"gz"[..])
+        );
+        assert_eq!(cache.stats().3, 102);
+        // A new version drops both.
+        assert!(cache.get(b"q", 2).is_none());
+        assert_eq!(cache.stats().3, 0);
+        // Eviction counts the compressed bytes too.
+        cache.insert(b"a".to_vec(), 0, answer(ENTRY_BYTES_MAX / 2));
+        cache.insert_gzip(b"a", 0, Bytes::from(vec![0; ENTRY_BYTES_MAX / 2]));
+        for i in 0..4 {
+            cache.insert(format!("b{i}").into_bytes(), 0, answer(ENTRY_BYTES_MAX));
+        }
+        assert!(cache.stats().3 <= CACHE_BYTES_MAX);
+        assert!(cache.get(b"a", 0).is_none(), "the oldest was evicted");
     }
 }

@@ -142,6 +142,17 @@ impl AppState {
         Etag::new(hash)
     }
 
+    /// The tag of the gzip-encoded representation of the same answer.
+    fn gzip_etag(&self, key: &[u8], version: u64) -> Etag {
+        let hash = ahash::RandomState::with_seeds(1, 2, 3, 4).hash_one((
+            key,
+            version,
+            self.run_nonce,
+            "gzip",
+        ));
+        Etag::new(hash)
+    }
+
     /// Every measurement: the shards', query latency per endpoint and the result cache's.
     fn snapshot(&self) -> Snapshot {
         let mut snapshot = Snapshot::of_shards(&self.shards);
@@ -287,6 +298,74 @@ fn answer_response(etag: &Etag, sealed: bool, answer: Answer) -> Response {
             response.headers_mut().insert(header::LINK, link);
         }
     }
+    response
+}
+
+/// Listings at least this long go gzip-compressed to clients that accept gzip: below it the
+/// header and the work are not worth it.
+const GZIP_MIN_BYTES: usize = 1024;
+
+/// Whether `Accept-Encoding` allows gzip: `gzip` (or `x-gzip`), else `*`, listed without
+/// `q=0`. No header, or one that does not name them, means identity only.
+fn accepts_gzip(headers: &HeaderMap) -> bool {
+    let (mut gzip, mut any) = (None, None);
+    for value in headers.get_all(header::ACCEPT_ENCODING) {
+        let Ok(text) = value.to_str() else { continue };
+        for item in text.split(',') {
+            let mut parts = item.split(';');
+            let coding = parts.next().unwrap_or("").trim();
+            // A weight that does not parse refuses, as `q=0` does.
+            let allowed = parts
+                .filter_map(|p| {
+                    let (name, value) = p.split_once('=')?;
+                    name.trim()
+                        .eq_ignore_ascii_case("q")
+                        .then(|| value.trim().parse::<f32>().is_ok_and(|q| q > 0.0))
+                })
+                .next_back()
+                .unwrap_or(true);
+            if coding.eq_ignore_ascii_case("gzip") || coding.eq_ignore_ascii_case("x-gzip") {
+                gzip = Some(allowed);
+            } else if coding == "*" {
+                any = Some(allowed);
+            }
+        }
+    }
+    gzip.or(any).unwrap_or(false)
+}
+
+/// `body` gzip-compressed at the fastest level: made once per cached answer, on the path of
+/// the request that first asks for it.
+fn gzip(body: &[u8]) -> Bytes {
+    use std::io::Write as _;
+    let mut encoder = flate2::write::GzEncoder::new(
+        Vec::with_capacity(body.len() / 4),
+        flate2::Compression::fast(),
+    );
+    encoder
+        .write_all(body)
+        .expect("compressing into memory cannot fail");
+    Bytes::from(
+        encoder
+            .finish()
+            .expect("compressing into memory cannot fail"),
+    )
+}
+
+/// A listing's answer, in the representation chosen by `Accept-Encoding` (its own ETag each).
+fn listing_response(etag: &Etag, gzip: Option<(&Etag, Bytes)>, answer: Answer) -> Response {
+    let vary = (header::VARY, HeaderValue::from_static("accept-encoding"));
+    let mut response = match gzip {
+        None => answer_response(etag, false, answer),
+        Some((gzip_etag, body)) => {
+            let mut response = answer_response(gzip_etag, false, Answer { body, ..answer });
+            response
+                .headers_mut()
+                .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+            response
+        }
+    };
+    response.headers_mut().insert(vary.0, vary.1);
     response
 }
 
@@ -700,21 +779,61 @@ async fn listing(state: Arc<AppState>, endpoint: Endpoint, request: Request) -> 
             }
             let version = state.reader.generation();
             let etag = state.etag(&key, version);
-            if not_modified(request.headers(), &etag) {
-                not_modified_response(&etag, false)
-            } else if let Some(answer) = state.cache.get(&key, version) {
-                answer_response(&etag, false, answer)
+            let gzip_etag = state.gzip_etag(&key, version);
+            let headers = request.headers();
+            if let Some(tag) = [etag, gzip_etag]
+                .into_iter()
+                .find(|tag| not_modified(headers, tag))
+            {
+                let mut response = not_modified_response(&tag, false);
+                response
+                    .headers_mut()
+                    .insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+                response
             } else {
-                let reader = state.reader.clone();
-                let (prefix, after) = (prefix.to_string(), after.map(str::to_string));
-                let built = tokio::task::spawn_blocking(move || {
-                    build_listing(&reader, endpoint, &prefix, limit, after.as_deref())
-                })
-                .await;
-                match built {
+                let wants_gzip = accepts_gzip(headers);
+                let answer = match state.cache.get(&key, version) {
+                    Some(answer)
+                        if !wants_gzip
+                            || answer.gzip.is_some()
+                            || answer.body.len() < GZIP_MIN_BYTES =>
+                    {
+                        Ok(answer)
+                    }
+                    cached => {
+                        // Building a listing, and compressing one, take long: off the
+                        // connection's thread.
+                        let hit = cached.is_some();
+                        let reader = state.reader.clone();
+                        let (prefix, after) = (prefix.to_string(), after.map(str::to_string));
+                        let built = tokio::task::spawn_blocking(move || {
+                            let mut answer = cached.unwrap_or_else(|| {
+                                build_listing(&reader, endpoint, &prefix, limit, after.as_deref())
+                            });
+                            if wants_gzip && answer.body.len() >= GZIP_MIN_BYTES {
+                                answer.gzip = Some(gzip(&answer.body));
+                            }
+                            answer
+                        })
+                        .await;
+                        if let Ok(answer) = &built {
+                            if !hit {
+                                state.cache.insert(key, version, answer.clone());
+                            } else if let Some(compressed) = &answer.gzip {
+                                state.cache.insert_gzip(&key, version, compressed.clone());
+                            }
+                        }
+                        built
+                    }
+                };
+                match answer {
                     Ok(answer) => {
-                        state.cache.insert(key, version, answer.clone());
-                        answer_response(&etag, false, answer)
+                        let gzip = answer
+                            .gzip
+                            .clone()
+                            .filter(|_| wants_gzip)
+                            .map(|body| (&gzip_etag, body));
+                        listing_response(&etag, gzip, answer)
                     }
                     Err(e) => error(
                         StatusCode::INTERNAL_SERVER_ERROR,
@@ -815,6 +934,7 @@ fn build_listing(
         content_type: "application/json",
         body: Bytes::from(body),
         next,
+        gzip: None,
     }
 }
 
@@ -935,6 +1055,7 @@ async fn series(State(state): State<Arc<AppState>>, request: Request) -> Respons
                     content_type,
                     body: Bytes::from(body),
                     next: next.map(|cursor| next_link(&query, cursor)),
+                    gzip: None,
                 };
                 state.cache.insert(key, version, answer.clone());
                 answer_response(&etag, sealed, answer)
@@ -972,6 +1093,7 @@ async fn series(State(state): State<Arc<AppState>>, request: Request) -> Respons
                         content_type,
                         body: Bytes::from(body),
                         next: None,
+                        gzip: None,
                     };
                     producer_state.cache.insert(key, version, answer);
                 }
@@ -1536,6 +1658,41 @@ mod tests {
         assert!(!not_modified(&headers(&["\"0123456789abcdef\""]), &other));
         assert!(!not_modified(&headers(&["0123456789abcdef"]), &etag));
         assert!(!not_modified(&headers(&[]), &etag));
+    }
+
+    #[test]
+    fn accept_encoding_allows_gzip_unless_it_is_refused() {
+        let accepts = |values: &[&str]| {
+            let mut map = HeaderMap::new();
+            for v in values {
+                map.append(header::ACCEPT_ENCODING, HeaderValue::from_str(v).unwrap());
+            }
+            accepts_gzip(&map)
+        };
+        assert!(accepts(&["gzip"]));
+        assert!(accepts(&["gzip, deflate, br, zstd"]));
+        assert!(accepts(&["br;q=1.0, GZIP;q=0.5"]));
+        assert!(accepts(&["x-gzip"]));
+        assert!(accepts(&["*"]));
+        assert!(accepts(&["deflate", "gzip"]));
+        assert!(!accepts(&[]));
+        assert!(!accepts(&["identity"]));
+        assert!(!accepts(&["br, zstd"]));
+        assert!(!accepts(&["gzip;q=0"]));
+        assert!(!accepts(&["gzip; q=0.000"]));
+        assert!(!accepts(&["*, gzip;q=0"]));
+        assert!(!accepts(&["*;q=0"]));
+    }
+
+    #[test]
+    fn gzip_bodies_inflate_to_the_answer() {
+        use std::io::Read as _;
+        let body = b"{\"devices\":[]}".repeat(100);
+        let mut inflated = Vec::new();
+        flate2::read::GzDecoder::new(&gzip(&body)[..])
+            .read_to_end(&mut inflated)
+            .unwrap();
+        assert_eq!(inflated, body);
     }
 
     #[test]
