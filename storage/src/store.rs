@@ -156,8 +156,10 @@ pub(crate) struct Latest {
     pub value: Value,
 }
 
+/// A known series: its names and what the summary keeps of it.
 pub(crate) struct SeriesState {
-    pub id: u32,
+    pub device: String,
+    pub name: String,
     /// Points added to the series in this shard plus points retention dropped from it: it only
     /// grows, and grows with every change, so readers use it to tell whether a series changed.
     pub changes: u64,
@@ -168,14 +170,16 @@ pub(crate) struct SeriesState {
 pub(crate) struct DeviceState {
     pub last_seen: f64,
     pub points: u64,
-    pub series: BTreeMap<String, SeriesState>,
+    /// Series name -> id, in name order.
+    pub series: BTreeMap<String, u32>,
 }
 
 /// A shard's published dictionary and device/latest summary.
 #[derive(Default)]
 pub(crate) struct Summary {
-    /// Series id -> (device, name); None where a dictionary frame was lost.
-    pub names: Vec<Option<(String, String)>>,
+    /// Series id -> its state; None where a dictionary frame was lost. Indexed by id, so a
+    /// commit updates a series without looking its names up.
+    pub series: Vec<Option<SeriesState>>,
     pub devices: HashMap<String, DeviceState>,
     /// One more than the greatest series id any recovered block refers to: a writer never
     /// hands out an id that orphaned records (after a lost dictionary frame) already use.
@@ -183,12 +187,8 @@ pub(crate) struct Summary {
 }
 
 impl Summary {
+    /// Defines series `id`; a second definition of a known (device, name) keeps the first id.
     pub fn intern(&mut self, id: u32, device: &str, name: &str) {
-        let index = id as usize;
-        if self.names.len() <= index {
-            self.names.resize(index + 1, None);
-        }
-        self.names[index] = Some((device.to_string(), name.to_string()));
         let state = self
             .devices
             .entry(device.to_string())
@@ -196,24 +196,42 @@ impl Summary {
                 last_seen: f64::NEG_INFINITY,
                 ..DeviceState::default()
             });
-        state.series.entry(name.to_string()).or_insert(SeriesState {
-            id,
+        if state.series.contains_key(name) {
+            return;
+        }
+        state.series.insert(name.to_string(), id);
+        let index = id as usize;
+        if self.series.len() <= index {
+            self.series.resize_with(index + 1, || None);
+        }
+        self.series[index] = Some(SeriesState {
+            device: device.to_string(),
+            name: name.to_string(),
             changes: 0,
             latest: None,
         });
     }
 
+    /// Series `id`, if known.
+    pub fn get(&self, id: u32) -> Option<&SeriesState> {
+        self.series.get(id as usize)?.as_ref()
+    }
+
+    /// The series `name` of `device`, if known: its id and state.
+    pub fn find(&self, device: &str, name: &str) -> Option<(u32, &SeriesState)> {
+        let id = *self.devices.get(device)?.series.get(name)?;
+        Some((id, self.get(id)?))
+    }
+
     /// Removes points of dropped partitions from the device counts (series id -> points).
     pub fn remove_points(&mut self, dropped: &HashMap<u32, u64>) {
         for (&id, &count) in dropped {
-            let Some(Some((device, name))) = self.names.get(id as usize) else {
+            let Some(Some(series)) = self.series.get_mut(id as usize) else {
                 continue;
             };
-            if let Some(state) = self.devices.get_mut(device.as_str()) {
+            series.changes += count;
+            if let Some(state) = self.devices.get_mut(series.device.as_str()) {
                 state.points = state.points.saturating_sub(count);
-                if let Some(series) = state.series.get_mut(name.as_str()) {
-                    series.changes += count;
-                }
             }
         }
     }
@@ -228,13 +246,10 @@ impl Summary {
         order: (u64, u64),
         value: impl FnOnce() -> Value,
     ) -> bool {
-        let Some(Some((device, name))) = self.names.get(id as usize) else {
+        let Some(Some(series)) = self.series.get_mut(id as usize) else {
             return false;
         };
-        let Some(state) = self.devices.get_mut(device.as_str()) else {
-            return false;
-        };
-        let Some(series) = state.series.get_mut(name.as_str()) else {
+        let Some(state) = self.devices.get_mut(series.device.as_str()) else {
             return false;
         };
         state.points += count;
@@ -773,7 +788,7 @@ pub(crate) fn recover_shard(
                             }
                         })?;
                     for entry in entries {
-                        if matches!(summary.names.get(entry.id as usize), Some(Some(_))) {
+                        if summary.get(entry.id).is_some() {
                             return Err(StoreError::Corrupt {
                                 path: dictionary_path.clone(),
                                 offset: frame.offset,
@@ -1018,7 +1033,7 @@ impl Applier<'_> {
             let block = format::access_block(payload).map_err(corrupt)?;
             // The summary is updated once per series of the block, not once per record.
             let summary = &mut *self.summary;
-            let known_ids = summary.names.len();
+            let known_ids = summary.series.len();
             self.block_series
                 .resize(known_ids, (0, f64::NEG_INFINITY, 0));
             for (position, (id, time)) in block.series.iter().zip(block.times.iter()).enumerate() {
@@ -1239,8 +1254,8 @@ impl Reader {
     pub fn devices_page(&self, page: &DevicePage) -> Vec<DeviceSummary> {
         self.page(
             page,
-            |state| state.points > 0,
-            |device, state| DeviceSummary {
+            |_, state| state.points > 0,
+            |_, device, state| DeviceSummary {
                 device: device.to_string(),
                 last_seen: state.last_seen,
                 points: state.points,
@@ -1260,13 +1275,19 @@ impl Reader {
     pub fn latest_page(&self, page: &DevicePage) -> Vec<(String, LatestValues)> {
         self.page(
             page,
-            |state| state.series.values().any(|series| series.latest.is_some()),
-            |_, state| {
+            |summary, state| {
+                state.series.values().any(|&id| {
+                    summary
+                        .get(id)
+                        .is_some_and(|series| series.latest.is_some())
+                })
+            },
+            |summary, _, state| {
                 state
                     .series
                     .iter()
-                    .filter_map(|(name, series)| {
-                        let latest = series.latest.as_ref()?;
+                    .filter_map(|(name, &id)| {
+                        let latest = summary.get(id)?.latest.as_ref()?;
                         Some((name.clone(), latest.time, latest.value.clone()))
                     })
                     .collect::<LatestValues>()
@@ -1306,8 +1327,8 @@ impl Reader {
     fn page<T>(
         &self,
         page: &DevicePage,
-        wanted: impl Fn(&DeviceState) -> bool,
-        copy: impl Fn(&str, &DeviceState) -> T,
+        wanted: impl Fn(&Summary, &DeviceState) -> bool,
+        copy: impl Fn(&Summary, &str, &DeviceState) -> T,
         merge: impl Fn(&mut T, T),
     ) -> Vec<(String, T)> {
         let mut all: Vec<(String, T)> = Vec::new();
@@ -1319,7 +1340,7 @@ impl Reader {
                 .filter(|(device, state)| {
                     device.starts_with(page.prefix)
                         && page.after.is_none_or(|after| device.as_str() > after)
-                        && wanted(state)
+                        && wanted(&summary, state)
                 })
                 .collect();
             if picked.len() > page.limit {
@@ -1330,7 +1351,7 @@ impl Reader {
             all.extend(
                 picked
                     .into_iter()
-                    .map(|(device, state)| (device.clone(), copy(device, state))),
+                    .map(|(device, state)| (device.clone(), copy(&summary, device, state))),
             );
         }
         // Stable: of two shards' entries for one device, the earlier shard's comes first.
@@ -1354,8 +1375,8 @@ impl Reader {
             let Some(state) = summary.devices.get(device) else {
                 continue;
             };
-            for (name, series) in &state.series {
-                let Some(latest) = &series.latest else {
+            for (name, &id) in &state.series {
+                let Some(latest) = summary.get(id).and_then(|series| series.latest.as_ref()) else {
                     continue;
                 };
                 let newer = match merged.get(name) {
@@ -1407,11 +1428,7 @@ impl Reader {
         for shard in self.shards() {
             let id = {
                 let summary = lock(&shard.summary);
-                summary
-                    .devices
-                    .get(device)
-                    .and_then(|state| state.series.get(name))
-                    .map(|series| series.id)
+                summary.find(device, name).map(|(id, _)| id)
             };
             let Some(id) = id else { continue };
             seen = true;
@@ -1463,11 +1480,7 @@ impl Reader {
         let mut total = None;
         for shard in self.shards() {
             let summary = lock(&shard.summary);
-            if let Some(series) = summary
-                .devices
-                .get(device)
-                .and_then(|state| state.series.get(name))
-            {
+            if let Some((_, series)) = summary.find(device, name) {
                 *total.get_or_insert(0) += series.changes;
             }
         }

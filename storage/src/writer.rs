@@ -232,14 +232,14 @@ impl ShardWriter {
         let mut ids: HashMap<String, HashMap<String, u32>> = HashMap::default();
         let next_id = {
             let summary = lock(&shard.summary);
-            for (id, entry) in summary.names.iter().enumerate() {
-                if let Some((device, name)) = entry {
-                    ids.entry(device.clone())
+            for (id, series) in summary.series.iter().enumerate() {
+                if let Some(series) = series {
+                    ids.entry(series.device.clone())
                         .or_default()
-                        .insert(name.clone(), id as u32);
+                        .insert(series.name.clone(), id as u32);
                 }
             }
-            (summary.names.len() as u32).max(summary.id_floor)
+            (summary.series.len() as u32).max(summary.id_floor)
         };
         let dictionary_path = shard.dir.join(DICTIONARY_FILE);
         let config = &inner.config;
