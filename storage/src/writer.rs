@@ -50,11 +50,180 @@ pub struct CommitStats {
     pub late_points: usize,
 }
 
-struct Pending {
-    series: u32,
-    time: f64,
+/// Emptied blocks a writer keeps for their capacity (each up to `BLOCK_RECORDS_MAX` records):
+/// enough for the blocks of a usual commit, a bound on what a burst leaves allocated.
+const SPARE_BLOCKS_MAX: usize = 8;
+
+/// The readings buffered for the next commit, already in block form: each goes straight into
+/// the block being filled for its partition window (a block is full at `BLOCK_RECORDS_MAX`
+/// records or `BLOCK_BYTES_TARGET` value bytes), and what it changes in the summary is kept per
+/// series id as it comes.
+#[derive(Default)]
+struct Buffer {
+    /// Blocks in the order they were started; per window, only the last one may be filling.
+    blocks: Vec<BufferedBlock>,
+    /// Readings buffered.
+    points: usize,
+    /// Per series id: readings buffered, greatest time, and where the latest reading is
+    /// (its append position in the commit, its block and index there). Valid for `touched` ids.
+    deltas: Vec<Delta>,
+    touched: Vec<u32>,
+    /// Emptied blocks, kept for their capacity.
+    spare: Vec<BlockRecords>,
+}
+
+struct BufferedBlock {
     window: i64,
-    value: Value,
+    records: BlockRecords,
+    value_bytes: usize,
+    full: bool,
+}
+
+#[derive(Clone, Copy)]
+struct Delta {
+    count: u64,
+    time: f64,
+    position: u32,
+    block: u32,
+    index: u32,
+}
+
+impl Delta {
+    const NONE: Delta = Delta {
+        count: 0,
+        time: f64::NEG_INFINITY,
+        position: 0,
+        block: 0,
+        index: 0,
+    };
+}
+
+impl Buffer {
+    fn push(&mut self, series: u32, time: f64, window: i64, value: StoredValue) {
+        let value_bytes = match &value {
+            StoredValue::String(text) => text.len(),
+            StoredValue::Data(data) => data.len(),
+            _ => 0,
+        };
+        let block = match self
+            .blocks
+            .iter()
+            .rposition(|block| block.window == window && !block.full)
+        {
+            Some(block) => block,
+            None => {
+                self.blocks.push(BufferedBlock {
+                    window,
+                    records: self.spare.pop().unwrap_or_default(),
+                    value_bytes: 0,
+                    full: false,
+                });
+                self.blocks.len() - 1
+            }
+        };
+        let filling = &mut self.blocks[block];
+        let index = filling.records.series.len();
+        filling.records.series.push(series);
+        filling.records.times.push(time);
+        filling.records.values.push(value);
+        filling.value_bytes += value_bytes;
+        filling.full = filling.records.series.len() >= BLOCK_RECORDS_MAX
+            || filling.value_bytes >= BLOCK_BYTES_TARGET;
+        let id = series as usize;
+        if self.deltas.len() <= id {
+            self.deltas.resize(id + 1, Delta::NONE);
+        }
+        let delta = &mut self.deltas[id];
+        if delta.count == 0 {
+            self.touched.push(series);
+        }
+        delta.count += 1;
+        if time >= delta.time {
+            *delta = Delta {
+                count: delta.count,
+                time,
+                position: self.points as u32,
+                block: block as u32,
+                index: index as u32,
+            };
+        }
+        self.points += 1;
+    }
+
+    /// Drops the readings of the windows `expired` says, and what they changed; returns how many.
+    fn drop_windows(&mut self, expired: impl Fn(i64) -> bool) -> usize {
+        if !self.blocks.iter().any(|block| expired(block.window)) {
+            return 0;
+        }
+        let before = self.points;
+        let blocks = std::mem::take(&mut self.blocks);
+        self.clear();
+        for block in blocks {
+            if expired(block.window) {
+                self.recycle(block.records);
+                continue;
+            }
+            let BlockRecords {
+                series,
+                times,
+                values,
+            } = block.records;
+            for ((series, time), value) in series.into_iter().zip(times).zip(values) {
+                self.push(series, time, block.window, value);
+            }
+        }
+        before - self.points
+    }
+
+    /// What the buffered readings change in the summary: per series, count, greatest time,
+    /// the latest reading's append position and value.
+    fn latest(&self) -> Vec<(u32, u64, f64, u32, Value)> {
+        self.touched
+            .iter()
+            .map(|&id| {
+                let delta = self.deltas[id as usize];
+                let value = &self.blocks[delta.block as usize].records.values[delta.index as usize];
+                (
+                    id,
+                    delta.count,
+                    delta.time,
+                    delta.position,
+                    stored_value(value),
+                )
+            })
+            .collect()
+    }
+
+    fn recycle(&mut self, mut records: BlockRecords) {
+        if self.spare.len() >= SPARE_BLOCKS_MAX {
+            return;
+        }
+        records.series.clear();
+        records.times.clear();
+        records.values.clear();
+        self.spare.push(records);
+    }
+
+    fn clear(&mut self) {
+        for id in self.touched.drain(..) {
+            self.deltas[id as usize] = Delta::NONE;
+        }
+        let mut blocks = std::mem::take(&mut self.blocks);
+        for block in blocks.drain(..) {
+            self.recycle(block.records);
+        }
+        self.blocks = blocks;
+        self.points = 0;
+    }
+}
+
+fn stored_value(value: &StoredValue) -> Value {
+    match value {
+        StoredValue::Number(number) => Value::Number(*number),
+        StoredValue::Bool(boolean) => Value::Bool(*boolean),
+        StoredValue::String(text) => Value::String(text.clone()),
+        StoredValue::Data(data) => Value::Data(data.clone()),
+    }
 }
 
 struct OpenSegment {
@@ -192,7 +361,7 @@ pub struct ShardWriter {
     /// device -> name -> series id: everything interned, published or pending.
     ids: HashMap<String, HashMap<String, u32>>,
     next_id: u32,
-    pending: Vec<Pending>,
+    buffer: Buffer,
     pending_dictionary: Vec<(u32, String, String)>,
     /// Exchange records the next commit acknowledges, encoded (its commit record's payload
     /// after the prefix), how many, and their arrival range.
@@ -248,7 +417,7 @@ impl ShardWriter {
             partition_secs: config.partition_secs,
             ids,
             next_id,
-            pending: Vec::new(),
+            buffer: Buffer::default(),
             pending_dictionary: Vec::new(),
             exchange_bytes: Vec::new(),
             exchange_count: 0,
@@ -332,12 +501,13 @@ impl ShardWriter {
             }
         };
         let window = window_of(time, self.partition_secs);
-        self.pending.push(Pending {
-            series,
-            time,
-            window,
-            value: value.to_value(),
-        });
+        let value = match value {
+            ValueRef::Number(number) => StoredValue::Number(number),
+            ValueRef::Bool(boolean) => StoredValue::Bool(boolean),
+            ValueRef::String(text) => StoredValue::String(text.to_string()),
+            ValueRef::Data(data) => StoredValue::Data(data.to_vec()),
+        };
+        self.buffer.push(series, time, window, value);
         Ok(())
     }
 
@@ -414,7 +584,7 @@ impl ShardWriter {
 
     /// Readings buffered since the last commit.
     pub fn pending(&self) -> usize {
-        self.pending.len()
+        self.buffer.points
     }
 
     /// Writes, syncs (per durability) and publishes the buffered readings. On error nothing of
@@ -545,7 +715,7 @@ impl ShardWriter {
     }
 
     fn discard_failed_commit(&mut self) {
-        self.pending.clear();
+        self.buffer.clear();
         if let Some(&(first_id, _, _)) = self.pending_dictionary.first() {
             for (_, device, name) in self.pending_dictionary.drain(..) {
                 if let Some(names) = self.ids.get_mut(&device) {
@@ -620,11 +790,10 @@ impl ShardWriter {
         // Readings whose partition retention dropped since they were checked go with it.
         let floor = self.shard.retention_floor.load(Ordering::Acquire);
         let partition_secs = self.partition_secs;
-        let buffered = self.pending.len();
-        self.pending
-            .retain(|reading| !expired(reading.window, partition_secs, floor));
-        let expired_points = buffered - self.pending.len();
-        if self.pending.is_empty() && self.pending_dictionary.is_empty() {
+        let expired_points = self
+            .buffer
+            .drop_windows(|window| expired(window, partition_secs, floor));
+        if self.buffer.points == 0 && self.pending_dictionary.is_empty() {
             return Ok(Prepared {
                 bytes: Vec::new(),
                 operations: Vec::new(),
@@ -682,78 +851,40 @@ impl ShardWriter {
         }
 
         // 2. What this commit changes in the summary: per series, count and latest reading.
-        let mut deltas: HashMap<u32, (u64, f64, u32)> = HashMap::default();
-        for (position, reading) in self.pending.iter().enumerate() {
-            let delta = deltas
-                .entry(reading.series)
-                .or_insert((0, f64::NEG_INFINITY, 0));
-            delta.0 += 1;
-            if reading.time >= delta.1 {
-                delta.1 = reading.time;
-                delta.2 = position as u32;
-            }
-        }
-        let latest: Vec<(u32, u64, f64, u32, Value)> = deltas
-            .iter()
-            .map(|(&id, &(count, time, position))| {
-                (
-                    id,
-                    count,
-                    time,
-                    position,
-                    self.pending[position as usize].value.clone(),
-                )
-            })
-            .collect();
+        let latest = self.buffer.latest();
 
-        // 3. Blocks, grouped by window, written to each window's active segment.
-        let points = self.pending.len();
+        // 3. Blocks, by window and in append order within one, each written to its window's
+        //    active segment.
+        let points = self.buffer.points;
         let due_before = window_of(
             unix_now() - self.partition_grace_secs as f64,
             self.partition_secs,
         );
-        let late_points = self
-            .pending
+        let mut blocks = std::mem::take(&mut self.buffer.blocks);
+        blocks.sort_by_key(|block| block.window);
+        let late_points = blocks
             .iter()
-            .filter(|reading| reading.window < due_before)
-            .count();
-        let mut by_window: BTreeMap<i64, Vec<Pending>> = BTreeMap::new();
-        for reading in self.pending.drain(..) {
-            by_window.entry(reading.window).or_default().push(reading);
-        }
+            .filter(|block| block.window < due_before)
+            .map(|block| block.records.series.len())
+            .sum();
         let mut published: Vec<(Arc<SegmentShared>, BlockMeta, u64)> = Vec::new();
-        for (window, readings) in by_window {
-            let mut block = BlockRecords::default();
-            let mut block_value_bytes = 0usize;
-            let total = readings.len();
-            for (index, reading) in readings.into_iter().enumerate() {
-                block_value_bytes += match &reading.value {
-                    Value::String(text) => text.len(),
-                    Value::Data(data) => data.len(),
-                    _ => 0,
-                };
-                block.series.push(reading.series);
-                block.times.push(reading.time);
-                block.values.push(match reading.value {
-                    Value::Number(number) => StoredValue::Number(number),
-                    Value::Bool(boolean) => StoredValue::Bool(boolean),
-                    Value::String(text) => StoredValue::String(text),
-                    Value::Data(data) => StoredValue::Data(data),
-                });
-                let last = index + 1 == total;
-                if last
-                    || block.series.len() >= BLOCK_RECORDS_MAX
-                    || block_value_bytes >= BLOCK_BYTES_TARGET
-                {
-                    let (segment, meta, end) = self.write_block(window, &block, commit_seq)?;
-                    bytes_written +=
-                        end - (meta.payload_offset - format::FRAME_HEADER_BYTES as u64);
-                    published.push((segment, meta, end));
-                    block = BlockRecords::default();
-                    block_value_bytes = 0;
-                }
+        let mut written = Ok(());
+        for block in blocks.drain(..) {
+            if written.is_ok() {
+                written = self
+                    .write_block(block.window, &block.records, commit_seq)
+                    .map(|(segment, meta, end)| {
+                        bytes_written +=
+                            end - (meta.payload_offset - format::FRAME_HEADER_BYTES as u64);
+                        published.push((segment, meta, end));
+                    });
             }
+            self.buffer.recycle(block.records);
         }
+        self.buffer.clear();
+        // Emptied, its capacity kept for the next commit.
+        self.buffer.blocks = blocks;
+        written?;
 
         // The commit record, right after the commit's last block (same segment, same sync).
         if let Some(window) = published.last().map(|(segment, _, _)| segment.window_start) {

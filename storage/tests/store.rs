@@ -872,6 +872,59 @@ fn readers_on_other_threads_see_only_whole_commits() {
 }
 
 #[test]
+fn a_large_commit_is_cut_into_blocks_per_window_and_the_latest_reading_wins_across_them() {
+    use sluice_storage::BLOCK_RECORDS_MAX;
+    let dir = tempfile::tempdir().unwrap();
+    let per_window = 2 * BLOCK_RECORDS_MAX + 5;
+    {
+        let (store, _) = Store::open(config(dir.path(), Durability::Os)).unwrap();
+        let mut writer = store.writer(0).unwrap();
+        // Two windows, readings alternating between them; in each, the last appended reading
+        // shares its time with an earlier one and must win the tie.
+        for i in 0..per_window {
+            for window in 0..2u64 {
+                let time = T0 + (window * HOUR) as f64 + (i.min(per_window - 2)) as f64 * 0.1;
+                let value = (window as usize * per_window + i) as f64;
+                writer
+                    .append("dev-big", "t", time, ValueRef::Number(value))
+                    .unwrap();
+            }
+        }
+        assert_eq!(writer.pending(), 2 * per_window);
+        let stats = writer.commit().unwrap();
+        assert_eq!(stats.points, 2 * per_window);
+        let latest = store.reader().latest("dev-big").unwrap();
+        let last_time = T0 + HOUR as f64 + (per_window - 2) as f64 * 0.1;
+        assert_eq!(
+            latest,
+            [(
+                "t".to_string(),
+                last_time,
+                Value::Number((2 * per_window - 1) as f64)
+            )]
+        );
+    }
+    let store = open(dir.path());
+    for window in 0..2u64 {
+        let from = T0 + (window * HOUR) as f64;
+        let points = store
+            .reader()
+            .series("dev-big", "t", from, from + HOUR as f64)
+            .unwrap()
+            .unwrap();
+        let values: Vec<f64> = numbers(&points).into_iter().map(|(_, v)| v).collect();
+        let expected: Vec<f64> = (0..per_window)
+            .map(|i| (window as usize * per_window + i) as f64)
+            .collect();
+        assert_eq!(values, expected, "window {window}: in append order");
+    }
+    // Three blocks per window: two full ones and the rest.
+    let inspection = inspect(dir.path()).unwrap();
+    let blocks: Vec<u64> = inspection.segments.iter().map(|s| s.blocks).collect();
+    assert_eq!(blocks, [3, 3]);
+}
+
+#[test]
 fn a_prepared_commits_io_is_ordered_merged_and_can_be_done_by_the_caller() {
     use sluice_storage::RawOperation;
     let dir = tempfile::tempdir().unwrap();
