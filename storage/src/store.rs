@@ -158,7 +158,8 @@ pub(crate) struct Latest {
 
 /// A known series: its names and what the summary keeps of it.
 pub(crate) struct SeriesState {
-    pub device: String,
+    /// Index of its device in `Summary::device_states`.
+    pub device: u32,
     pub name: String,
     /// Points added to the series in this shard plus points retention dropped from it: it only
     /// grows, and grows with every change, so readers use it to tell whether a series changed.
@@ -166,8 +167,8 @@ pub(crate) struct SeriesState {
     pub latest: Option<Latest>,
 }
 
-#[derive(Default)]
 pub(crate) struct DeviceState {
+    pub name: String,
     pub last_seen: f64,
     pub points: u64,
     /// Series name -> id, in name order.
@@ -180,7 +181,10 @@ pub(crate) struct Summary {
     /// Series id -> its state; None where a dictionary frame was lost. Indexed by id, so a
     /// commit updates a series without looking its names up.
     pub series: Vec<Option<SeriesState>>,
-    pub devices: HashMap<String, DeviceState>,
+    /// Device name -> index in `device_states` (a series keeps its device's index, so a commit
+    /// updates the device without hashing its name).
+    pub devices: HashMap<String, u32>,
+    pub device_states: Vec<DeviceState>,
     /// One more than the greatest series id any recovered block refers to: a writer never
     /// hands out an id that orphaned records (after a lost dictionary frame) already use.
     pub id_floor: u32,
@@ -189,13 +193,17 @@ pub(crate) struct Summary {
 impl Summary {
     /// Defines series `id`; a second definition of a known (device, name) keeps the first id.
     pub fn intern(&mut self, id: u32, device: &str, name: &str) {
-        let state = self
-            .devices
-            .entry(device.to_string())
-            .or_insert_with(|| DeviceState {
+        let states = &mut self.device_states;
+        let device_index = *self.devices.entry(device.to_string()).or_insert_with(|| {
+            states.push(DeviceState {
+                name: device.to_string(),
                 last_seen: f64::NEG_INFINITY,
-                ..DeviceState::default()
+                points: 0,
+                series: BTreeMap::new(),
             });
+            (states.len() - 1) as u32
+        });
+        let state = &mut self.device_states[device_index as usize];
         if state.series.contains_key(name) {
             return;
         }
@@ -205,7 +213,7 @@ impl Summary {
             self.series.resize_with(index + 1, || None);
         }
         self.series[index] = Some(SeriesState {
-            device: device.to_string(),
+            device: device_index,
             name: name.to_string(),
             changes: 0,
             latest: None,
@@ -219,8 +227,13 @@ impl Summary {
 
     /// The series `name` of `device`, if known: its id and state.
     pub fn find(&self, device: &str, name: &str) -> Option<(u32, &SeriesState)> {
-        let id = *self.devices.get(device)?.series.get(name)?;
+        let id = *self.device(device)?.series.get(name)?;
         Some((id, self.get(id)?))
+    }
+
+    /// Device `device`, if known.
+    pub fn device(&self, device: &str) -> Option<&DeviceState> {
+        self.device_states.get(*self.devices.get(device)? as usize)
     }
 
     /// Removes points of dropped partitions from the device counts (series id -> points).
@@ -230,7 +243,7 @@ impl Summary {
                 continue;
             };
             series.changes += count;
-            if let Some(state) = self.devices.get_mut(series.device.as_str()) {
+            if let Some(state) = self.device_states.get_mut(series.device as usize) {
                 state.points = state.points.saturating_sub(count);
             }
         }
@@ -249,7 +262,7 @@ impl Summary {
         let Some(Some(series)) = self.series.get_mut(id as usize) else {
             return false;
         };
-        let Some(state) = self.devices.get_mut(series.device.as_str()) else {
+        let Some(state) = self.device_states.get_mut(series.device as usize) else {
             return false;
         };
         state.points += count;
@@ -1335,13 +1348,14 @@ impl Reader {
         for shard in self.shards() {
             let summary = lock(&shard.summary);
             let mut picked: Vec<(&String, &DeviceState)> = summary
-                .devices
+                .device_states
                 .iter()
-                .filter(|(device, state)| {
-                    device.starts_with(page.prefix)
-                        && page.after.is_none_or(|after| device.as_str() > after)
+                .filter(|state| {
+                    state.name.starts_with(page.prefix)
+                        && page.after.is_none_or(|after| state.name.as_str() > after)
                         && wanted(&summary, state)
                 })
+                .map(|state| (&state.name, state))
                 .collect();
             if picked.len() > page.limit {
                 picked.select_nth_unstable_by(page.limit, |a, b| a.0.cmp(b.0));
@@ -1372,7 +1386,7 @@ impl Reader {
         let mut merged: BTreeMap<String, (f64, Value)> = BTreeMap::new();
         for shard in self.shards() {
             let summary = lock(&shard.summary);
-            let Some(state) = summary.devices.get(device) else {
+            let Some(state) = summary.device(device) else {
                 continue;
             };
             for (name, &id) in &state.series {

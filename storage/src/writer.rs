@@ -403,7 +403,8 @@ impl ShardWriter {
             let summary = lock(&shard.summary);
             for (id, series) in summary.series.iter().enumerate() {
                 if let Some(series) = series {
-                    ids.entry(series.device.clone())
+                    let device = &summary.device_states[series.device as usize].name;
+                    ids.entry(device.clone())
                         .or_default()
                         .insert(series.name.clone(), id as u32);
                 }
