@@ -130,16 +130,11 @@ impl Shard {
             panic!("not stored: {outcome:?} {:?}", self.response);
         };
         let device = exchange.device.as_str();
-        for r in self.readings.iter() {
-            self.writer
-                .check(device, &r.name, r.time, &value(r))
-                .expect("check");
-        }
-        for r in self.readings.iter() {
-            self.writer
-                .append(device, &r.name, r.time, value(r))
-                .expect("append");
-        }
+        self.writer
+            .append_all(device, &self.readings, |r| {
+                (r.name.as_str(), r.time, value(r))
+            })
+            .expect("append");
         self.writer
             .record_exchange(
                 exchange.peer,

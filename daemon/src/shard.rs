@@ -393,15 +393,14 @@ impl Shard {
         pending: &mut Vec<Pending>,
         pending_bytes: &mut Vec<u8>,
     ) -> Option<Vec<u8>> {
-        if let Err(error) = check(&self.writer, &exchange.device, readings) {
+        let appended = self.writer.append_all(&exchange.device, readings, |r| {
+            (r.name.as_str(), r.time, value(r))
+        });
+        if let Err(error) = appended {
             // Nothing of the request is stored: one refused reading refuses all.
             let mut rejection = Vec::new();
             endpoint.rejected(&exchange, &error.to_string(), &mut rejection);
             return (!rejection.is_empty()).then_some(rejection);
-        }
-        if let Err(error) = append(&mut self.writer, &exchange.device, readings) {
-            // Only a shard out of series ids gets here (2^32 of them).
-            tracing::error!(shard = self.index, %error, "append failed");
         }
         let recorded = self.writer.record_exchange(
             exchange.peer,
@@ -571,27 +570,6 @@ fn value(reading: &Reading) -> ValueRef<'_> {
         Value::String(s) => ValueRef::String(s),
         Value::Data(d) => ValueRef::Data(d),
     }
-}
-
-/// Whether the store can hold every reading of a request.
-fn check(
-    writer: &ShardWriter,
-    device: &str,
-    readings: &[Reading],
-) -> Result<(), sluice_storage::StoreError> {
-    readings
-        .iter()
-        .try_for_each(|r| writer.check(device, &r.name, r.time, &value(r)))
-}
-
-fn append(
-    writer: &mut ShardWriter,
-    device: &str,
-    readings: &[Reading],
-) -> Result<(), sluice_storage::StoreError> {
-    readings
-        .iter()
-        .try_for_each(|r| writer.append(device, &r.name, r.time, value(r)))
 }
 
 pub fn unix_seconds(time: SystemTime) -> f64 {

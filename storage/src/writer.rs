@@ -485,6 +485,36 @@ impl ShardWriter {
         value: ValueRef<'_>,
     ) -> Result<(), StoreError> {
         check_reading(device, name, time, &value)?;
+        self.append_checked(device, name, time, value)
+    }
+
+    /// Buffers every reading of one request (`parts` gives each one's name, time and value), or
+    /// none: all are checked first, as [`ShardWriter::check`] does, and each only once.
+    pub fn append_all<R>(
+        &mut self,
+        device: &str,
+        readings: &[R],
+        parts: impl Fn(&R) -> (&str, f64, ValueRef<'_>),
+    ) -> Result<(), StoreError> {
+        for reading in readings {
+            let (name, time, value) = parts(reading);
+            self.check(device, name, time, &value)?;
+        }
+        for reading in readings {
+            let (name, time, value) = parts(reading);
+            self.append_checked(device, name, time, value)?;
+        }
+        Ok(())
+    }
+
+    /// [`ShardWriter::append`] of a reading [`check_reading`] accepted.
+    fn append_checked(
+        &mut self,
+        device: &str,
+        name: &str,
+        time: f64,
+        value: ValueRef<'_>,
+    ) -> Result<(), StoreError> {
         let series = match self.ids.get(device).and_then(|names| names.get(name)) {
             Some(&id) => id,
             None => {

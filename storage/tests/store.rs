@@ -872,6 +872,30 @@ fn readers_on_other_threads_see_only_whole_commits() {
 }
 
 #[test]
+fn append_all_buffers_every_reading_of_a_request_or_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let mut writer = store.writer(0).unwrap();
+    fn parts(r: &(String, f64)) -> (&str, f64, ValueRef<'_>) {
+        (r.0.as_str(), r.1, ValueRef::Number(1.0))
+    }
+    // The last reading's time is not finite: nothing of the request is buffered.
+    let bad = [("a".to_string(), T0), ("b".to_string(), f64::NAN)];
+    assert!(writer.append_all("dev-all", &bad, parts).is_err());
+    assert_eq!(writer.pending(), 0);
+    let good = [("a".to_string(), T0), ("b".to_string(), T0 + 1.0)];
+    writer.append_all("dev-all", &good, parts).unwrap();
+    assert_eq!(writer.commit().unwrap().points, 2);
+    let latest = store.reader().latest("dev-all").unwrap();
+    let names: Vec<&str> = latest.iter().map(|(name, _, _)| name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["a", "b"],
+        "no series of the refused request was created"
+    );
+}
+
+#[test]
 fn a_large_commit_is_cut_into_blocks_per_window_and_the_latest_reading_wins_across_them() {
     use sluice_storage::BLOCK_RECORDS_MAX;
     let dir = tempfile::tempdir().unwrap();
