@@ -1,4 +1,4 @@
-//! On-disk format, mirroring `docs/storage-format.md` (version 1). All integers little endian.
+//! On-disk format, mirroring `docs/storage-format.md` (version 3). All integers little endian.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -8,11 +8,13 @@ use crate::ExchangeRecord;
 use rkyv::util::AlignedVec;
 
 /// Format version written in every file header.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
+/// Oldest version whose segments and dictionaries this build reads (same layout).
+pub const FORMAT_VERSION_READ_MIN: u32 = 2;
 
 pub const SEGMENT_MAGIC: [u8; 8] = *b"SLUICESG";
 pub const DICTIONARY_MAGIC: [u8; 8] = *b"SLUICEDI";
-pub const SEAL_MAGIC: [u8; 8] = *b"SLUICESX";
+pub const SEALED_MAGIC: [u8; 8] = *b"SLUICESM";
 
 /// File header: magic 0..8, version 8..12, shard 12..16, window_start 16..24,
 /// partition_secs 24..32, seq 32..40, reserved 40..44, header_crc 44..48.
@@ -25,6 +27,8 @@ pub const BLOCK_MAGIC: u32 = u32::from_le_bytes(*b"SLBK");
 pub const COMMIT_MAGIC: u32 = u32::from_le_bytes(*b"SLCM");
 /// Frame magic "SLDE": dictionary entries.
 pub const DICTIONARY_FRAME_MAGIC: u32 = u32::from_le_bytes(*b"SLDE");
+/// Frame magic "SLIX": the index of a sealed file (its last frame).
+pub const INDEX_MAGIC: u32 = u32::from_le_bytes(*b"SLIX");
 
 /// Frame header: magic 0..4, header_crc 4..8 (crc32c of 8..48), payload_len 8..12,
 /// payload_crc 12..16, count 16..20, flags 20..24, commit_seq 24..32, min_time 32..40,
@@ -61,8 +65,8 @@ const _: () = assert!(core::mem::align_of::<rkyv::Archived<u32>>() == 4);
 pub enum FileKind {
     Segment,
     Dictionary,
-    /// A segment's seal index (no frames).
-    Seal,
+    /// A sealed segment, rewritten series-major (version 3).
+    Sealed,
 }
 
 impl FileKind {
@@ -70,7 +74,7 @@ impl FileKind {
         match self {
             FileKind::Segment => SEGMENT_MAGIC,
             FileKind::Dictionary => DICTIONARY_MAGIC,
-            FileKind::Seal => SEAL_MAGIC,
+            FileKind::Sealed => SEALED_MAGIC,
         }
     }
     /// The kind of frame a magic announces, if this file kind holds such frames.
@@ -79,6 +83,9 @@ impl FileKind {
             (FileKind::Segment, BLOCK_MAGIC) => Some(FrameKind::Block),
             (FileKind::Segment, COMMIT_MAGIC) => Some(FrameKind::Commit),
             (FileKind::Dictionary, DICTIONARY_FRAME_MAGIC) => Some(FrameKind::Dictionary),
+            (FileKind::Sealed, BLOCK_MAGIC) => Some(FrameKind::Block),
+            (FileKind::Sealed, COMMIT_MAGIC) => Some(FrameKind::Commit),
+            (FileKind::Sealed, INDEX_MAGIC) => Some(FrameKind::Index),
             _ => None,
         }
     }
@@ -89,6 +96,8 @@ pub enum FrameKind {
     Block,
     Commit,
     Dictionary,
+    /// The index of a sealed file.
+    Index,
 }
 
 impl FrameKind {
@@ -97,6 +106,7 @@ impl FrameKind {
             FrameKind::Block => BLOCK_MAGIC,
             FrameKind::Commit => COMMIT_MAGIC,
             FrameKind::Dictionary => DICTIONARY_FRAME_MAGIC,
+            FrameKind::Index => INDEX_MAGIC,
         }
     }
 }
@@ -140,9 +150,13 @@ impl FileHeader {
             return Err("file header checksum mismatch".to_string());
         }
         let version = read_u32(bytes, 8);
-        if version != FORMAT_VERSION {
+        let oldest = match kind {
+            FileKind::Sealed => FORMAT_VERSION,
+            _ => FORMAT_VERSION_READ_MIN,
+        };
+        if !(oldest..=FORMAT_VERSION).contains(&version) {
             return Err(format!(
-                "unsupported format version {version} (this build reads {FORMAT_VERSION})"
+                "unsupported format version {version} (this build reads {oldest} to {FORMAT_VERSION})"
             ));
         }
         Ok(FileHeader {
@@ -432,7 +446,37 @@ pub fn validate_segment_frame(header: &FrameHeader, payload: &[u8]) -> Result<()
     match header.kind {
         FrameKind::Block => validate_block(header, payload),
         FrameKind::Commit => decode_commit(header, payload).map(|_| ()),
-        FrameKind::Dictionary => Err("dictionary frame in a segment".to_string()),
+        FrameKind::Dictionary | FrameKind::Index => {
+            Err("dictionary or index frame in a segment".to_string())
+        }
+    }
+}
+
+/// Validates a sealed file's frame: a series frame (a block of one series, times ascending), a
+/// commit record or the index.
+pub fn validate_sealed_frame(header: &FrameHeader, payload: &[u8]) -> Result<(), String> {
+    match header.kind {
+        FrameKind::Block => {
+            validate_block(header, payload)?;
+            with_aligned(payload, |payload| {
+                let block = access_block(payload)?;
+                let first = block.series.first().map(|id| id.to_native());
+                if block.series.iter().any(|id| Some(id.to_native()) != first) {
+                    return Err("series frame holds more than one series".to_string());
+                }
+                let times = block.times.as_slice();
+                if times
+                    .windows(2)
+                    .any(|pair| pair[0].to_native() > pair[1].to_native())
+                {
+                    return Err("series frame times are not ascending".to_string());
+                }
+                Ok(())
+            })
+        }
+        FrameKind::Commit => decode_commit(header, payload).map(|_| ()),
+        FrameKind::Index => decode_sealed_index(header, payload).map(|_| ()),
+        FrameKind::Dictionary => Err("dictionary frame in a sealed file".to_string()),
     }
 }
 
@@ -695,99 +739,123 @@ mod tests {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Seal file (docs/storage-format.md, "Seal file")
+// Sealed file index (docs/storage-format.md, "Sealed file")
 
-/// Fixed part of a seal file after the file header.
-const SEAL_FIXED_BYTES: usize = 32;
-/// Bytes of one block entry in a seal file.
-const SEAL_BLOCK_BYTES: usize = 32;
+/// Fixed part of an index payload.
+const INDEX_FIXED_BYTES: usize = 16;
+/// Bytes of one series entry of an index.
+const INDEX_SERIES_BYTES: usize = 40;
+/// Bytes of one commit entry of an index.
+const INDEX_COMMIT_BYTES: usize = 16;
 
-/// A sealed segment's index.
-#[derive(Clone, Debug, PartialEq)]
-pub struct SealIndex {
-    pub segment_len: u64,
+/// One series of a sealed file.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SealedSeries {
+    pub id: u32,
+    /// Its series frames, consecutive.
+    pub frames: u32,
+    /// File offset of its first series frame.
+    pub offset: u64,
+    pub points: u64,
     pub min_time: f64,
     pub max_time: f64,
-    /// Series ids present, ascending.
-    pub series: Vec<u32>,
-    /// (payload_offset, payload_len, count, min_time, max_time) per block, in file order.
-    pub blocks: Vec<(u64, u32, u32, f64, f64)>,
 }
 
-pub fn encode_seal(header: &FileHeader, index: &SealIndex) -> Vec<u8> {
-    let mut out = Vec::with_capacity(
-        FILE_HEADER_BYTES
-            + SEAL_FIXED_BYTES
-            + 4 * index.series.len()
-            + SEAL_BLOCK_BYTES * index.blocks.len()
-            + 4,
-    );
-    out.extend_from_slice(&header.encode());
-    out.extend_from_slice(&index.segment_len.to_le_bytes());
-    out.extend_from_slice(&index.min_time.to_le_bytes());
-    out.extend_from_slice(&index.max_time.to_le_bytes());
+/// One commit with a frame in the segment a sealed file replaces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SealedCommit {
+    pub commit_seq: u64,
+    /// Valid block frames of the commit the segment held (served or not).
+    pub blocks: u32,
+    /// Its commit record is in the sealed file.
+    pub record: bool,
+}
+
+/// The index frame's payload.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SealedIndex {
+    pub source_len: u64,
+    /// Ascending by id.
+    pub series: Vec<SealedSeries>,
+    /// Ascending by commit_seq.
+    pub commits: Vec<SealedCommit>,
+}
+
+pub fn encode_sealed_index(out: &mut Vec<u8>, index: &SealedIndex) {
+    out.extend_from_slice(&index.source_len.to_le_bytes());
     out.extend_from_slice(&(index.series.len() as u32).to_le_bytes());
-    out.extend_from_slice(&(index.blocks.len() as u32).to_le_bytes());
-    for id in &index.series {
-        out.extend_from_slice(&id.to_le_bytes());
+    out.extend_from_slice(&(index.commits.len() as u32).to_le_bytes());
+    for series in &index.series {
+        out.extend_from_slice(&series.id.to_le_bytes());
+        out.extend_from_slice(&series.frames.to_le_bytes());
+        out.extend_from_slice(&series.offset.to_le_bytes());
+        out.extend_from_slice(&series.points.to_le_bytes());
+        out.extend_from_slice(&series.min_time.to_le_bytes());
+        out.extend_from_slice(&series.max_time.to_le_bytes());
     }
-    for &(offset, len, count, min_time, max_time) in &index.blocks {
-        out.extend_from_slice(&offset.to_le_bytes());
-        out.extend_from_slice(&len.to_le_bytes());
-        out.extend_from_slice(&count.to_le_bytes());
-        out.extend_from_slice(&min_time.to_le_bytes());
-        out.extend_from_slice(&max_time.to_le_bytes());
+    for commit in &index.commits {
+        out.extend_from_slice(&commit.commit_seq.to_le_bytes());
+        out.extend_from_slice(&commit.blocks.to_le_bytes());
+        out.extend_from_slice(&u32::from(commit.record).to_le_bytes());
     }
-    let crc = crc32c::crc32c(&out[FILE_HEADER_BYTES..]);
-    out.extend_from_slice(&crc.to_le_bytes());
-    out
 }
 
-pub fn decode_seal(bytes: &[u8]) -> Result<(FileHeader, SealIndex), String> {
-    let header = FileHeader::decode(bytes, FileKind::Seal)?;
-    let body = &bytes[FILE_HEADER_BYTES..];
-    if body.len() < SEAL_FIXED_BYTES + 4 {
-        return Err("seal file is cut short".to_string());
+/// Decodes an index payload: lengths, ascending ids and commit_seqs, flags.
+pub fn decode_sealed_index(header: &FrameHeader, payload: &[u8]) -> Result<SealedIndex, String> {
+    if payload.len() < INDEX_FIXED_BYTES {
+        return Err("index is cut short".to_string());
     }
-    let (body, crc) = body.split_at(body.len() - 4);
-    if crc32c::crc32c(body) != read_u32(crc, 0) {
-        return Err("seal checksum mismatch".to_string());
+    let series_count = read_u32(payload, 8) as usize;
+    let commit_count = read_u32(payload, 12) as usize;
+    if series_count != header.count as usize {
+        return Err("index series count differs from its frame's count".to_string());
     }
-    let series_count = read_u32(body, 24) as usize;
-    let block_count = read_u32(body, 28) as usize;
     let expected = series_count
-        .checked_mul(4)
-        .and_then(|series| {
-            block_count
-                .checked_mul(SEAL_BLOCK_BYTES)?
-                .checked_add(series)
-        })
-        .and_then(|lists| lists.checked_add(SEAL_FIXED_BYTES));
-    if expected != Some(body.len()) {
-        return Err("seal file length does not match its counts".to_string());
+        .checked_mul(INDEX_SERIES_BYTES)
+        .and_then(|series| series.checked_add(commit_count.checked_mul(INDEX_COMMIT_BYTES)?))
+        .and_then(|lists| lists.checked_add(INDEX_FIXED_BYTES));
+    if expected != Some(payload.len()) {
+        return Err("index length does not match its counts".to_string());
     }
-    let series = (0..series_count)
-        .map(|i| read_u32(body, SEAL_FIXED_BYTES + 4 * i))
-        .collect();
-    let blocks_at = SEAL_FIXED_BYTES + 4 * series_count;
-    let blocks = (0..block_count)
+    let series: Vec<SealedSeries> = (0..series_count)
         .map(|i| {
-            let at = blocks_at + SEAL_BLOCK_BYTES * i;
-            (
-                read_u64(body, at),
-                read_u32(body, at + 8),
-                read_u32(body, at + 12),
-                f64::from_bits(read_u64(body, at + 16)),
-                f64::from_bits(read_u64(body, at + 24)),
-            )
+            let at = INDEX_FIXED_BYTES + INDEX_SERIES_BYTES * i;
+            SealedSeries {
+                id: read_u32(payload, at),
+                frames: read_u32(payload, at + 4),
+                offset: read_u64(payload, at + 8),
+                points: read_u64(payload, at + 16),
+                min_time: f64::from_bits(read_u64(payload, at + 24)),
+                max_time: f64::from_bits(read_u64(payload, at + 32)),
+            }
         })
         .collect();
-    let index = SealIndex {
-        segment_len: read_u64(body, 0),
-        min_time: f64::from_bits(read_u64(body, 8)),
-        max_time: f64::from_bits(read_u64(body, 16)),
+    if series.windows(2).any(|pair| pair[0].id >= pair[1].id) {
+        return Err("index series ids are not ascending".to_string());
+    }
+    let commits_at = INDEX_FIXED_BYTES + INDEX_SERIES_BYTES * series_count;
+    let mut commits = Vec::with_capacity(commit_count);
+    for i in 0..commit_count {
+        let at = commits_at + INDEX_COMMIT_BYTES * i;
+        let flags = read_u32(payload, at + 12);
+        if flags > 1 {
+            return Err(format!("index commit entry has unknown flags {flags:#x}"));
+        }
+        commits.push(SealedCommit {
+            commit_seq: read_u64(payload, at),
+            blocks: read_u32(payload, at + 8),
+            record: flags == 1,
+        });
+    }
+    if commits
+        .windows(2)
+        .any(|pair| pair[0].commit_seq >= pair[1].commit_seq)
+    {
+        return Err("index commit_seqs are not ascending".to_string());
+    }
+    Ok(SealedIndex {
+        source_len: read_u64(payload, 0),
         series,
-        blocks,
-    };
-    Ok((header, index))
+        commits,
+    })
 }

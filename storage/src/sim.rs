@@ -448,6 +448,10 @@ impl SimDisk {
 }
 
 impl Backend for SimDisk {
+    fn background_seals(&self) -> bool {
+        false
+    }
+
     fn create_dir(&self, path: &Path) -> io::Result<()> {
         let mut state = self.state();
         state.begin()?;
@@ -736,6 +740,10 @@ impl FaultyDisk {
 }
 
 impl Backend for FaultyDisk {
+    fn background_seals(&self) -> bool {
+        false
+    }
+
     fn create_dir(&self, path: &Path) -> io::Result<()> {
         check(&self.faults)?;
         self.inner.create_dir(path)

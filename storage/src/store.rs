@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 use crate::backend::{self, Backend, FileBytes, Fs};
 
 use crate::format::{self, ArchivedStoredValue, FileHeader, FileKind, Scan, FILE_HEADER_BYTES};
+use crate::sealed::Sealed;
 use crate::writer::{self, ShardWriter};
 use crate::{Durability, ExchangeRecord, RecoveryReport, StoreConfig, StoreError, Value};
 
@@ -35,14 +36,19 @@ pub(crate) fn segment_path(shard_dir: &Path, window_start: i64, seq: u64) -> Pat
         .join(format!("segment-{seq}.seg"))
 }
 
-/// The seal file of a segment (`segment-<seq>.seal` next to it).
+/// The version 2 seal index of a segment (`segment-<seq>.seal` next to it; removed at open).
 pub(crate) fn seal_path(segment: &Path) -> PathBuf {
     segment.with_extension("seal")
 }
 
-/// Where a seal is written before the rename that makes it the seal.
-pub(crate) fn seal_tmp_path(segment: &Path) -> PathBuf {
-    segment.with_extension("seal.tmp")
+/// The sealed file replacing a segment (`segment-<seq>.sealed` next to it).
+pub(crate) fn sealed_path(segment: &Path) -> PathBuf {
+    segment.with_extension("sealed")
+}
+
+/// Where a sealed file is written before the rename that makes it the seal.
+pub(crate) fn sealed_tmp_path(segment: &Path) -> PathBuf {
+    segment.with_extension("sealed.tmp")
 }
 
 /// Locks a mutex, recovering the data if a thread panicked while holding it (the summary and
@@ -83,8 +89,11 @@ pub(crate) struct SegmentShared {
     pub blocks: RwLock<Vec<BlockMeta>>,
     /// Set when retention dropped the segment (its file is gone or going).
     pub dropped: AtomicBool,
-    /// Set when the segment is sealed (immutable): the series ids present, ascending.
-    pub sealed: OnceLock<Vec<u32>>,
+    /// Set when this is a sealed file (immutable, series-major): its series index.
+    pub sealed: OnceLock<Sealed>,
+    /// Set on an unsealed segment once it was sealed: the catalog entry of its sealed file
+    /// (readers holding this entry follow it; the segment file is removed).
+    pub successor: OnceLock<Arc<SegmentShared>>,
     /// Wall-clock unix seconds of the last commit that wrote to it in this process (0: none).
     pub last_write_unix_s: AtomicU64,
     /// One more than the greatest commit_seq with a frame in it (0: none). Retention keeps the
@@ -111,6 +120,7 @@ impl SegmentShared {
             blocks: RwLock::new(blocks),
             dropped: AtomicBool::new(false),
             sealed: OnceLock::new(),
+            successor: OnceLock::new(),
             last_write_unix_s: AtomicU64::new(0),
             last_commit: AtomicU64::new(0),
             map: Mutex::new(None),
@@ -522,11 +532,47 @@ pub(crate) fn list_shards(
     Ok(shards)
 }
 
-/// Segments of a shard directory as (window_start, seq, path), sorted.
+/// The files of one segment: the segment, its sealed file, or both (a seal interrupted
+/// between the rename and the removal of the segment).
+pub(crate) struct SegmentFiles {
+    pub window: i64,
+    pub seq: u64,
+    /// `segment-<seq>.seg` (the path it has or would have).
+    pub path: PathBuf,
+    pub segment: bool,
+    pub sealed: bool,
+}
+
+/// Segments of a shard directory, sealed or not, sorted by (window, seq).
 pub(crate) fn list_segments(
     backend: &dyn Backend,
     shard_dir: &Path,
-) -> Result<Vec<(i64, u64, PathBuf)>, StoreError> {
+) -> Result<Vec<SegmentFiles>, StoreError> {
+    let mut by_place: BTreeMap<(i64, u64), SegmentFiles> = BTreeMap::new();
+    for (window, seq, path, sealed) in list_segment_files(backend, shard_dir)? {
+        let files = by_place
+            .entry((window, seq))
+            .or_insert_with(|| SegmentFiles {
+                window,
+                seq,
+                path: path.with_extension("seg"),
+                segment: false,
+                sealed: false,
+            });
+        if sealed {
+            files.sealed = true;
+        } else {
+            files.segment = true;
+        }
+    }
+    Ok(by_place.into_values().collect())
+}
+
+/// `.seg` and `.sealed` files of a shard directory as (window_start, seq, path, sealed).
+fn list_segment_files(
+    backend: &dyn Backend,
+    shard_dir: &Path,
+) -> Result<Vec<(i64, u64, PathBuf, bool)>, StoreError> {
     let mut segments = Vec::new();
     let entries = backend
         .read_dir(shard_dir)
@@ -547,16 +593,22 @@ pub(crate) fn list_segments(
             .read_dir(&window_dir)
             .map_err(|error| StoreError::io("read directory", &window_dir, error))?;
         for file in files {
-            let Some(seq) = file
+            let Some(rest) = file
                 .name
                 .to_str()
                 .and_then(|name| name.strip_prefix("segment-"))
-                .and_then(|rest| rest.strip_suffix(".seg"))
-                .and_then(|seq| seq.parse::<u64>().ok())
             else {
                 continue;
             };
-            segments.push((window, seq, window_dir.join(&file.name)));
+            let (seq, sealed) = match (rest.strip_suffix(".seg"), rest.strip_suffix(".sealed")) {
+                (Some(seq), _) => (seq, false),
+                (_, Some(seq)) => (seq, true),
+                _ => continue,
+            };
+            let Ok(seq) = seq.parse::<u64>() else {
+                continue;
+            };
+            segments.push((window, seq, window_dir.join(&file.name), sealed));
         }
     }
     segments.sort();
@@ -623,9 +675,7 @@ fn scan_file(path: &Path, kind: FileKind, bytes: FileBytes) -> Result<LoadedFile
         FileKind::Dictionary => format::scan(&bytes, kind, &mut |header, payload| {
             format::decode_dictionary(header, payload).map(|_| ())
         }),
-        FileKind::Seal => format::scan(&bytes, kind, &mut |_, _| {
-            Err("seal files hold no frames".to_string())
-        }),
+        FileKind::Sealed => format::scan(&bytes, kind, &mut format::validate_sealed_frame),
     };
     Ok(LoadedFile::Valid {
         header,
@@ -675,6 +725,8 @@ struct RecoveredSegment {
     /// The bytes pass 1 scanned, kept for pass 2 (the first `RECOVERY_MAPS_KEPT_MAX` segments
     /// of a shard; the others are mapped again).
     bytes: Option<FileBytes>,
+    /// A sealed file (`path` is the `.sealed` file): its series index. Never cut.
+    sealed: Option<Sealed>,
 }
 
 /// Segment maps recovery keeps from its scan to its second pass, per shard: saves mapping and
@@ -705,6 +757,12 @@ impl CommitTally {
         }
     }
 
+    /// Counts `blocks` block frames of a commit that a sealed file's index lists.
+    pub fn add_blocks(&mut self, commit_seq: u64, blocks: u32) {
+        self.last = self.last.max(Some(commit_seq));
+        self.commits.entry(commit_seq).or_default().0 += blocks;
+    }
+
     /// Whether a commit is complete as the shard's last commit.
     pub fn complete_as_last(&self, commit_seq: u64) -> bool {
         self.commits
@@ -720,6 +778,11 @@ impl CommitTally {
         self.commits
             .get(&commit_seq)
             .is_some_and(|(blocks, record)| record.is_some_and(|stated| *blocks <= stated))
+    }
+
+    /// (blocks found, blocks its record states) of a commit.
+    pub fn counts(&self, commit_seq: u64) -> Option<(u32, Option<u32>)> {
+        self.commits.get(&commit_seq).copied()
     }
 
     /// Forgets a commit (its frames were cut).
@@ -819,7 +882,81 @@ pub(crate) fn recover_shard(
     // commit's blocks and records.
     let mut recovered: Vec<RecoveredSegment> = Vec::new();
     let mut tally = CommitTally::default();
-    for (window, seq, path) in list_segments(backend, dir)? {
+    for files in list_segments(backend, dir)? {
+        let (window, seq, path) = (files.window, files.seq, files.path.clone());
+        // Leftovers of an interrupted seal, and version 2 seal indexes (the segment is sealed
+        // again, series-major).
+        let tmp = sealed_tmp_path(&path);
+        if cut && backend.exists(&tmp) {
+            backend
+                .remove_file(&tmp)
+                .map_err(|error| StoreError::io("remove", &tmp, error))?;
+        }
+        let old_seal = seal_path(&path);
+        if backend.exists(&old_seal) {
+            report.seals_discarded += 1;
+            if cut {
+                backend
+                    .remove_file(&old_seal)
+                    .map_err(|error| StoreError::io("remove", &old_seal, error))?;
+            }
+        }
+        if files.sealed {
+            let sealed = sealed_path(&path);
+            match recover_sealed(backend, shard, window, seq, &sealed)? {
+                Ok((header, bytes, scan, checked)) => {
+                    if files.segment && cut {
+                        // The seal was interrupted after its rename: the sealed file wins.
+                        cut_file(backend, &path, None)?;
+                    }
+                    report.segments += 1;
+                    report.corrupt_regions += scan.holes.len() as u64;
+                    for commit in &checked.index.commits {
+                        tally.add_blocks(commit.commit_seq, commit.blocks);
+                    }
+                    for frame in &scan.frames {
+                        next_commit_seq = next_commit_seq.max(frame.header.commit_seq + 1);
+                        if frame.header.kind == format::FrameKind::Commit {
+                            tally.add(frame, payload_of(&bytes, frame));
+                        }
+                    }
+                    recovered.push(RecoveredSegment {
+                        path: sealed,
+                        window,
+                        seq,
+                        partition_secs: header.partition_secs,
+                        len: scan.valid_end,
+                        blocks: Vec::new(),
+                        frames: scan.frames,
+                        last_commit: 0,
+                        bytes: (recovered.len() < RECOVERY_MAPS_KEPT_MAX).then_some(bytes),
+                        sealed: Some(checked.sealed),
+                    });
+                    continue;
+                }
+                Err(reason) if files.segment => {
+                    // Media corruption of a sealed file whose segment is still there: the
+                    // segment is used, and sealed again.
+                    report.seals_discarded += 1;
+                    if cut {
+                        backend
+                            .remove_file(&sealed)
+                            .map_err(|error| StoreError::io("remove", &sealed, error))?;
+                    }
+                    let _ = reason;
+                }
+                Err(reason) => {
+                    return Err(StoreError::Corrupt {
+                        path: sealed,
+                        offset: 0,
+                        reason,
+                    })
+                }
+            }
+        }
+        if !files.segment {
+            continue;
+        }
         let (header, bytes, scan) = match load_file_mapped(backend, &path, FileKind::Segment)? {
             LoadedFile::TornCreation { len, .. } => {
                 report.bytes_truncated += len;
@@ -852,6 +989,7 @@ pub(crate) fn recover_shard(
             frames: scan.frames,
             last_commit: 0,
             bytes: (recovered.len() < RECOVERY_MAPS_KEPT_MAX).then_some(bytes),
+            sealed: None,
         });
     }
     // The last commit, if incomplete, was never acknowledged (its record is written after every
@@ -864,7 +1002,11 @@ pub(crate) fn recover_shard(
     while let Some(last) = tally.last().filter(|&last| !tally.complete_as_last(last)) {
         report.commits_rolled_back += 1;
         tally.remove(last);
-        for segment in recovered.iter_mut() {
+        // A sealed file is never cut: it holds published commits only (see "Sealing").
+        for segment in recovered
+            .iter_mut()
+            .filter(|segment| segment.sealed.is_none())
+        {
             let Some(first) = segment
                 .frames
                 .iter()
@@ -899,10 +1041,15 @@ pub(crate) fn recover_shard(
             .map(|frame| frame.header.commit_seq + 1)
             .max()
             .unwrap_or(0);
-        if !frames
-            .iter()
-            .any(|frame| tally.complete(frame.header.commit_seq))
-        {
+        let sealed = segment.sealed.is_some();
+        // A sealed file's series frames are always served (built from served blocks only);
+        // its commit records count when their commit is complete.
+        let served = |frame: &format::ScannedFrame| match frame.header.kind {
+            format::FrameKind::Block if sealed => true,
+            format::FrameKind::Index => false,
+            _ => tally.complete(frame.header.commit_seq),
+        };
+        if !frames.iter().any(served) {
             segment.bytes = None;
             continue;
         }
@@ -913,7 +1060,7 @@ pub(crate) fn recover_shard(
                 .map_err(|error| StoreError::io("mmap", &segment.path, error))?,
         };
         for frame in &frames {
-            if !tally.complete(frame.header.commit_seq) {
+            if !served(frame) {
                 continue;
             }
             applier.apply(
@@ -928,7 +1075,7 @@ pub(crate) fn recover_shard(
     keep_newest(applier.exchanges);
     let mut segments = Vec::with_capacity(recovered.len());
     for segment in recovered {
-        let sealed = recover_seal(backend, shard, &segment, cut, applier.report)?;
+        let sealed = segment.sealed;
         let shared = SegmentShared::new(
             segment.path,
             segment.window,
@@ -940,8 +1087,8 @@ pub(crate) fn recover_shard(
         shared
             .last_commit
             .store(segment.last_commit, Ordering::Release);
-        if let Some(series) = sealed {
-            let _ = shared.sealed.set(series);
+        if let Some(index) = sealed {
+            let _ = shared.sealed.set(index);
         }
         segments.push(Arc::new(shared));
     }
@@ -955,50 +1102,28 @@ pub(crate) fn recover_shard(
     ))
 }
 
-/// The series list of a recovered segment's seal, if it has a seal that matches it (see "Sealing"
-/// in docs/storage-format.md). A seal that does not match is removed (with `cut`) and counted;
-/// the writer seals the segment again. A seal being written (`.seal.tmp`) is removed.
-fn recover_seal(
+/// Loads and checks a sealed file. The outer error is an I/O error; the inner one says why the
+/// file is not a valid sealed file of this place (see "Which file wins, at open").
+#[allow(clippy::type_complexity)]
+fn recover_sealed(
     backend: &dyn Backend,
     shard: u32,
-    segment: &RecoveredSegment,
-    cut: bool,
-    report: &mut RecoveryReport,
-) -> Result<Option<Vec<u32>>, StoreError> {
-    let tmp = seal_tmp_path(&segment.path);
-    if cut && backend.exists(&tmp) {
-        backend
-            .remove_file(&tmp)
-            .map_err(|error| StoreError::io("remove", &tmp, error))?;
-    }
-    let path = seal_path(&segment.path);
-    if !backend.exists(&path) {
-        return Ok(None);
-    }
-    let bytes = match backend.read(&path) {
-        Ok(bytes) => bytes,
-        Err(error) => return Err(StoreError::io("read seal", &path, error)),
+    window: i64,
+    seq: u64,
+    path: &Path,
+) -> Result<Result<(FileHeader, FileBytes, Scan, crate::sealed::Checked), String>, StoreError> {
+    let bytes = backend
+        .map(path)
+        .map_err(|error| StoreError::io("mmap", path, error))?;
+    let header = match FileHeader::decode(&bytes, FileKind::Sealed) {
+        Ok(header) => header,
+        Err(reason) => return Ok(Err(reason)),
     };
-    let matches = format::decode_seal(&bytes).ok().filter(|(header, index)| {
-        header.shard == shard
-            && header.window_start == segment.window
-            && header.seq == segment.seq
-            && header.partition_secs == segment.partition_secs
-            && index.segment_len == segment.len
-            && index.blocks.len() == segment.blocks.len()
-    });
-    match matches {
-        Some((_, index)) => Ok(Some(index.series)),
-        None => {
-            report.seals_discarded += 1;
-            if cut {
-                backend
-                    .remove_file(&path)
-                    .map_err(|error| StoreError::io("remove seal", &path, error))?;
-            }
-            Ok(None)
-        }
+    if let Err(error) = check_header(path, &header, shard, Some((window, seq))) {
+        return Ok(Err(error.to_string()));
     }
+    let scan = format::scan(&bytes, FileKind::Sealed, &mut format::validate_sealed_frame);
+    Ok(crate::sealed::check(&bytes, &scan).map(|checked| (header, bytes, scan, checked)))
 }
 
 fn payload_of<'a>(bytes: &'a [u8], frame: &format::ScannedFrame) -> &'a [u8] {
@@ -1453,7 +1578,7 @@ impl Reader {
                 let may_hold = segment
                     .sealed
                     .get()
-                    .is_none_or(|series| series.binary_search(&id).is_ok());
+                    .is_none_or(|sealed| sealed.find(id).is_some());
                 if window_start < to && window_end > from && may_hold {
                     sources.push((segment.clone(), id));
                 }
@@ -1589,8 +1714,16 @@ impl Retention {
             for (dir, segments) in renamed {
                 let mut dropped_points: HashMap<u32, u64> = HashMap::default();
                 for segment in &segments {
-                    let path = dir.join(format!("segment-{}.seg", segment.seq));
+                    let name = segment.path.file_name().unwrap_or_default();
+                    let path = dir.join(name);
                     report.bytes += backend.len(&path).unwrap_or(0);
+                    report.segments += 1;
+                    if let Some(sealed) = segment.sealed.get() {
+                        for entry in &sealed.series {
+                            *dropped_points.entry(entry.id).or_default() += entry.points;
+                        }
+                        continue;
+                    }
                     if let Ok(LoadedFile::Valid { bytes, scan, .. }) =
                         load_file(backend, &path, FileKind::Segment)
                     {
@@ -1606,7 +1739,6 @@ impl Retention {
                             }
                         }
                     }
-                    report.segments += 1;
                 }
                 lock(&shard.summary).remove_points(&dropped_points);
                 report.points += dropped_points.values().sum::<u64>();
@@ -1680,6 +1812,62 @@ impl SeriesScan {
         self.records_scanned
     }
 
+    /// The blocks of `source` (or of the sealed file that replaced it) that may hold points of
+    /// series `id` in `[from, to)`, with a map covering them; None if there are none (or
+    /// retention dropped the segment). Of a sealed file, only the series' own frames.
+    #[allow(clippy::type_complexity)]
+    fn blocks_of(
+        &self,
+        source: &Arc<SegmentShared>,
+        id: u32,
+        from: f64,
+        to: f64,
+    ) -> Result<Option<(Arc<SegmentShared>, Vec<BlockMeta>, Arc<FileBytes>)>, StoreError> {
+        let mut segment = source.clone();
+        // At most two rounds: a segment sealed while this scan runs has one successor, which
+        // is sealed and has none.
+        for _ in 0..2 {
+            if let Some(next) = segment.successor.get() {
+                segment = next.clone();
+            }
+            let overlaps = |block: &&BlockMeta| block.min_time < to && block.max_time >= from;
+            let blocks: Vec<BlockMeta> = {
+                let all = read_lock(&segment.blocks);
+                match segment.sealed.get() {
+                    Some(sealed) => match sealed.find(id) {
+                        Some(entry) => {
+                            let first = entry.first as usize;
+                            let end = (first + entry.frames as usize).min(all.len());
+                            all[first.min(end)..end]
+                                .iter()
+                                .filter(overlaps)
+                                .copied()
+                                .collect()
+                        }
+                        None => Vec::new(),
+                    },
+                    None => all.iter().filter(overlaps).copied().collect(),
+                }
+            };
+            let Some(last) = blocks
+                .iter()
+                .map(|block| block.payload_offset + block.payload_len as u64)
+                .max()
+            else {
+                return Ok(None);
+            };
+            match segment.map(&*self.backend, last) {
+                Ok(map) => return Ok(Some((segment, blocks, map))),
+                // Retention dropped it since the scan was made: it is gone for queries.
+                Err(_) if segment.dropped.load(Ordering::Acquire) => return Ok(None),
+                // Sealed meanwhile, and the segment file removed: read the sealed file.
+                Err(_) if segment.successor.get().is_some() => continue,
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(None)
+    }
+
     /// Appends the points in `[from, to)`; false when there are more than `points_max`.
     fn read(
         &mut self,
@@ -1687,29 +1875,14 @@ impl SeriesScan {
         to: f64,
         points: &mut Vec<(f64, Value)>,
     ) -> Result<bool, StoreError> {
-        for (segment, id) in &self.sources {
-            let window_start = segment.window_start as f64;
-            let window_end = window_start + segment.partition_secs as f64;
+        for (source, id) in &self.sources {
+            let window_start = source.window_start as f64;
+            let window_end = window_start + source.partition_secs as f64;
             if !(window_start < to && window_end > from) {
                 continue;
             }
-            let blocks: Vec<BlockMeta> = read_lock(&segment.blocks)
-                .iter()
-                .filter(|block| block.min_time < to && block.max_time >= from)
-                .copied()
-                .collect();
-            let Some(last) = blocks
-                .iter()
-                .map(|block| block.payload_offset + block.payload_len as u64)
-                .max()
-            else {
+            let Some((segment, blocks, map)) = self.blocks_of(source, *id, from, to)? else {
                 continue;
-            };
-            let map = match segment.map(&*self.backend, last) {
-                Ok(map) => map,
-                // Retention dropped it since the scan was made: it is gone for queries.
-                Err(_) if segment.dropped.load(Ordering::Acquire) => continue,
-                Err(error) => return Err(error),
             };
             for block in blocks {
                 let start = block.payload_offset as usize;

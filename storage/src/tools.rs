@@ -28,7 +28,8 @@ pub struct SegmentInspection {
     pub torn_bytes: u64,
     /// Invalid regions followed by valid frames.
     pub corrupt_regions: u64,
-    /// The segment has a seal that matches it (immutable, indexed).
+    /// A sealed file (immutable, series-major: `path` is the `.sealed` file; `blocks` counts
+    /// its series frames).
     pub sealed: bool,
 }
 
@@ -38,50 +39,123 @@ impl SegmentInspection {
     }
 }
 
-/// Whether a segment has a seal, and if it has one, whether the seal matches the scanned segment
-/// (docs/storage-format.md, "Seal file"). A mismatch is a problem; recovery discards such a seal
-/// and the writer seals the segment again.
-fn check_seal(
-    segment: &Path,
-    header: &format::FileHeader,
-    scan: &format::Scan,
-) -> Result<bool, String> {
-    let path = store::seal_path(segment);
-    let bytes = match std::fs::read(&path) {
+/// Reads a sealed file (docs/storage-format.md, "Sealed file") into `segment`, counting its
+/// commits in `tally`; a file that is not a valid sealed file is a problem.
+fn walk_sealed(
+    path: &Path,
+    shard: u32,
+    known: &[bool],
+    segment: &mut SegmentInspection,
+    tally: &mut store::CommitTally,
+    report: &mut VerifyReport,
+    inspection: &mut Inspection,
+) {
+    let bytes = match std::fs::read(path) {
         Ok(bytes) => bytes,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-        Err(error) => return Err(format!("seal {}: {error}", path.display())),
+        Err(error) => {
+            return add_problem(report, inspection, path, 0, error.to_string(), false);
+        }
     };
-    let (seal_header, index) =
-        format::decode_seal(&bytes).map_err(|reason| format!("seal: {reason}"))?;
-    let blocks: Vec<(u64, u32, u32, f64, f64)> = scan
-        .frames
-        .iter()
-        .filter(|frame| frame.header.kind == format::FrameKind::Block)
-        .map(|frame| {
-            (
-                frame.payload_offset(),
-                frame.header.payload_len,
-                frame.header.count,
-                frame.header.min_time,
-                frame.header.max_time,
-            )
-        })
-        .collect();
-    let same_file = seal_header.shard == header.shard
-        && seal_header.window_start == header.window_start
-        && seal_header.seq == header.seq
-        && seal_header.partition_secs == header.partition_secs;
-    if !same_file || index.segment_len != scan.valid_end || index.blocks != blocks {
-        return Err(format!(
-            "seal does not match the segment (seal: {} bytes, {} blocks; segment: {} bytes, {} blocks)",
-            index.segment_len,
-            index.blocks.len(),
-            scan.valid_end,
-            blocks.len()
-        ));
+    let bytes = {
+        let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(bytes.len());
+        aligned.extend_from_slice(&bytes);
+        aligned
+    };
+    let header = match format::FileHeader::decode(&bytes, FileKind::Sealed) {
+        Ok(header) => header,
+        Err(reason) => {
+            return add_problem(
+                report,
+                inspection,
+                path,
+                0,
+                format!("sealed file: {reason}"),
+                false,
+            );
+        }
+    };
+    segment.partition_secs = header.partition_secs;
+    if header.shard != shard
+        || header.window_start != segment.window_start
+        || header.seq != segment.seq
+    {
+        let what = format!(
+            "header says shard {} window {} seq {}",
+            header.shard, header.window_start, header.seq
+        );
+        add_problem(report, inspection, path, 0, what, false);
     }
-    Ok(true)
+    let scan = format::scan(&bytes, FileKind::Sealed, &mut format::validate_sealed_frame);
+    segment.corrupt_regions = scan.holes.len() as u64;
+    for (offset, len, reason) in &scan.holes {
+        add_problem(
+            report,
+            inspection,
+            path,
+            *offset,
+            format!("corrupt region of {len} bytes in a sealed file: {reason}"),
+            false,
+        );
+    }
+    let checked = match crate::sealed::check(&bytes, &scan) {
+        Ok(checked) => checked,
+        Err(reason) => {
+            return add_problem(
+                report,
+                inspection,
+                path,
+                0,
+                format!("sealed file: {reason}"),
+                false,
+            );
+        }
+    };
+    segment.sealed = true;
+    for commit in &checked.index.commits {
+        tally.add_blocks(commit.commit_seq, commit.blocks);
+    }
+    let mut unknown = 0u64;
+    for frame in &scan.frames {
+        report.frames += 1;
+        let start = frame.payload_offset() as usize;
+        let payload = &bytes[start..start + frame.header.payload_len as usize];
+        match frame.header.kind {
+            format::FrameKind::Commit => {
+                tally.add(frame, payload);
+                segment.commits += 1;
+                segment.exchanges += frame.header.count as u64;
+            }
+            format::FrameKind::Block => {
+                segment.blocks += 1;
+                segment.points += frame.header.count as u64;
+                report.points += frame.header.count as u64;
+                segment.min_time = Some(segment.min_time.map_or(frame.header.min_time, |time| {
+                    time.min(frame.header.min_time)
+                }));
+                segment.max_time = Some(segment.max_time.map_or(frame.header.max_time, |time| {
+                    time.max(frame.header.max_time)
+                }));
+                if let Ok(block) = format::access_block(payload) {
+                    if let Some(id) = block.series.first() {
+                        if !known.get(id.to_native() as usize).copied().unwrap_or(false) {
+                            unknown += frame.header.count as u64;
+                        }
+                    }
+                }
+            }
+            format::FrameKind::Index | format::FrameKind::Dictionary => {}
+        }
+    }
+    if unknown > 0 {
+        add_problem(
+            report,
+            inspection,
+            path,
+            0,
+            format!("{unknown} records refer to series ids missing from the dictionary"),
+            false,
+        );
+    }
 }
 
 /// What `inspect` found in a data directory.
@@ -346,7 +420,66 @@ fn walk(dir: &Path, repair: bool) -> Result<(Inspection, VerifyReport), StoreErr
         }
         let mut tails: Vec<TailState> = Vec::new();
         let mut tally = store::CommitTally::default();
-        for (window, seq, path) in store::list_segments(&Fs, &shard_dir)? {
+        for files in store::list_segments(&Fs, &shard_dir)? {
+            let (window, seq, path) = (files.window, files.seq, files.path.clone());
+            let old_seal = store::seal_path(&path);
+            if old_seal.exists() {
+                // Not a problem: a version 2 seal index, which the next open removes (the
+                // segment is then sealed again, series-major).
+                report.files += 1;
+            }
+            if files.sealed {
+                report.files += 1;
+                let sealed = store::sealed_path(&path);
+                let mut segment = SegmentInspection {
+                    shard,
+                    window_start: window,
+                    partition_secs: 0,
+                    seq,
+                    path: sealed.clone(),
+                    file_bytes: std::fs::metadata(&sealed)
+                        .map(|metadata| metadata.len())
+                        .unwrap_or(0),
+                    blocks: 0,
+                    points: 0,
+                    commits: 0,
+                    exchanges: 0,
+                    min_time: None,
+                    max_time: None,
+                    torn_bytes: 0,
+                    corrupt_regions: 0,
+                    sealed: false,
+                };
+                walk_sealed(
+                    &sealed,
+                    shard,
+                    &known,
+                    &mut segment,
+                    &mut tally,
+                    &mut report,
+                    &mut inspection,
+                );
+                let valid = segment.sealed;
+                inspection.segments.push(segment);
+                if valid && files.segment {
+                    // A seal interrupted after its rename: the sealed file wins.
+                    if repair {
+                        store::cut_file(&Fs, &path, None)?;
+                    }
+                    add_problem(
+                        &mut report,
+                        &mut inspection,
+                        &path,
+                        0,
+                        "segment left beside its sealed file (the next open removes it)"
+                            .to_string(),
+                        repair,
+                    );
+                }
+                if valid || !files.segment {
+                    continue;
+                }
+            }
             report.files += 1;
             let file_bytes = std::fs::metadata(&path)
                 .map(|metadata| metadata.len())
@@ -409,34 +542,19 @@ fn walk(dir: &Path, repair: bool) -> Result<(Inspection, VerifyReport), StoreErr
                     check_scan(&mut report, &path, bytes.len() as u64, &scan, repair)?;
                     let mut unknown = 0u64;
                     if let Some(last) = scan.frames.last() {
+                        // Where the segment's last commit starts (its frames end the file).
                         let seq = last.header.commit_seq;
-                        let tail = scan
+                        if let Some(first) = scan
                             .frames
                             .iter()
-                            .skip_while(|frame| frame.header.commit_seq != seq);
-                        let mut state = TailState {
-                            path: path.clone(),
-                            seq,
-                            first_offset: 0,
-                            blocks: 0,
-                            record_blocks: None,
-                        };
-                        for (index, frame) in tail.enumerate() {
-                            if index == 0 {
-                                state.first_offset = frame.offset;
-                            }
-                            if frame.header.kind == format::FrameKind::Commit {
-                                let start = frame.payload_offset() as usize;
-                                let payload =
-                                    &bytes[start..start + frame.header.payload_len as usize];
-                                state.record_blocks = format::decode_commit(&frame.header, payload)
-                                    .ok()
-                                    .map(|(blocks, _)| blocks);
-                            } else {
-                                state.blocks += 1;
-                            }
+                            .find(|frame| frame.header.commit_seq == seq)
+                        {
+                            tails.push(TailState {
+                                path: path.clone(),
+                                seq,
+                                first_offset: first.offset,
+                            });
                         }
-                        tails.push(state);
                     }
                     for frame in &scan.frames {
                         report.frames += 1;
@@ -473,12 +591,6 @@ fn walk(dir: &Path, repair: bool) -> Result<(Inspection, VerifyReport), StoreErr
                                 .count() as u64;
                         }
                     }
-                    match check_seal(&path, &header, &scan) {
-                        Ok(sealed) => segment.sealed = sealed,
-                        Err(what) => {
-                            add_problem(&mut report, &mut inspection, &path, 0, what, false)
-                        }
-                    }
                     if unknown > 0 {
                         add_problem(
                             &mut report,
@@ -495,11 +607,17 @@ fn walk(dir: &Path, repair: bool) -> Result<(Inspection, VerifyReport), StoreErr
             }
             inspection.segments.push(segment);
         }
-        check_last_commit(&mut report, &mut inspection, &tails, repair)?;
         // Earlier commits cannot be torn by a crash under --durability fsync; recovery serves
         // none of an incomplete commit's frames.
         if let Some(last) = tally.last().filter(|&last| !tally.complete_as_last(last)) {
-            // Reported (and repaired) by check_last_commit.
+            check_last_commit(
+                &mut report,
+                &mut inspection,
+                &shard_dir,
+                &tally,
+                &tails,
+                repair,
+            )?;
             tally.remove(last);
         }
         for (seq, blocks, record) in tally.incomplete() {
@@ -524,28 +642,30 @@ struct TailState {
     path: PathBuf,
     seq: u64,
     first_offset: u64,
-    blocks: u32,
-    record_blocks: Option<u32>,
 }
 
-/// A shard's last commit must have its commit record and every block it counts; otherwise it
-/// was torn by a crash before it was acknowledged, and repair cuts it as recovery does.
+/// A shard's last commit must have its commit record and every block it counts (in segments
+/// and sealed files); otherwise it was torn by a crash before it was acknowledged, and repair
+/// cuts its frames at the segments' tails as recovery does.
 fn check_last_commit(
     report: &mut VerifyReport,
     inspection: &mut Inspection,
+    shard_dir: &Path,
+    tally: &store::CommitTally,
     tails: &[TailState],
     repair: bool,
 ) -> Result<(), StoreError> {
-    let Some(last) = tails.iter().map(|tail| tail.seq).max() else {
+    let Some(last) = tally.last() else {
         return Ok(());
     };
-    let of_last = || tails.iter().filter(move |tail| tail.seq == last);
-    let blocks: u32 = of_last().map(|tail| tail.blocks).sum();
-    let record_blocks = of_last().find_map(|tail| tail.record_blocks);
-    if record_blocks == Some(blocks) {
-        return Ok(());
-    }
-    for tail in of_last() {
+    let (blocks, record_blocks) = tally.counts(last).unwrap_or((0, None));
+    let what = format!(
+        "incomplete last commit {last} ({blocks} blocks, commit record {}): torn by a crash before it was acknowledged",
+        record_blocks.map_or("missing".to_string(), |count| format!("counts {count}"))
+    );
+    let mut cut_any = false;
+    for tail in tails.iter().filter(|tail| tail.seq == last) {
+        cut_any = true;
         if repair {
             let len = std::fs::metadata(&tail.path)
                 .map_err(|error| StoreError::io("stat", &tail.path, error))?
@@ -559,12 +679,13 @@ fn check_last_commit(
             inspection,
             &tail.path,
             tail.first_offset,
-            format!(
-                "incomplete last commit {last} ({blocks} blocks, commit record {}): torn by a crash before it was acknowledged",
-                record_blocks.map_or("missing".to_string(), |count| format!("counts {count}"))
-            ),
+            what.clone(),
             repair,
         );
+    }
+    if !cut_any {
+        // Only in sealed files, which are never cut.
+        add_problem(report, inspection, shard_dir, 0, what, false);
     }
     Ok(())
 }

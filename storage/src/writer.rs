@@ -14,8 +14,8 @@ use crate::format::{
     NAME_BYTES_MAX, VALUE_BYTES_MAX,
 };
 use crate::store::{
-    lock, read_lock, seal_path, seal_tmp_path, segment_path, write_lock, BlockMeta, HashMap, Inner,
-    SegmentShared, ShardShared, DICTIONARY_FILE,
+    lock, read_lock, segment_path, write_lock, BlockMeta, HashMap, Inner, SegmentShared,
+    ShardShared, DICTIONARY_FILE,
 };
 use crate::{Durability, StoreError, Value, ValueRef, OPEN_SEGMENTS_MAX, SEGMENT_BYTES_MAX};
 
@@ -391,6 +391,8 @@ pub struct ShardWriter {
     partition_grace_secs: u64,
     /// When the last look for segments due to be sealed happened.
     last_seal_check: Option<std::time::Instant>,
+    /// The sealing thread, started at the first seal check of a commit.
+    sealer: Option<crate::sealed::Sealer>,
 }
 
 impl ShardWriter {
@@ -437,6 +439,7 @@ impl ShardWriter {
             segment_bytes_max: SEGMENT_BYTES_MAX,
             partition_grace_secs: config.partition_grace_secs,
             last_seal_check: None,
+            sealer: None,
             inner,
             shard,
         };
@@ -1239,18 +1242,46 @@ impl ShardWriter {
     }
 
     /// Seals every segment of this shard whose partition window plus the grace period has
-    /// passed (docs/storage-format.md, "Sealing"), at most `SEALS_PER_CHECK_MAX` per call;
-    /// returns how many. Commits call this at most once per `SEAL_CHECK_INTERVAL_MS`.
+    /// passed (docs/storage-format.md, "Sealing"), at most `SEALS_PER_CHECK_MAX` per call, on
+    /// this thread; returns how many (with those a commit's check had started on the sealing
+    /// thread and that are finished). Commits check at most once per `SEAL_CHECK_INTERVAL_MS`,
+    /// and leave the work to the sealing thread.
     pub fn seal_due(&mut self) -> Result<usize, StoreError> {
         let shard = self.shard.clone();
         let _files = lock(&shard.files);
         self.cut_back()?;
-        self.seal_due_locked()
+        self.seal_check(false)
     }
 
-    /// `seal_due` with the shard's file lock held and no failed commit left to cut back.
+    /// A commit's seal check (the shard's file lock held, no failed commit left to cut back):
+    /// publishes the seals the sealing thread finished and hands it the next due segments. On a
+    /// simulated disk (whose operations tests count in order) the seals run here instead.
     fn seal_due_locked(&mut self) -> Result<usize, StoreError> {
+        let background = self.inner.backend.background_seals();
+        self.seal_check(background)
+    }
+
+    fn seal_check(&mut self, background: bool) -> Result<usize, StoreError> {
         self.last_seal_check = Some(std::time::Instant::now());
+        let mut sealed = 0;
+        let finished = self
+            .sealer
+            .as_mut()
+            .map(|sealer| sealer.finished())
+            .unwrap_or_default();
+        let mut failure = None;
+        for outcome in finished {
+            match outcome {
+                Ok(built) => sealed += usize::from(self.publish_seal(built)?),
+                // Retention dropped the partition meanwhile: nothing to seal.
+                Err((segment, _)) if segment.dropped.load(Ordering::Acquire) => {}
+                // Tried again at a later check; the commit reports it, as a seal on this thread.
+                Err((_, error)) => failure = Some(error),
+            }
+        }
+        if let Some(error) = failure {
+            return Err(error);
+        }
         let horizon = unix_now() - self.partition_grace_secs as f64;
         // Due: the window ended more than the grace period ago, and the segment was not written
         // for the grace period (a late segment stays open while a device backfills).
@@ -1261,104 +1292,82 @@ impl ShardWriter {
                     && !segment.dropped.load(Ordering::Acquire)
                     && (segment.window_start as f64 + segment.partition_secs as f64) <= horizon
                     && segment.last_write_unix_s.load(Ordering::Acquire) as f64 <= horizon
+                    && !self
+                        .sealer
+                        .as_ref()
+                        .is_some_and(|sealer| sealer.busy_with(segment))
             })
             .take(SEALS_PER_CHECK_MAX)
             .cloned()
             .collect();
-        for segment in &due {
-            self.seal(segment)?;
+        if background {
+            if self.sealer.is_none() {
+                let sealer = crate::sealed::Sealer::start(self.shard.shard, SEALS_PER_CHECK_MAX)
+                    .map_err(|error| {
+                        StoreError::io("start the sealing thread", &self.shard.dir, error)
+                    })?;
+                self.sealer = Some(sealer);
+            }
+            for segment in due {
+                let job = self.seal_job(segment);
+                let Some(sealer) = self.sealer.as_mut().filter(|sealer| sealer.room() > 0) else {
+                    break;
+                };
+                sealer.submit(job);
+            }
+            return Ok(sealed);
         }
-        Ok(due.len())
+        for segment in due {
+            let built = crate::sealed::write(self.seal_job(segment)).map_err(|(_, error)| error)?;
+            sealed += usize::from(self.publish_seal(built)?);
+        }
+        Ok(sealed)
     }
 
-    /// Seals one segment: closes it here, syncs it, writes its index and renames it into place.
-    fn seal(&mut self, segment: &Arc<SegmentShared>) -> Result<(), StoreError> {
+    /// What a seal of `segment` starts from: its published length and blocks now.
+    fn seal_job(&self, segment: Arc<SegmentShared>) -> crate::sealed::Job {
+        let mut sync_first = Vec::new();
+        if self.durability == Durability::Os {
+            sync_first.push(self.dictionary_path.clone());
+            sync_first.extend(
+                read_lock(&self.shard.segments)
+                    .iter()
+                    .filter(|other| {
+                        other.sealed.get().is_none()
+                            && !other.dropped.load(Ordering::Acquire)
+                            && !Arc::ptr_eq(other, &segment)
+                    })
+                    .map(|other| other.path.clone()),
+            );
+        }
+        let blocks = read_lock(&segment.blocks).clone();
+        crate::sealed::Job {
+            backend: self.inner.backend.clone(),
+            shard: self.shard.shard,
+            published_len: segment.published_len.load(Ordering::Acquire),
+            blocks,
+            segment,
+            sync_first,
+        }
+    }
+
+    /// Renames a built sealed file into place (the file lock held): the segment is closed here
+    /// and replaced in the catalog. False when the segment changed meanwhile.
+    fn publish_seal(&mut self, built: crate::sealed::Built) -> Result<bool, StoreError> {
+        let segment = built.segment.clone();
+        let published = crate::sealed::publish(&*self.inner.backend, &self.shard, built)?;
+        if published.is_none() {
+            return Ok(false);
+        }
         if self
             .open
             .get(&segment.window_start)
-            .is_some_and(|open| Arc::ptr_eq(&open.shared, segment))
+            .is_some_and(|open| Arc::ptr_eq(&open.shared, &segment))
         {
             self.open.remove(&segment.window_start);
         }
-        let path = &segment.path;
-        let backend = &*self.inner.backend;
-        let file = backend
-            .open(path)
-            .map_err(|error| StoreError::io("open", path, error))?;
-        file.sync_data()
-            .map_err(|error| StoreError::io("fdatasync", path, error))?;
-        let segment_len = segment.published_len.load(Ordering::Acquire);
-        let blocks: Vec<BlockMeta> = read_lock(&segment.blocks).clone();
-        let mut series: Vec<u32> = Vec::new();
-        if !blocks.is_empty() {
-            let map = segment.map(backend, segment_len)?;
-            for meta in &blocks {
-                let start = meta.payload_offset as usize;
-                let payload = &map[start..start + meta.payload_len as usize];
-                let block =
-                    format::access_block(payload).map_err(|reason| StoreError::Corrupt {
-                        path: path.clone(),
-                        offset: meta.payload_offset,
-                        reason,
-                    })?;
-                series.extend(block.series.iter().map(|id| id.to_native()));
-                series.sort_unstable();
-                series.dedup();
-            }
-        }
-        let index = format::SealIndex {
-            segment_len,
-            min_time: blocks
-                .iter()
-                .map(|meta| meta.min_time)
-                .reduce(f64::min)
-                .unwrap_or(0.0),
-            max_time: blocks
-                .iter()
-                .map(|meta| meta.max_time)
-                .reduce(f64::max)
-                .unwrap_or(0.0),
-            series: series.clone(),
-            blocks: blocks
-                .iter()
-                .map(|meta| {
-                    (
-                        meta.payload_offset,
-                        meta.payload_len,
-                        meta.count,
-                        meta.min_time,
-                        meta.max_time,
-                    )
-                })
-                .collect(),
-        };
-        let header = FileHeader {
-            kind: FileKind::Seal,
-            shard: self.shard.shard,
-            window_start: segment.window_start,
-            partition_secs: segment.partition_secs,
-            seq: segment.seq,
-        };
-        let bytes = format::encode_seal(&header, &index);
-        let tmp = seal_tmp_path(path);
-        let seal = seal_path(path);
-        let tmp_file = backend
-            .create(&tmp)
-            .map_err(|error| StoreError::io("create", &tmp, error))?;
-        tmp_file
-            .write_all_at(&bytes, 0)
-            .map_err(|error| StoreError::io("write", &tmp, error))?;
-        tmp_file
-            .sync_data()
-            .map_err(|error| StoreError::io("fdatasync", &tmp, error))?;
-        backend
-            .rename(&tmp, &seal)
-            .map_err(|error| StoreError::io("rename", &tmp, error))?;
-        if let Some(dir) = seal.parent() {
-            backend::sync_dir(backend, dir)?;
-        }
-        let _ = segment.sealed.set(series);
-        Ok(())
+        self.inner.generation.fetch_add(1, Ordering::AcqRel);
+        Ok(true)
     }
 
     /// Segment files open right now (bounded by `OPEN_SEGMENTS_MAX`).

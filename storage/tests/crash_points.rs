@@ -477,3 +477,160 @@ fn fsync_a_power_loss_during_retention_drops_whole_partitions_only() {
         }
     }
 }
+
+/// Sealing under crashes (docs/storage-format.md, "Which file wins, at open"): a seal rewrites a
+/// segment into a sealed file and removes the segment; it is stopped after each of its
+/// operations (sync, write, rename, directory syncs, removal), and every crash image reopens
+/// with every acknowledged reading exactly once and every exchange, whatever mix of segment,
+/// temporary and sealed files it left; a second recovery after another power loss agrees
+/// (recovery is idempotent), and the seal is then finished by the writer. The commits span
+/// three windows and `seal_due` seals two segments per call, so the last commit ends with
+/// blocks in sealed files and its record in a segment: it must stay complete.
+#[test]
+fn fsync_a_power_loss_at_any_point_of_a_seal_keeps_every_reading_exactly_once() {
+    let commits: [&[u64]; 4] = [
+        &[1000, 1100, 1200],
+        &[1100, 1000, 1200, 1200],
+        &[1000, 1000, 1100],
+        &[1200, 1100, 1000],
+    ];
+    let value = |c: usize, i: usize| (c * 1000 + i) as u32;
+    let all: Vec<u32> = {
+        let mut all: Vec<u32> = commits
+            .iter()
+            .enumerate()
+            .flat_map(|(c, windows)| (0..windows.len()).map(move |i| value(c, i)))
+            .collect();
+        all.sort_unstable();
+        all
+    };
+    // Returns the operations the commits took, before the seals.
+    let run = |disk: &SimDisk| -> Option<u64> {
+        let (store, _) =
+            Store::open_with(config(Durability::Fsync), Arc::new(disk.clone())).ok()?;
+        let mut writer = store.writer(0).ok()?;
+        for (c, windows) in commits.iter().enumerate() {
+            for (i, window) in windows.iter().enumerate() {
+                writer
+                    .append(
+                        &format!("dev{}", i % 2),
+                        "s0",
+                        *window as f64 + (c * 7 + i) as f64,
+                        ValueRef::Number(f64::from(value(c, i))),
+                    )
+                    .unwrap();
+            }
+            writer
+                .record_exchange(exchange_peer(c), c as u16, true, 1000.0 + c as f64, &[0x60])
+                .unwrap();
+            writer.commit().ok()?;
+        }
+        let before = disk.ops();
+        // Windows 1000 and 1100 first (two per call), then 1200 with the last record.
+        writer.seal_due().ok()?;
+        writer.seal_due().ok()?;
+        Some(before)
+    };
+    let values = |store: &Store| -> Vec<u32> {
+        let reader = store.reader();
+        let mut values = Vec::new();
+        for device in ["dev0", "dev1"] {
+            for (_, value) in reader.series(device, "s0", -1e12, 1e12).unwrap().unwrap() {
+                let Value::Number(number) = value else {
+                    panic!("not a number: {value:?}")
+                };
+                values.push(number as u32);
+            }
+        }
+        values.sort_unstable();
+        values
+    };
+    let (before, total) = {
+        let disk = SimDisk::new();
+        let before = run(&disk).expect("clean run");
+        let files: Vec<PathBuf> = disk.files(Path::new(ROOT)).into_keys().collect();
+        let sealed = files
+            .iter()
+            .filter(|path| path.extension().is_some_and(|ext| ext == "sealed"))
+            .count();
+        assert_eq!(sealed, 3, "{files:?}");
+        assert!(
+            files
+                .iter()
+                .all(|path| path.extension().is_none_or(|ext| ext != "seg")),
+            "{files:?}"
+        );
+        (before, disk.ops())
+    };
+    assert!(total > before + 20, "the seals take operations");
+    let mut images = 0;
+    for crash_after in before..=total {
+        let disk = SimDisk::new();
+        disk.crash_after_ops(crash_after);
+        let _ = run(&disk);
+        for (image, loss) in [Loss::Torn, Loss::Torn, Loss::LoseAll, Loss::KeepAll]
+            .into_iter()
+            .enumerate()
+        {
+            let context =
+                format!("crash after {crash_after} of {total} operations, {loss:?} #{image}");
+            let crashed = disk.crash(loss, crash_after << 8 | image as u64);
+            {
+                let (store, report) =
+                    Store::open_with(config(Durability::Fsync), Arc::new(crashed.clone()))
+                        .unwrap_or_else(|error| panic!("{context}: reopen: {error}"));
+                assert_eq!(values(&store), all, "{context}: {report}");
+                assert_eq!(
+                    (report.commits_rolled_back, report.incomplete_commits),
+                    (0, 0),
+                    "{context}"
+                );
+                assert_eq!(
+                    store.take_recovered_exchanges().len(),
+                    commits.len(),
+                    "{context}"
+                );
+            }
+            // Recovery's own removals, then another power loss: the same store.
+            let again = crashed.crash(Loss::LoseAll, 0);
+            let (store, report) =
+                Store::open_with(config(Durability::Fsync), Arc::new(again.clone()))
+                    .unwrap_or_else(|error| panic!("{context}: second reopen: {error}"));
+            assert_eq!(values(&store), all, "{context}: second recovery: {report}");
+            assert_eq!(
+                store.take_recovered_exchanges().len(),
+                commits.len(),
+                "{context}"
+            );
+            // The writer finishes the seal; a power loss after it keeps everything.
+            let mut writer = store.writer(0).unwrap();
+            while writer
+                .seal_due()
+                .unwrap_or_else(|error| panic!("{context}: seal after recovery: {error}"))
+                > 0
+            {}
+            assert_eq!(values(&store), all, "{context}: sealed after recovery");
+            drop(writer);
+            drop(store);
+            let last = again.crash(Loss::LoseAll, 0);
+            let (store, _) = Store::open_with(config(Durability::Fsync), Arc::new(last.clone()))
+                .unwrap_or_else(|error| panic!("{context}: third reopen: {error}"));
+            assert_eq!(values(&store), all, "{context}: after the finished seal");
+            drop(store);
+            assert!(
+                last.files(Path::new(ROOT)).keys().all(|path| path
+                    .extension()
+                    .is_none_or(|ext| ext != "seg" && ext != "tmp")),
+                "{context}: every segment sealed, nothing left over"
+            );
+            if (crash_after + image as u64).is_multiple_of(13) {
+                let real = tempfile::tempdir().unwrap();
+                last.materialize(Path::new(ROOT), real.path()).unwrap();
+                let report = sluice_storage::verify(real.path(), false).unwrap();
+                assert!(report.is_clean(), "{context}: verify: {report}");
+            }
+            images += 1;
+        }
+    }
+    eprintln!("{images} crash images over the seals reopened");
+}
