@@ -10,7 +10,16 @@
 //! The store is written with the storage crate's own writer (the same format sluiced writes,
 //! two shards, 1 h partitions, `--durability os`), kept in `$SLUICE_QUERY_BENCH_DIR` when set
 //! (and reused when it already holds the same dataset), else in a temporary directory.
-//! The figures are printed as a Markdown table for benches/RESULTS.md.
+//!
+//! The dataset's timestamps are a year old, so a writer with the default grace period (15 min)
+//! seals every partition: the questions are asked twice, first of the store as loaded (no
+//! partition sealed: every partition laid out as commits wrote it, as the open partitions of a
+//! live store are), then after the writers sealed every partition (rewritten series-major,
+//! docs/storage-format.md "Sealing"), which is what a store holding a year-old hour looks like.
+//! The seals are done the way sluiced does them, by commits (one reading of the current time
+//! per shard every 10 ms, whose latency is measured while the sealing threads work).
+//! A store already sealed (reused) is only measured sealed. The figures are printed as Markdown
+//! tables for benches/RESULTS.md.
 
 use std::io::Read as _;
 use std::net::TcpListener;
@@ -32,6 +41,8 @@ const APPENDS_PER_COMMIT: usize = 100_000;
 const REQUESTS: usize = 200;
 /// How long the 304 load runs.
 const NOT_MODIFIED_SECONDS: u64 = 5;
+/// The daemon's and the sealing writer's grace period: sluiced's default for 1 h partitions.
+const GRACE_SECS: u64 = 900;
 
 fn value(device: u64, step: u64) -> f64 {
     // xorshift of (device, step): deterministic, spread over 0..100.
@@ -98,8 +109,81 @@ fn load(dir: &Path, devices: u64, points: u64) {
     std::fs::write(marker, expected).unwrap();
 }
 
-/// Full-scan aggregate in this process, one thread: every record of every block is looked at.
-fn scan_rate(dir: &Path) -> (u64, f64, f64) {
+/// End of the dataset's time range: the full scans read `[T0, dataset_end)`, not the current
+/// window where `seal` commits its clock readings.
+fn dataset_end(points: u64) -> f64 {
+    T0 + points as f64 * INTERVAL_S
+}
+
+fn sealed_marker(dir: &Path) -> PathBuf {
+    dir.join("bench-sealed")
+}
+
+/// Commit latencies in ms: (p50, p99, max, commits).
+type Latencies = (f64, f64, f64, usize);
+
+fn latency_summary(mut latencies: Vec<f64>) -> Latencies {
+    latencies.sort_by(f64::total_cmp);
+    let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize];
+    (at(0.5), at(0.99), at(1.0), latencies.len())
+}
+
+/// Seals every partition (all of them are due: a year old) the way sluiced does: by committing.
+/// Each shard's writer commits one reading of the current time (device `bench-clock-<shard>`,
+/// `--durability fsync`) every 10 ms; its seal checks hand the due segments to its sealing thread
+/// and rename the finished sealed files into place. Returns (seconds until every partition of the
+/// dataset was sealed, commit latencies meanwhile, commit latencies for 3 s after).
+fn seal(dir: &Path, points: u64) -> (f64, Latencies, Latencies) {
+    let (store, _) = Store::open(StoreConfig {
+        dir: dir.to_path_buf(),
+        partition_secs: 3600,
+        partition_grace_secs: GRACE_SECS,
+        durability: Durability::Fsync,
+    })
+    .expect("open store");
+    let data_end = ((T0 + points as f64 * INTERVAL_S) / 3600.0).ceil() * 3600.0;
+    let reader = store.reader();
+    let mut writers: Vec<_> = (0..SHARDS).map(|s| store.writer(s).unwrap()).collect();
+    let clocks: Vec<String> = (0..SHARDS).map(|s| format!("bench-clock-{s}")).collect();
+    let mut tick = 0u64;
+    let mut commit = |writers: &mut Vec<sluice_storage::ShardWriter>, latencies: &mut Vec<f64>| {
+        for (writer, clock) in writers.iter_mut().zip(&clocks) {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs_f64();
+            tick += 1;
+            writer
+                .append(clock, "tick", now, ValueRef::Number(tick as f64))
+                .unwrap();
+            let started = Instant::now();
+            writer.commit().unwrap();
+            latencies.push(started.elapsed().as_secs_f64() * 1e3);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let started = Instant::now();
+    let mut during = Vec::new();
+    while reader.sealed_before() < data_end {
+        assert!(
+            started.elapsed() < Duration::from_secs(900),
+            "sealing did not finish"
+        );
+        commit(&mut writers, &mut during);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut after = Vec::new();
+    let quiet = Instant::now();
+    while quiet.elapsed() < Duration::from_secs(3) {
+        commit(&mut writers, &mut after);
+    }
+    std::fs::write(sealed_marker(dir), "sealed\n").unwrap();
+    (elapsed, latency_summary(during), latency_summary(after))
+}
+
+/// Full-scan aggregate in this process, one thread: one series over the whole range (of an
+/// unsealed store: every record of every block of its shard is looked at).
+fn scan_rate(dir: &Path, points: u64) -> (u64, f64, f64) {
     let started = Instant::now();
     let (store, report) = Store::open(StoreConfig {
         dir: dir.to_path_buf(),
@@ -113,10 +197,10 @@ fn scan_rate(dir: &Path) -> (u64, f64, f64) {
     let reader = store.reader();
     let mut best = f64::INFINITY;
     let mut records = 0;
-    for round in 0..3 {
+    for round in 1..4 {
         let started = Instant::now();
         let mut scan = reader
-            .scan(&device_name(round), "usage", f64::MIN, f64::MAX)
+            .scan(&device_name(round), "usage", T0, dataset_end(points))
             .unwrap();
         let (mut sum, mut count) = (0.0, 0u64);
         while let Some(chunk) = scan.next_chunk().unwrap() {
@@ -132,6 +216,43 @@ fn scan_rate(dir: &Path) -> (u64, f64, f64) {
         records = scan.records_scanned();
     }
     (records, best, recovery_s)
+}
+
+/// Full-scan aggregate of every record: the sum and count of every device's series over the
+/// whole range (one `Reader::scan` per device), in this process, one thread. Returns (points,
+/// seconds).
+fn scan_all_rate(dir: &Path, devices: u64, points: u64) -> (u64, f64) {
+    let (store, _) = Store::open(StoreConfig {
+        dir: dir.to_path_buf(),
+        partition_secs: 3600,
+        partition_grace_secs: u64::MAX,
+        durability: Durability::Os,
+    })
+    .expect("open store");
+    let reader = store.reader();
+    let mut best = f64::INFINITY;
+    let mut total = 0;
+    for _ in 0..2 {
+        let started = Instant::now();
+        let (mut sum, mut count) = (0.0, 0u64);
+        for device in 0..devices {
+            let mut scan = reader
+                .scan(&device_name(device), "usage", T0, dataset_end(points))
+                .unwrap();
+            while let Some(chunk) = scan.next_chunk().unwrap() {
+                for (_, value) in chunk {
+                    if let sluice_storage::Value::Number(n) = value {
+                        sum += n;
+                        count += 1;
+                    }
+                }
+            }
+        }
+        std::hint::black_box(sum);
+        best = best.min(started.elapsed().as_secs_f64());
+        total = count;
+    }
+    (total, best)
 }
 
 fn free_port() -> u16 {
@@ -272,16 +393,91 @@ fn main() {
         .map(PathBuf::from)
         .unwrap_or_else(|| temp.path().join("data"));
     load(&dir, devices, points);
-    let (records, scan_s, open_s) = scan_rate(&dir);
+    let mut unsealed = None;
+    let mut seal_figures = None;
+    if !sealed_marker(&dir).exists() {
+        let scan = scan_rate(&dir, points);
+        unsealed = Some((questions(&dir, devices, points, false), scan));
+        seal_figures = Some(seal(&dir, points));
+    }
+    let scan = scan_rate(&dir, points);
+    let all = scan_all_rate(&dir, devices, points);
+    let sealed = questions(&dir, devices, points, true);
+    println!(
+        "\n{devices} devices x {points} points = {} points\n",
+        devices * points
+    );
+    if let Some((seconds, during, after)) = seal_figures {
+        println!(
+            "sealing every partition through commits (2 shard writers, a commit of one reading per shard every 10 ms, `--durability fsync`): all sealed after {seconds:.1} s"
+        );
+        for (label, (p50, p99, max, count)) in [("while sealing", during), ("after, 3 s", after)] {
+            println!(
+                "commit latency {label}: p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms ({count} commits)"
+            );
+        }
+        println!();
+    }
+    let (rows, extra) = &sealed;
+    println!("| question | unsealed median ms | unsealed p90 ms | sealed median ms | sealed p90 ms | sealed headers after, median ms | body bytes (as sent) | unsealed / sealed |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    for (i, (name, f)) in rows.iter().enumerate() {
+        let wire = if f.wire_bytes == f.bytes {
+            String::new()
+        } else {
+            format!(" ({})", f.wire_bytes)
+        };
+        let (before, ratio) = match &unsealed {
+            Some(((before, _), _)) => {
+                let b = &before[i].1;
+                (
+                    format!("{:.3} | {:.3}", b.median_ms, b.p90_ms),
+                    format!("{:.1}", b.median_ms / f.median_ms),
+                )
+            }
+            None => (" | ".to_string(), String::new()),
+        };
+        println!(
+            "| {name} | {before} | {:.3} | {:.3} | {:.3} | {}{wire} | {ratio} |",
+            f.median_ms, f.p90_ms, f.headers_ms, f.bytes
+        );
+    }
+    if let Some((_, (records, seconds, open_s))) = &unsealed {
+        println!(
+            "\nunsealed: one series, whole range, in process, one thread: {records} records looked at in {seconds:.4} s = {:.1} M records/s (in-process open {open_s:.1} s)",
+            *records as f64 / seconds / 1e6
+        );
+    }
+    let (records, seconds, open_s) = scan;
+    println!(
+        "sealed: one series, whole range, in process, one thread: {records} records looked at in {:.3} ms (in-process open {open_s:.1} s)",
+        seconds * 1e3
+    );
+    println!(
+        "sealed: every device's series, whole range (sum and count of all {} points, one scan per device), in process, one thread: {:.2} s = {:.1} M points/s",
+        all.0,
+        all.1,
+        all.0 as f64 / all.1 / 1e6
+    );
+    println!("{extra}");
+}
 
+/// A question and its figures.
+type Row = (String, Figures);
+
+/// Starts sluiced on the store and asks the questions: (rows, text of the other figures). With
+/// `with_304`, also the 304 rates (only asked of the sealed store).
+fn questions(dir: &Path, devices: u64, points: u64, with_304: bool) -> (Vec<Row>, String) {
     let port = free_port();
     let started = Instant::now();
     let _daemon = Daemon(
         Command::new(sluiced())
             .arg("--data-dir")
-            .arg(&dir)
+            .arg(dir)
             .args(["--coap", "off", "--shards", "2", "--http"])
             .arg(format!("127.0.0.1:{port}"))
+            .arg("--partition-grace")
+            .arg(format!("{GRACE_SECS}s"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -301,7 +497,7 @@ fn main() {
 
     let end = T0 + points as f64 * INTERVAL_S;
     let device = |i: usize| device_name((i as u64 * 7919) % devices);
-    let mut rows: Vec<(String, Figures)> = Vec::new();
+    let mut rows: Vec<Row> = Vec::new();
     let latest_cold = {
         let started = Instant::now();
         let body = agent
@@ -372,6 +568,13 @@ fn main() {
         }),
     ));
 
+    let mut extra = format!(
+        "sluiced ready after {ready_s:.1} s; lastpoint, all devices (`/v1/latest`), first request (cache miss): {:.2} ms, {} bytes",
+        latest_cold.0, latest_cold.1
+    );
+    if !with_304 {
+        return (rows, extra);
+    }
     // 304s: two client threads with keep-alive, If-None-Match of a series answer.
     let path = format!(
         "/v1/series?device={}&name=usage&from={}&to={end}&step=5m&agg=max",
@@ -411,41 +614,15 @@ fn main() {
     // and /healthz with the same wrk as the floor of the HTTP stack in this run.
     let wrk_not_modified = wrk(&format!("{base}{path}"), Some(&etag));
     let wrk_healthz = wrk(&format!("{base}/healthz"), None);
-
-    println!(
-        "\n{devices} devices x {points} points = {} points; sluiced ready after {ready_s:.1} s (in-process open {open_s:.1} s)\n",
-        devices * points
-    );
-    println!("| question | median ms | p90 ms | headers after, median ms | body bytes (as sent) |");
-    println!("|---|---:|---:|---:|---:|");
-    println!(
-        "| lastpoint, all devices (`/v1/latest`), first request (cache miss) | {:.2} | | | {} |",
-        latest_cold.0, latest_cold.1
-    );
-    for (name, f) in rows {
-        let wire = if f.wire_bytes == f.bytes {
-            String::new()
-        } else {
-            format!(" ({})", f.wire_bytes)
-        };
-        println!(
-            "| {name} | {:.3} | {:.3} | {:.3} | {}{wire} |",
-            f.median_ms, f.p90_ms, f.headers_ms, f.bytes
-        );
-    }
-    println!(
-        "\nfull-scan aggregate (one series, whole range, in process, one thread): {records} records in {:.3} s = {:.1} M records/s",
-        scan_s,
-        records as f64 / scan_s / 1e6
-    );
-    println!(
-        "304 answers, 2 keep-alive client threads on the same 2 cores: {not_modified_rate:.0} /s"
-    );
-    match (wrk_not_modified, wrk_healthz) {
-        (Some(not_modified), Some(healthz)) => println!(
-            "304 answers, wrk -t1 -c16 on the same 2 cores: {not_modified:.0} /s; /healthz with the same wrk: {healthz:.0} /s (304 / healthz = {:.2})",
+    extra.push_str(&format!(
+        "\n304 answers, 2 keep-alive client threads on the same 2 cores: {not_modified_rate:.0} /s"
+    ));
+    extra.push_str(&match (wrk_not_modified, wrk_healthz) {
+        (Some(not_modified), Some(healthz)) => format!(
+            "\n304 answers, wrk -t1 -c16 on the same 2 cores: {not_modified:.0} /s; /healthz with the same wrk: {healthz:.0} /s (304 / healthz = {:.2})",
             not_modified / healthz
         ),
-        _ => println!("wrk not installed: no wrk figures (apt-get install wrk)"),
-    }
+        _ => "\nwrk not installed: no wrk figures (apt-get install wrk)".to_string(),
+    });
+    (rows, extra)
 }
