@@ -488,7 +488,7 @@ impl ShardWriter {
         value: ValueRef<'_>,
     ) -> Result<(), StoreError> {
         check_reading(device, name, time, &value)?;
-        self.append_checked(device, name, time, value)
+        self.append_checked(device, std::iter::once((name, time, value)))
     }
 
     /// Buffers every reading of one request (`parts` gives each one's name, time and value), or
@@ -503,45 +503,53 @@ impl ShardWriter {
             let (name, time, value) = parts(reading);
             self.check(device, name, time, &value)?;
         }
-        for reading in readings {
-            let (name, time, value) = parts(reading);
-            self.append_checked(device, name, time, value)?;
-        }
-        Ok(())
+        self.append_checked(device, readings.iter().map(parts))
     }
 
-    /// [`ShardWriter::append`] of a reading [`check_reading`] accepted.
-    fn append_checked(
+    /// Buffers readings of `device` that [`check_reading`] accepted; the device's series are
+    /// looked up once for all of them.
+    fn append_checked<'a>(
         &mut self,
         device: &str,
-        name: &str,
-        time: f64,
-        value: ValueRef<'_>,
+        readings: impl Iterator<Item = (&'a str, f64, ValueRef<'a>)>,
     ) -> Result<(), StoreError> {
-        let series = match self.ids.get(device).and_then(|names| names.get(name)) {
-            Some(&id) => id,
-            None => {
-                let id = self.next_id;
-                self.next_id = id.checked_add(1).ok_or_else(|| {
-                    StoreError::InvalidReading("shard has 2^32 series".to_string())
-                })?;
-                self.ids
-                    .entry(device.to_string())
-                    .or_default()
-                    .insert(name.to_string(), id);
-                self.pending_dictionary
-                    .push((id, device.to_string(), name.to_string()));
-                id
-            }
+        let mut readings = readings.peekable();
+        if readings.peek().is_none() {
+            return Ok(());
+        }
+        let ShardWriter {
+            ids,
+            next_id,
+            pending_dictionary,
+            buffer,
+            partition_secs,
+            ..
+        } = self;
+        let names = match ids.get_mut(device) {
+            Some(names) => names,
+            None => ids.entry(device.to_string()).or_default(),
         };
-        let window = window_of(time, self.partition_secs);
-        let value = match value {
-            ValueRef::Number(number) => StoredValue::Number(number),
-            ValueRef::Bool(boolean) => StoredValue::Bool(boolean),
-            ValueRef::String(text) => StoredValue::String(text.to_string()),
-            ValueRef::Data(data) => StoredValue::Data(data.to_vec()),
-        };
-        self.buffer.push(series, time, window, value);
+        for (name, time, value) in readings {
+            let series = match names.get(name) {
+                Some(&id) => id,
+                None => {
+                    let id = *next_id;
+                    *next_id = id.checked_add(1).ok_or_else(|| {
+                        StoreError::InvalidReading("shard has 2^32 series".to_string())
+                    })?;
+                    names.insert(name.to_string(), id);
+                    pending_dictionary.push((id, device.to_string(), name.to_string()));
+                    id
+                }
+            };
+            let value = match value {
+                ValueRef::Number(number) => StoredValue::Number(number),
+                ValueRef::Bool(boolean) => StoredValue::Bool(boolean),
+                ValueRef::String(text) => StoredValue::String(text.to_string()),
+                ValueRef::Data(data) => StoredValue::Data(data.to_vec()),
+            };
+            buffer.push(series, time, window_of(time, *partition_secs), value);
+        }
         Ok(())
     }
 
