@@ -31,9 +31,10 @@ const TIME_ABS_MAX: f64 = 9_007_199_254_740_992.0;
 /// How often a commit looks for segments due to be sealed: a scan of the shard's catalog per
 /// second costs nothing next to commits, and a partition is sealed at most this late.
 const SEAL_CHECK_INTERVAL_MS: u64 = 1000;
-/// Segments one check seals at most (the rest at the next checks): sealing reads and validates
-/// the segment (up to 64 MiB) in the commit path, so after a restart or an upgrade with many
-/// unsealed old segments, commits are delayed by at most two segments' worth per second.
+/// Seals a shard writer's sealing thread has in flight at most, and segments one `seal_due` call
+/// seals at most (the rest at the next checks): after a restart or an upgrade with many unsealed
+/// old segments, the disk holds at most this many segments twice (segment and sealed file) per
+/// shard at a time, and commits never wait for a rewrite (docs/storage-format.md, "Sealing").
 const SEALS_PER_CHECK_MAX: usize = 2;
 
 /// What a commit did.
