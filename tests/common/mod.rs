@@ -52,18 +52,61 @@ pub fn tool(name: &str) -> PathBuf {
 static HANDED_OUT: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
 
 /// A loopback port free for both UDP and TCP right now, never handed out twice in this process.
+/// Taken below the kernel's ephemeral range (`net.ipv4.ip_local_port_range`) when there is room:
+/// a port from that range can be given to another test's outgoing connection between this probe
+/// and the daemon's bind (seen as "Address already in use" at start).
 pub fn free_port() -> u16 {
+    let (low, _) = ephemeral_range();
+    // Ports 10000..low, tried in a pseudo-random order (process id and clock as the seed), at
+    // most this many before falling back to an ephemeral port.
+    const TRIES_MAX: usize = 1000;
+    if low > 11_000 {
+        let span = u32::from(low) - 10_000;
+        let mut x = (std::process::id() as u64) << 32
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+            | 1;
+        for _ in 0..TRIES_MAX {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let port = (10_000 + (x % u64::from(span)) as u32) as u16;
+            if let Some(port) = claim(port) {
+                return port;
+            }
+        }
+    }
     loop {
         let udp = UdpSocket::bind("127.0.0.1:0").expect("bind a probe socket");
         let port = udp.local_addr().unwrap().port();
-        if TcpListener::bind(("127.0.0.1", port)).is_err() {
-            continue;
-        }
-        let mut handed = HANDED_OUT.lock().unwrap();
-        if handed.get_or_insert_with(HashSet::new).insert(port) {
+        drop(udp);
+        if let Some(port) = claim(port) {
             return port;
         }
     }
+}
+
+/// `port` if it is free for UDP and TCP on loopback and not handed out yet (then it is).
+fn claim(port: u16) -> Option<u16> {
+    UdpSocket::bind(("127.0.0.1", port)).ok()?;
+    TcpListener::bind(("127.0.0.1", port)).ok()?;
+    let mut handed = HANDED_OUT.lock().unwrap();
+    handed
+        .get_or_insert_with(HashSet::new)
+        .insert(port)
+        .then_some(port)
+}
+
+/// The kernel's ephemeral port range (Linux default 32768-60999).
+fn ephemeral_range() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| {
+            let mut parts = text.split_whitespace().map(|p| p.parse::<u16>().ok());
+            Some((parts.next()??, parts.next()??))
+        })
+        .unwrap_or((32_768, 60_999))
 }
 
 pub struct Daemon {
