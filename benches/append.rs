@@ -12,19 +12,13 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use sluice_storage::{Durability, ShardWriter, Store, StoreConfig, ValueRef};
 
+#[path = "common/names.rs"]
+mod names;
+use names::NAMES;
+
 /// Start of the readings' times (unix seconds).
 const T0: f64 = 1_763_900_000.0;
 const DEVICES: usize = 100;
-const NAMES: [&str; 8] = [
-    "temperature",
-    "humidity",
-    "pressure",
-    "battery",
-    "co2",
-    "illuminance",
-    "voltage",
-    "current",
-];
 
 struct Fixture {
     // Field order: the writer and store drop before the directory.

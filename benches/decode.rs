@@ -10,29 +10,16 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use sluice_protocol::batch::{self, Batch, BatchDecoder, BatchRecord, BatchValue};
 use sluice_protocol::{senml, Readings};
 
+#[path = "common/names.rs"]
+mod names;
+use names::name;
+
 #[allow(dead_code)]
 #[path = "../protocol/tests/reference/senml.rs"]
 mod reference;
 
 /// A fixed arrival time (unix seconds); payload times are absolute.
 const UNIX_NOW: f64 = 1_763_900_000.0;
-const NAMES: [&str; 8] = [
-    "temperature",
-    "humidity",
-    "pressure",
-    "battery",
-    "co2",
-    "illuminance",
-    "voltage",
-    "current",
-];
-
-fn name(i: usize) -> String {
-    match i / NAMES.len() {
-        0 => NAMES[i].to_string(),
-        n => format!("{}_{n}", NAMES[i % NAMES.len()]),
-    }
-}
 
 /// The same shape as `sluice load --format senml-json`: base time on the first record.
 fn senml_json(records: usize) -> Vec<u8> {

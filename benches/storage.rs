@@ -26,19 +26,13 @@ use std::time::{Duration, Instant};
 
 use sluice_storage::{Durability, ShardWriter, Store, StoreConfig, ValueRef};
 
+#[path = "common/names.rs"]
+mod names;
+use names::NAMES;
+
 /// Start of the readings' times (unix seconds).
 const T0: f64 = 1_763_900_000.0;
 const DEVICES: usize = 100;
-const NAMES: [&str; 8] = [
-    "temperature",
-    "humidity",
-    "pressure",
-    "battery",
-    "co2",
-    "illuminance",
-    "voltage",
-    "current",
-];
 /// Commits per group-commit round (subject and baseline alternate within a round; a round gives
 /// one ratio, so the spread over rounds shows the noise).
 const COMMITS_PER_ROUND: usize = 300;

@@ -10,28 +10,15 @@ use sluice_protocol::batch::{self, Batch, BatchRecord, BatchValue};
 use sluice_protocol::{Endpoint, EndpointConfig, Exchange, Outcome, Reading, Readings, Value};
 use sluice_storage::{Durability, ShardWriter, Store, StoreConfig, ValueRef};
 
+#[path = "names.rs"]
+mod names;
+use names::name;
+
 /// Datagrams per group commit: the daemon's receive batch (`DATAGRAMS_PER_BATCH_MAX`).
 pub const DATAGRAMS_PER_BATCH: usize = 64;
 pub const DEVICES: usize = 100;
 /// Arrival time (unix seconds) of every request; payload times are absolute and near it.
 const UNIX_NOW: f64 = 1_763_900_000.0;
-const NAMES: [&str; 8] = [
-    "temperature",
-    "humidity",
-    "pressure",
-    "battery",
-    "co2",
-    "illuminance",
-    "voltage",
-    "current",
-];
-
-fn name(i: usize) -> String {
-    match i / NAMES.len() {
-        0 => NAMES[i].to_string(),
-        n => format!("{}_{n}", NAMES[i % NAMES.len()]),
-    }
-}
 
 fn option(out: &mut Vec<u8>, last: &mut u16, number: u16, value: &[u8]) {
     let delta = number - *last;
