@@ -519,9 +519,12 @@ impl Ring {
             self.committed = Some((commit.prepared, result));
             return;
         }
-        let chain = (count - commit.next).min(COMMIT_CHAIN_MAX);
-        let mut entries = [const { None }; COMMIT_CHAIN_MAX];
-        for (slot, index) in entries.iter_mut().zip(commit.next..commit.next + chain) {
+        let (first, end) = (
+            commit.next,
+            commit.next + (count - commit.next).min(COMMIT_CHAIN_MAX),
+        );
+        let mut entries = Vec::with_capacity(end - first);
+        for index in first..end {
             let entry = match commit.prepared.raw_operation(index) {
                 Some(RawOperation::Write { fd, offset, bytes }) => {
                     opcode::Write::new(types::Fd(fd), bytes.as_ptr(), bytes.len() as u32)
@@ -536,16 +539,14 @@ impl Ring {
                     return self.advance_commit();
                 }
             };
-            let flags = if index + 1 < commit.next + chain {
+            let flags = if index + 1 < end {
                 squeue::Flags::IO_LINK | squeue::Flags::SKIP_SUCCESS
             } else {
                 squeue::Flags::empty()
             };
-            let position = index - commit.next;
-            let data = user_data(KIND_COMMIT, chain_data(self.chains, position));
-            *slot = Some(entry.flags(flags).user_data(data));
+            let data = user_data(KIND_COMMIT, chain_data(self.chains, index - first));
+            entries.push(entry.flags(flags).user_data(data));
         }
-        let entries: Vec<squeue::Entry> = entries.into_iter().flatten().collect();
         // A chain is linked only within one submission: make room for all of it first.
         {
             let submission = self.ring.submission();
@@ -560,8 +561,8 @@ impl Ring {
         let pushed = unsafe { self.ring.submission().push_multiple(&entries) };
         match pushed {
             Ok(()) => {
-                commit.chain = Some((self.chains, commit.next, commit.next + entries.len() - 1));
-                commit.next += entries.len();
+                commit.chain = Some((self.chains, first, end - 1));
+                commit.next = end;
                 self.chains = self.chains.wrapping_add(1) & CHAIN_NUMBER_MASK;
                 if let Err(error) = self.ring.submit() {
                     if !matches!(error.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) {
