@@ -5,7 +5,7 @@
 //! temporary directory), handles `WARM_UP_DATAGRAMS` requests, then `<datagrams>` more. Each
 //! request goes through what `daemon/src/shard.rs` does with it: `Endpoint::handle`, the store's
 //! check and append of every reading, the exchange record, and, every `DATAGRAMS_PER_BATCH`
-//! datagrams, the group commit (prepare + publish, write(2) without fdatasync) and
+//! datagrams, the group commit (`ShardWriter::commit`: write(2) without fdatasync) and
 //! `Endpoint::committed` for each of its exchanges. A run with 0 datagrams is the baseline: the
 //! script subtracts it and divides by `<datagrams>`.
 //!
