@@ -14,6 +14,11 @@
 #                        rows (fsync CON, os CON, fsync NON) with `sluiced --io BACKEND`, and a
 #                        table of the ratios to the first one. The other rows use sluiced's
 #                        default backend (or SLUICE_IO).
+#   SLUICE_E2E_SERVER_CPUS  CPUs every measured server runs on (`taskset -c` list: "1"), the
+#                        sink, libcoap and sluiced alike; default: wherever the scheduler puts it
+#   SLUICE_E2E_CLIENT_CPUS  CPUs the load client runs on ("0"); default: anywhere
+#                        (On the 2-vCPU VM of benches/RESULTS.md, "1" and "0" keep the server's
+#                        threads off the client's vCPU: see RESULTS "CPU placement".)
 #
 # Needs: cargo, curl, jq, ss, coap-server-notls (Debian: libcoap3-bin).
 set -euo pipefail
@@ -29,7 +34,11 @@ if ! [[ $WARMUP =~ ^[0-9]+$ ]] || ((WARMUP > 60)); then
     echo "SLUICE_E2E_WARMUP must be whole seconds in 0..60, is '$WARMUP'" >&2
     exit 2
 fi
-for tool in cargo curl jq ss coap-server-notls; do
+SERVER_PIN=()
+CLIENT_PIN=()
+[[ -n ${SLUICE_E2E_SERVER_CPUS:-} ]] && SERVER_PIN=(taskset -c "$SLUICE_E2E_SERVER_CPUS")
+[[ -n ${SLUICE_E2E_CLIENT_CPUS:-} ]] && CLIENT_PIN=(taskset -c "$SLUICE_E2E_CLIENT_CPUS")
+for tool in cargo curl jq ss coap-server-notls taskset; do
     command -v "$tool" >/dev/null || { echo "e2e.sh: needs $tool" >&2; exit 2; }
 done
 
@@ -113,7 +122,7 @@ warm_up() {
     local name=$1
     shift
     ((WARMUP > 0)) || return 0
-    if ! timeout $((WARMUP + 120)) "$SLUICE" load --duration "$WARMUP" --device-prefix warm- "$@" \
+    if ! timeout $((WARMUP + 120)) "${CLIENT_PIN[@]}" "$SLUICE" load --duration "$WARMUP" --device-prefix warm- "$@" \
         >/dev/null 2>"$WORK/$name.warmup.err"; then
         log "$name: warm-up failed:"
         cat "$WORK/$name.warmup.err" >&2
@@ -143,7 +152,7 @@ run_load() {
     children_cpu "$name.client_cpu_start"
     log "$name: sluice load $*"
     # Bounded: the run plus the CON give-up time of in-flight requests (2 s * 1.5 * 31 < 95 s).
-    if ! timeout $((D + 120)) "$SLUICE" load --duration "$D" --json "$@" \
+    if ! timeout $((D + 120)) "${CLIENT_PIN[@]}" "$SLUICE" load --duration "$D" --json "$@" \
         >"$WORK/$name.out" 2>"$WORK/$name.err"; then
         log "$name: sluice load failed:"
         cat "$WORK/$name.err" >&2
@@ -172,7 +181,7 @@ server_cpu() {
 measure_sink() {
     local name=$1 port pid
     port=$(free_port)
-    "$SLUICE" sink --bind "127.0.0.1:$port" --json --idle-exit-ms 1000 --max-seconds $((D + 60)) \
+    "${SERVER_PIN[@]}" "$SLUICE" sink --bind "127.0.0.1:$port" --json --idle-exit-ms 1000 --max-seconds $((D + 60)) \
         >"$WORK/$name.sink.json" 2>"$WORK/$name.sink.err" &
     pid=$!
     PIDS+=("$pid")
@@ -202,7 +211,7 @@ points_stored() {
 measure_libcoap() {
     local name=$1 port pid
     port=$(free_port)
-    coap-server-notls -A 127.0.0.1 -p "$port" >"$WORK/$name.server.log" 2>&1 &
+    "${SERVER_PIN[@]}" coap-server-notls -A 127.0.0.1 -p "$port" >"$WORK/$name.server.log" 2>&1 &
     pid=$!
     PIDS+=("$pid")
     # libcoap has no readiness probe: wait (bounded) for its UDP socket.
@@ -220,6 +229,19 @@ measure_libcoap() {
     echo 1 >"$WORK/$name.rpd"
 }
 
+# Points stored once sluiced has taken what its sockets still held (bounded: 5 s).
+settled_points() {
+    local http=$1 last now
+    last=$(points_stored "$http")
+    for _ in $(seq 1 25); do
+        sleep 0.2
+        now=$(points_stored "$http")
+        [[ $now == "$last" ]] && break
+        last=$now
+    done
+    echo "$last"
+}
+
 # sluiced with a fresh data dir; $2 = durability, the rest = load arguments.
 measure_sluiced() {
     local name=$1 durability=$2
@@ -229,7 +251,7 @@ measure_sluiced() {
     coap=$(free_port)
     http=$(free_port)
     while [[ $http == "$coap" ]]; do http=$(free_port); done
-    "$SLUICED" --data-dir "$dir/data" --coap "127.0.0.1:$coap" --http "127.0.0.1:$http" \
+    "${SERVER_PIN[@]}" "$SLUICED" --data-dir "$dir/data" --coap "127.0.0.1:$coap" --http "127.0.0.1:$http" \
         --durability "$durability" "${SLUICED_IO[@]}" >"$dir/sluiced.log" 2>&1 &
     pid=$!
     PIDS+=("$pid")
@@ -241,10 +263,18 @@ measure_sluiced() {
     server_cpu "$name" "$pid" start
     run_load "$name" --target "127.0.0.1:$coap" "$@"
     server_cpu "$name" "$pid" end
-    after=$(points_stored "$http")
+    after=$(settled_points "$http")
     curl -sf --max-time 5 "http://127.0.0.1:$http/metrics" >"$dir/metrics.txt" || true
     stop "$pid"
     echo $((after - before)) >"$WORK/$name.stored"
+    if [[ " $* " == *" --no-response "* ]]; then
+        # Nothing is acknowledged: the row shows what was stored, at the run's rate, as the
+        # sink's row shows what it received.
+        jq -c --argjson stored $((after - before)) --argjson d "$D" \
+            '.acknowledged = $stored | .rate = $stored / $d | .latency_us = {"p50": "–", "p99": "–"}' \
+            "$WORK/$name.json" >"$WORK/$name.json.tmp"
+        mv "$WORK/$name.json.tmp" "$WORK/$name.json"
+    fi
     local rpd=1 prev=""
     for arg in "$@"; do
         [[ $prev == --records-per-datagram ]] && rpd=$arg
@@ -273,7 +303,7 @@ measure_coaps() {
     coap=$(free_port)
     coaps=$(free_port)
     http=$(free_port)
-    "$SLUICED" --data-dir "$dir/data" --coap "127.0.0.1:$coap" --coaps "127.0.0.1:$coaps" \
+    "${SERVER_PIN[@]}" "$SLUICED" --data-dir "$dir/data" --coap "127.0.0.1:$coap" --coaps "127.0.0.1:$coaps" \
         --credentials "$dir/credentials.toml" --http "127.0.0.1:$http" \
         --durability "$durability" >"$dir/sluiced.log" 2>&1 &
     pid=$!
@@ -314,7 +344,10 @@ measure_libcoap libcoap
 measure_sluiced fsync_con fsync --devices 100 --window 1 --mode con
 measure_sluiced os_con os --devices 100 --window 1 --mode con
 measure_sluiced fsync_non fsync --devices 100 --window 4 --mode non
+measure_sluiced fsync_non_nr fsync --devices 100 --window 1 --mode non --no-response
 measure_sluiced fsync_rkyv64 fsync --devices 20 --window 2 --mode con \
+    --format rkyv --records-per-datagram 64
+measure_sluiced fsync_rkyv64_deep fsync --devices 64 --window 8 --mode con \
     --format rkyv --records-per-datagram 64
 measure_coaps coap_fsync coaps_fsync fsync --devices 100 --window 1 --mode con
 measure_coaps coap_os coaps_os os --devices 100 --window 1 --mode con
@@ -364,7 +397,7 @@ row() {
 }
 
 echo
-echo "Load: \`sluice load\`, $D s per target after $WARMUP s of warm-up, loopback, $(nproc) cores, $(date -u +%FT%TZ)."
+echo "Load: \`sluice load\`, $D s per target after $WARMUP s of warm-up, loopback, $(nproc) cores, servers on CPUs ${SLUICE_E2E_SERVER_CPUS:-any}, client on CPUs ${SLUICE_E2E_CLIENT_CPUS:-any}, $(date -u +%FT%TZ)."
 echo
 echo "| target | requests/s acknowledged | records/s | p50 / p99 µs | timeouts | sent / acked / points stored | CPU client / server (cores) | × libcoap |"
 echo "|---|---:|---:|---:|---:|---:|---:|---:|"
@@ -373,7 +406,9 @@ row libcoap "libcoap coap-server-notls, CON, 100 dev × 1"
 row fsync_con "sluiced fsync, CON, 100 dev × 1"
 row os_con "sluiced os, CON, 100 dev × 1"
 row fsync_non "sluiced fsync, NON, 100 dev × 4"
+row fsync_non_nr "sluiced fsync, NON No-Response, 100 dev (the sink's load): stored"
 row fsync_rkyv64 "sluiced fsync, CON rkyv × 64 records, 20 dev × 2"
+row fsync_rkyv64_deep "sluiced fsync, CON rkyv × 64 records, 64 dev × 8"
 row coap_fsync "sluiced fsync, CON, 100 dev × 1 (plain CoAP, daemon shared with the next row)"
 row coaps_fsync "sluiced fsync, **CoAPS** CON (DTLS PSK, CCM_8), 100 dev × 1"
 row coap_os "sluiced os, CON, 100 dev × 1 (plain CoAP, daemon shared with the next row)"
@@ -391,6 +426,9 @@ done
 row libcoap_again "libcoap coap-server-notls again (drift check)"
 echo
 
+non=$(awk -v s="$(jq -r '.rate' "$WORK/fsync_non_nr.json")" -v r="$(jq -r '.rate' "$WORK/sink.json")" \
+    'BEGIN {printf "%.2f", s / r}')
+echo "NON No-Response stored by sluiced / received by the raw sink, same load: **$non**."
 fsync=$(jq -r '.rate' "$WORK/fsync_con.json")
 again=$(jq -r '.rate' "$WORK/libcoap_again.json")
 if jq -en --argjson a "$fsync" --argjson b "$base" --argjson c "$again" '$a >= $b and $a >= $c' >/dev/null; then
