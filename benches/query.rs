@@ -5,6 +5,8 @@
 //! ```sh
 //! cargo build --release --locked -p sluice-daemon --bin sluiced
 //! cargo bench --bench query -- [DEVICES] [POINTS]      # default 100000 500 (50M points)
+//! # sluiced on CPU 1, this client on CPU 0:
+//! SLUICE_QUERY_BENCH_SERVER_CPUS=1 taskset -c 0 cargo bench --bench query
 //! ```
 //!
 //! The store is written with the storage crate's own writer (the same format sluiced writes,
@@ -21,8 +23,8 @@
 //! A store already sealed (reused) is only measured sealed. The figures are printed as Markdown
 //! tables for benches/RESULTS.md.
 
-use std::io::Read as _;
-use std::net::TcpListener;
+use std::io::{Read as _, Write as _};
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -312,6 +314,71 @@ enum Reading {
     UreqString,
     /// With `Accept-Encoding: gzip`; the body inflated (flate2) and checked as UTF-8.
     Gzip,
+    /// No HTTP library: a request written on a keep-alive `TcpStream`, the answer read with
+    /// reads of up to 1 MiB into one reused buffer, the body delimited by its `Content-Length`
+    /// (what a client tuned for large answers does); checked as UTF-8 after the clock stopped.
+    Raw,
+}
+
+/// The client of [`Reading::Raw`].
+struct RawClient {
+    stream: TcpStream,
+    buffer: Vec<u8>,
+}
+
+impl RawClient {
+    fn connect(base: &str) -> RawClient {
+        let stream = TcpStream::connect(base.trim_start_matches("http://")).unwrap();
+        stream.set_nodelay(true).unwrap();
+        RawClient {
+            stream,
+            buffer: vec![0; 64 << 20],
+        }
+    }
+
+    /// GET `path`: (milliseconds from `started` to the end of the headers, the body).
+    fn get(&mut self, path: &str, started: Instant) -> (f64, &[u8]) {
+        write!(
+            self.stream,
+            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        )
+        .unwrap();
+        let (mut filled, mut headers_ms, mut end) = (0, 0.0, None);
+        loop {
+            let want = (filled + (1 << 20)).min(self.buffer.len());
+            let read = self.stream.read(&mut self.buffer[filled..want]).unwrap();
+            assert!(read > 0, "{path}: connection closed");
+            filled += read;
+            if end.is_none() {
+                if let Some(at) = self.buffer[..filled]
+                    .windows(4)
+                    .position(|w| w == b"\r\n\r\n")
+                {
+                    headers_ms = started.elapsed().as_secs_f64() * 1e3;
+                    let headers = std::str::from_utf8(&self.buffer[..at]).unwrap();
+                    assert!(headers.starts_with("HTTP/1.1 200"), "{path}: {headers}");
+                    let length: usize = headers
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse().unwrap())
+                        })
+                        .unwrap_or_else(|| panic!("{path}: no Content-Length"));
+                    assert!(
+                        at + 4 + length <= self.buffer.len(),
+                        "{path}: answer too large"
+                    );
+                    end = Some((at + 4, at + 4 + length));
+                }
+            }
+            if let Some((body, stop)) = end {
+                if filled >= stop {
+                    return (headers_ms, &self.buffer[body..stop]);
+                }
+            }
+        }
+    }
 }
 
 /// One question asked REQUESTS times.
@@ -334,9 +401,19 @@ fn measure(
     let mut latencies = Vec::with_capacity(REQUESTS);
     let mut to_headers = Vec::with_capacity(REQUESTS);
     let (mut bytes, mut wire_bytes) = (0, 0);
+    let mut raw = (reading == Reading::Raw).then(|| RawClient::connect(base));
     for i in 0..REQUESTS {
         let url = format!("{base}{}", path(i));
         let started = Instant::now();
+        if let Some(raw) = &mut raw {
+            let (headers_ms, body) = raw.get(&path(i), started);
+            latencies.push(started.elapsed().as_secs_f64() * 1e3);
+            // Checked after the clock stopped: the figure is the answer's delivery.
+            std::str::from_utf8(body).expect("answers are UTF-8");
+            to_headers.push(headers_ms);
+            (bytes, wire_bytes) = (body.len(), body.len());
+            continue;
+        }
         let mut request = agent.get(&url);
         if reading == Reading::Gzip {
             request = request.set("Accept-Encoding", "gzip");
@@ -350,7 +427,7 @@ fn measure(
             .unwrap_or(0);
         let body = match reading {
             Reading::UreqString => response.into_string().unwrap().into_bytes(),
-            Reading::Whole | Reading::Gzip => {
+            Reading::Whole | Reading::Gzip | Reading::Raw => {
                 let mut body = Vec::with_capacity(length);
                 response.into_reader().read_to_end(&mut body).unwrap();
                 body
@@ -470,8 +547,18 @@ type Row = (String, Figures);
 fn questions(dir: &Path, devices: u64, points: u64, with_304: bool) -> (Vec<Row>, String) {
     let port = free_port();
     let started = Instant::now();
+    // SLUICE_QUERY_BENCH_SERVER_CPUS: the CPUs sluiced runs on (a `taskset -c` list); run the
+    // bench itself under `taskset -c` to place the client.
+    let mut command = match std::env::var("SLUICE_QUERY_BENCH_SERVER_CPUS") {
+        Ok(cpus) => {
+            let mut taskset = Command::new("taskset");
+            taskset.args(["-c", &cpus]).arg(sluiced());
+            taskset
+        }
+        Err(_) => Command::new(sluiced()),
+    };
     let _daemon = Daemon(
-        Command::new(sluiced())
+        command
             .arg("--data-dir")
             .arg(dir)
             .args(["--coap", "off", "--shards", "2", "--http"])
@@ -512,6 +599,10 @@ fn questions(dir: &Path, devices: u64, points: u64, with_304: bool) -> (Vec<Row>
     rows.push((
         "lastpoint, all devices (`/v1/latest`), cache hit".into(),
         measure(&agent, &base, whole, |_| "/v1/latest".into()),
+    ));
+    rows.push((
+        "lastpoint, all devices, cache hit, read by a plain `TcpStream` (1 MiB reads)".into(),
+        measure(&agent, &base, Reading::Raw, |_| "/v1/latest".into()),
     ));
     rows.push((
         "lastpoint, all devices, cache hit, read by ureq's `into_string`".into(),
