@@ -21,7 +21,7 @@ use crate::store::{
 use crate::StoreError;
 
 /// A sealed file is written and synced in pieces of this size (the last one may be shorter).
-const SEAL_WRITE_PIECE_BYTES: usize = 4 << 20;
+const SEAL_WRITE_PIECE_BYTES: usize = 1 << 20;
 
 /// One series of a sealed file as readers use it: its frames are `blocks[first..first + frames]`
 /// of the segment's block list.
