@@ -394,6 +394,8 @@ pub struct ShardWriter {
     last_seal_check: Option<std::time::Instant>,
     /// The sealing thread, started at the first seal check of a commit.
     sealer: Option<crate::sealed::Sealer>,
+    /// The partition windows of the request being appended (`append_all`), kept for the capacity.
+    windows: Vec<i64>,
 }
 
 impl ShardWriter {
@@ -441,6 +443,7 @@ impl ShardWriter {
             partition_grace_secs: config.partition_grace_secs,
             last_seal_check: None,
             sealer: None,
+            windows: Vec::new(),
             inner,
             shard,
         };
@@ -489,7 +492,8 @@ impl ShardWriter {
         value: ValueRef<'_>,
     ) -> Result<(), StoreError> {
         check_reading(device, name, time, &value)?;
-        self.append_checked(device, std::iter::once((name, time, value)))
+        let window = window_of(time, self.partition_secs);
+        self.append_checked(device, std::iter::once(((name, time, value), window)))
     }
 
     /// Buffers every reading of one request (`parts` gives each one's name, time and value), or
@@ -500,19 +504,28 @@ impl ShardWriter {
         readings: &[R],
         parts: impl Fn(&R) -> (&str, f64, ValueRef<'_>),
     ) -> Result<(), StoreError> {
-        for reading in readings {
+        // Each reading's partition window, worked out by the check, is kept for the append.
+        let mut windows = std::mem::take(&mut self.windows);
+        windows.clear();
+        let checked = readings.iter().try_for_each(|reading| {
             let (name, time, value) = parts(reading);
-            self.check(device, name, time, &value)?;
-        }
-        self.append_checked(device, readings.iter().map(parts))
+            windows.push(self.check(device, name, time, &value)?);
+            Ok(())
+        });
+        let appended = checked.and_then(|()| {
+            let readings = readings.iter().map(&parts);
+            self.append_checked(device, readings.zip(windows.iter().copied()))
+        });
+        self.windows = windows;
+        appended
     }
 
-    /// Buffers readings of `device` that [`check_reading`] accepted; the device's series are
-    /// looked up once for all of them.
+    /// Buffers readings of `device` that [`check_reading`] accepted, each with its partition
+    /// window; the device's series are looked up once for all of them.
     fn append_checked<'a>(
         &mut self,
         device: &str,
-        readings: impl Iterator<Item = (&'a str, f64, ValueRef<'a>)>,
+        readings: impl Iterator<Item = ((&'a str, f64, ValueRef<'a>), i64)>,
     ) -> Result<(), StoreError> {
         let mut readings = readings.peekable();
         if readings.peek().is_none() {
@@ -523,14 +536,13 @@ impl ShardWriter {
             next_id,
             pending_dictionary,
             buffer,
-            partition_secs,
             ..
         } = self;
         let names = match ids.get_mut(device) {
             Some(names) => names,
             None => ids.entry(device.to_string()).or_default(),
         };
-        for (name, time, value) in readings {
+        for ((name, time, value), window) in readings {
             let series = match names.get(name) {
                 Some(&id) => id,
                 None => {
@@ -549,32 +561,30 @@ impl ShardWriter {
                 ValueRef::String(text) => StoredValue::String(text.to_string()),
                 ValueRef::Data(data) => StoredValue::Data(data.to_vec()),
             };
-            buffer.push(series, time, window_of(time, *partition_secs), value);
+            buffer.push(series, time, window, value);
         }
         Ok(())
     }
 
     /// Whether the store can hold this reading now: [`check_reading`], and its partition is not
-    /// older than the retention horizon (such a reading would be dropped at once).
+    /// older than the retention horizon (such a reading would be dropped at once). Ok: the
+    /// start of its partition's window.
     pub fn check(
         &self,
         device: &str,
         name: &str,
         time: f64,
         value: &ValueRef<'_>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<i64, StoreError> {
         check_reading(device, name, time, value)?;
+        let window = window_of(time, self.partition_secs);
         let floor = self.shard.retention_floor.load(Ordering::Acquire);
-        if expired(
-            window_of(time, self.partition_secs),
-            self.partition_secs,
-            floor,
-        ) {
+        if expired(window, self.partition_secs, floor) {
             return Err(StoreError::InvalidReading(format!(
                 "time {time} is older than the retention period"
             )));
         }
-        Ok(())
+        Ok(window)
     }
 
     /// Records an exchange the next commit acknowledges; its commit record keeps it so that a
