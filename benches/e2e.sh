@@ -82,19 +82,8 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# A loopback port free for both UDP and TCP right now (the window until bind is small).
-free_port() {
-    local port
-    for _ in $(seq 1 200); do
-        port=$((20000 + RANDOM % 40000))
-        if [[ -z $(ss -Hlnu "sport = :$port") && -z $(ss -Hlnt "sport = :$port") ]]; then
-            echo "$port"
-            return 0
-        fi
-    done
-    echo "e2e.sh: no free port found" >&2
-    return 1
-}
+# shellcheck source=common/free_port.sh
+source "$ROOT/benches/common/free_port.sh"
 
 # Waits (bounded) until sluiced answers /readyz; fails if it died.
 wait_ready() {

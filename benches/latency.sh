@@ -49,18 +49,8 @@ trap cleanup EXIT
 
 log() { printf '[latency %s] %s\n' "$(date +%T)" "$*" >&2; }
 
-free_port() {
-    local port
-    for _ in $(seq 1 200); do
-        port=$((20000 + RANDOM % 12000))
-        if [[ -z $(ss -Hlnu "sport = :$port") && -z $(ss -Hlnt "sport = :$port") ]]; then
-            echo "$port"
-            return 0
-        fi
-    done
-    echo "latency.sh: no free port found" >&2
-    return 1
-}
+# shellcheck source=common/free_port.sh
+source "$ROOT/benches/common/free_port.sh"
 
 steal() { awk '/^cpu / {print $9}' /proc/stat; }
 
