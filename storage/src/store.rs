@@ -195,6 +195,11 @@ pub(crate) struct Summary {
     /// updates the device without hashing its name).
     pub devices: HashMap<String, u32>,
     pub device_states: Vec<DeviceState>,
+    /// Indices of `device_states` in device name order, but for the devices added since the
+    /// last listing, which wait in `unlisted`: a listing sorts only those in
+    /// ([`Summary::devices_by_name`]), and a page starts with a binary search.
+    by_name: Vec<u32>,
+    unlisted: Vec<u32>,
     /// One more than the greatest series id any recovered block refers to: a writer never
     /// hands out an id that orphaned records (after a lost dictionary frame) already use.
     pub id_floor: u32,
@@ -203,7 +208,7 @@ pub(crate) struct Summary {
 impl Summary {
     /// Defines series `id`; a second definition of a known (device, name) keeps the first id.
     pub fn intern(&mut self, id: u32, device: &str, name: &str) {
-        let states = &mut self.device_states;
+        let (states, unlisted) = (&mut self.device_states, &mut self.unlisted);
         let device_index = *self.devices.entry(device.to_string()).or_insert_with(|| {
             states.push(DeviceState {
                 name: device.to_string(),
@@ -211,7 +216,9 @@ impl Summary {
                 points: 0,
                 series: BTreeMap::new(),
             });
-            (states.len() - 1) as u32
+            let index = (states.len() - 1) as u32;
+            unlisted.push(index);
+            index
         });
         let state = &mut self.device_states[device_index as usize];
         if state.series.contains_key(name) {
@@ -239,6 +246,19 @@ impl Summary {
     pub fn find(&self, device: &str, name: &str) -> Option<(u32, &SeriesState)> {
         let id = *self.device(device)?.series.get(name)?;
         Some((id, self.get(id)?))
+    }
+
+    /// Every device (indices of `device_states`) in name order. Devices are never removed, so
+    /// only those added since the last call are sorted in: a stable sort of a sorted run and a
+    /// short tail merges them in linear time.
+    pub fn devices_by_name(&mut self) -> &[u32] {
+        if !self.unlisted.is_empty() {
+            self.by_name.append(&mut self.unlisted);
+            let states = &self.device_states;
+            self.by_name
+                .sort_by(|&a, &b| states[a as usize].name.cmp(&states[b as usize].name));
+        }
+        &self.by_name
     }
 
     /// Device `device`, if known.
@@ -1471,26 +1491,25 @@ impl Reader {
     ) -> Vec<(String, T)> {
         let mut all: Vec<(String, T)> = Vec::new();
         for shard in self.shards() {
-            let summary = lock(&shard.summary);
-            let mut picked: Vec<(&String, &DeviceState)> = summary
-                .device_states
-                .iter()
-                .filter(|state| {
-                    state.name.starts_with(page.prefix)
-                        && page.after.is_none_or(|after| state.name.as_str() > after)
-                        && wanted(&summary, state)
-                })
-                .map(|state| (&state.name, state))
-                .collect();
-            if picked.len() > page.limit {
-                picked.select_nth_unstable_by(page.limit, |a, b| a.0.cmp(b.0));
-                picked.truncate(page.limit);
+            let mut guard = lock(&shard.summary);
+            guard.devices_by_name();
+            let summary = &*guard;
+            let name = |&index: &u32| summary.device_states[index as usize].name.as_str();
+            // The page starts at the first name with the prefix, or after the cursor if that is
+            // further on; names with the prefix are contiguous in name order.
+            let by_name = &summary.by_name;
+            let mut start = by_name.partition_point(|index| name(index) < page.prefix);
+            if let Some(after) = page.after {
+                start = start.max(by_name.partition_point(|index| name(index) <= after));
             }
-            picked.sort_unstable_by(|a, b| a.0.cmp(b.0));
             all.extend(
-                picked
-                    .into_iter()
-                    .map(|(device, state)| (device.clone(), copy(&summary, device, state))),
+                by_name[start..]
+                    .iter()
+                    .map(|index| &summary.device_states[*index as usize])
+                    .take_while(|state| state.name.starts_with(page.prefix))
+                    .filter(|state| wanted(summary, state))
+                    .take(page.limit)
+                    .map(|state| (state.name.clone(), copy(summary, &state.name, state))),
             );
         }
         // Stable: of two shards' entries for one device, the earlier shard's comes first.
