@@ -26,7 +26,7 @@ use std::path::PathBuf;
 pub use backend::{Backend, DirEntry, FileBytes, Fs, StorageFile};
 pub use store::{
     DevicePage, DeviceSummary, LatestValues, Reader, Retention, RetentionReport, SeriesScan, Store,
-    RECOVERED_EXCHANGES_MAX, SCAN_CHUNK_POINTS_MAX,
+    LISTING_CHUNK_DEVICES, RECOVERED_EXCHANGES_MAX, SCAN_CHUNK_POINTS_MAX,
 };
 pub use tools::{inspect, verify, Inspection, SegmentInspection, VerifyProblem, VerifyReport};
 pub use writer::{

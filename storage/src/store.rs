@@ -1477,11 +1477,12 @@ impl Reader {
         )
     }
 
-    /// One page of devices over every shard. Each shard's summary is locked only while the
-    /// page's devices of that shard are picked (`wanted`) and copied out (`copy`): the shard's
-    /// commits wait for at most one shard's share of one page, never for the merge. A device
-    /// in several shards (another shard count before a restart, or a device whose address
-    /// changed) is `merge`d into one entry.
+    /// One page of devices over every shard. A shard's summary is locked only while up to
+    /// `LISTING_CHUNK_DEVICES` of the page's devices are picked (`wanted`) and copied out
+    /// (`copy`), then let go before the next chunk (which starts after the last name copied):
+    /// the shard's commits wait for at most one chunk, never for the merge. A device in several
+    /// shards (another shard count before a restart, or a device whose address changed) is
+    /// `merge`d into one entry.
     fn page<T>(
         &self,
         page: &DevicePage,
@@ -1491,26 +1492,40 @@ impl Reader {
     ) -> Vec<(String, T)> {
         let mut all: Vec<(String, T)> = Vec::new();
         for shard in self.shards() {
-            let mut guard = lock(&shard.summary);
-            guard.devices_by_name();
-            let summary = &*guard;
-            let name = |&index: &u32| summary.device_states[index as usize].name.as_str();
-            // The page starts at the first name with the prefix, or after the cursor if that is
-            // further on; names with the prefix are contiguous in name order.
-            let by_name = &summary.by_name;
-            let mut start = by_name.partition_point(|index| name(index) < page.prefix);
-            if let Some(after) = page.after {
-                start = start.max(by_name.partition_point(|index| name(index) <= after));
+            let first = all.len();
+            // The last name the chunk before looked at (copied or not).
+            let mut resume: Option<String> = None;
+            loop {
+                let mut guard = lock(&shard.summary);
+                guard.devices_by_name();
+                let summary = &*guard;
+                let name = |&index: &u32| summary.device_states[index as usize].name.as_str();
+                // The chunk starts at the first name with the prefix, or after the cursor (the
+                // page's, or the last name of the chunk before) if that is further on; names
+                // with the prefix are contiguous in name order.
+                let by_name = &summary.by_name;
+                let mut start = by_name.partition_point(|index| name(index) < page.prefix);
+                if let Some(after) = resume.as_deref().or(page.after) {
+                    start = start.max(by_name.partition_point(|index| name(index) <= after));
+                }
+                let remaining = page.limit - (all.len() - first);
+                let (mut looked_at, mut last) = (0, None);
+                all.extend(
+                    by_name[start..]
+                        .iter()
+                        .map(|index| &summary.device_states[*index as usize])
+                        .take_while(|state| state.name.starts_with(page.prefix))
+                        .take(LISTING_CHUNK_DEVICES)
+                        .inspect(|state| (looked_at, last) = (looked_at + 1, Some(&state.name)))
+                        .filter(|state| wanted(summary, state))
+                        .take(remaining)
+                        .map(|state| (state.name.clone(), copy(summary, &state.name, state))),
+                );
+                if looked_at < LISTING_CHUNK_DEVICES || all.len() - first == page.limit {
+                    break;
+                }
+                resume = last.cloned();
             }
-            all.extend(
-                by_name[start..]
-                    .iter()
-                    .map(|index| &summary.device_states[*index as usize])
-                    .take_while(|state| state.name.starts_with(page.prefix))
-                    .filter(|state| wanted(summary, state))
-                    .take(page.limit)
-                    .map(|state| (state.name.clone(), copy(summary, &state.name, state))),
-            );
         }
         // Stable: of two shards' entries for one device, the earlier shard's comes first.
         all.sort_by(|a, b| a.0.cmp(&b.0));
@@ -1778,6 +1793,9 @@ impl Retention {
 /// Points one scan chunk holds before its time range is split in two: bounds the memory of a
 /// query however large its range (about 40 bytes a numeric point, so about 10 MiB).
 pub const SCAN_CHUNK_POINTS_MAX: usize = 256 * 1024;
+
+/// Devices a listing (`/v1/devices`, `/v1/latest`) looks at per lock of a shard's summary.
+pub const LISTING_CHUNK_DEVICES: usize = 1024;
 
 /// A series scan in progress (see [`Reader::scan`]).
 pub struct SeriesScan {

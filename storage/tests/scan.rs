@@ -210,3 +210,51 @@ proptest::proptest! {
         }
     }
 }
+
+/// A listing longer than one chunk of a shard's summary (`LISTING_CHUNK_DEVICES`), with runs of
+/// devices that have no points left (retention dropped them) longer than a chunk: every page
+/// and the whole listing hold exactly the devices with points, in order.
+#[test]
+fn listings_longer_than_a_chunk_skip_devices_without_points() {
+    let chunk = sluice_storage::LISTING_CHUNK_DEVICES;
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path());
+    let reader = store.reader();
+    let mut writers = [store.writer(0).unwrap(), store.writer(1).unwrap()];
+    // Device i: a point in the old partition when i is in a long "old" run, else a new one.
+    let devices = 4 * chunk + 300;
+    let old = |i: usize| (i / (chunk + 100)).is_multiple_of(2);
+    // The old points first: retention keeps the partitions of a shard's last commit.
+    for round in [true, false] {
+        for i in (0..devices).filter(|&i| old(i) == round) {
+            let time = if round { T0 } else { T0 + 86_400.0 * 10.0 };
+            writers[i % 2]
+                .append(&format!("d-{i:06}"), "t", time, ValueRef::Number(1.0))
+                .unwrap();
+        }
+        for writer in &mut writers {
+            writer.commit().unwrap();
+        }
+    }
+    store.retention().drop_before(T0 as i64 + 86_400).unwrap();
+    let expected: Vec<String> = (0..devices)
+        .filter(|&i| !old(i))
+        .map(|i| format!("d-{i:06}"))
+        .collect();
+    let all: Vec<String> = reader.devices().into_iter().map(|d| d.device).collect();
+    assert_eq!(all, expected);
+    let mut paged = Vec::new();
+    let mut after: Option<String> = None;
+    for _ in 0..devices {
+        let page = DevicePage {
+            prefix: "d-",
+            after: after.as_deref(),
+            limit: 777,
+        };
+        let listed = reader.devices_page(&page);
+        let Some(last) = listed.last() else { break };
+        after = Some(last.device.clone());
+        paged.extend(listed.into_iter().map(|d| d.device));
+    }
+    assert_eq!(paged, expected);
+}
