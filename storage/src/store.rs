@@ -266,13 +266,24 @@ impl Summary {
         self.device_states.get(*self.devices.get(device)? as usize)
     }
 
-    /// Removes points of dropped partitions from the device counts (series id -> points).
-    pub fn remove_points(&mut self, dropped: &HashMap<u32, u64>) {
+    /// Removes the points of a dropped partition (series id -> points; its window start and
+    /// width) from the device counts. A series whose latest point was in it loses its latest
+    /// value, as a restart would find none: that was the series' newest point, so its other
+    /// points went too (but any in a partition retention keeps for the shard's last commit,
+    /// from which a restart works out a latest value again).
+    pub fn remove_points(&mut self, dropped: &HashMap<u32, u64>, window: i64, partition_secs: u64) {
         for (&id, &count) in dropped {
             let Some(Some(series)) = self.series.get_mut(id as usize) else {
                 continue;
             };
             series.changes += count;
+            if series
+                .latest
+                .as_ref()
+                .is_some_and(|latest| writer::window_of(latest.time, partition_secs) == window)
+            {
+                series.latest = None;
+            }
             if let Some(state) = self.device_states.get_mut(series.device as usize) {
                 state.points = state.points.saturating_sub(count);
             }
@@ -1774,7 +1785,13 @@ impl Retention {
                         }
                     }
                 }
-                lock(&shard.summary).remove_points(&dropped_points);
+                if let Some(segment) = segments.first() {
+                    lock(&shard.summary).remove_points(
+                        &dropped_points,
+                        segment.window_start,
+                        segment.partition_secs,
+                    );
+                }
                 report.points += dropped_points.values().sum::<u64>();
                 report.partitions += 1;
                 backend

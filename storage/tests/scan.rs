@@ -258,3 +258,51 @@ fn listings_longer_than_a_chunk_skip_devices_without_points() {
     }
     assert_eq!(paged, expected);
 }
+
+/// Retention that drops a series' points drops its latest value too, so the latest values
+/// answered before a restart are those answered after it.
+#[test]
+fn retention_takes_the_latest_values_of_the_points_it_drops() {
+    let dir = tempfile::tempdir().unwrap();
+    let listing = |store: &Store| {
+        let reader = store.reader();
+        (
+            reader.latest_page(&DevicePage::ALL),
+            reader.latest("old"),
+            reader.latest("both"),
+        )
+    };
+    let before = {
+        let store = store(dir.path());
+        let mut writer = store.writer(0).unwrap();
+        writer
+            .append("old", "t", T0, ValueRef::Number(1.0))
+            .unwrap();
+        writer
+            .append("both", "t", T0, ValueRef::Number(2.0))
+            .unwrap();
+        writer
+            .append("both", "u", T0, ValueRef::Number(3.0))
+            .unwrap();
+        writer.commit().unwrap();
+        let later = T0 + 86_400.0 * 10.0;
+        writer
+            .append("both", "u", later, ValueRef::Number(4.0))
+            .unwrap();
+        writer
+            .append("new", "t", later, ValueRef::Number(5.0))
+            .unwrap();
+        writer.commit().unwrap();
+        store.retention().drop_before(T0 as i64 + 86_400).unwrap();
+        listing(&store)
+    };
+    assert_eq!(before.1, None);
+    assert_eq!(
+        before.2,
+        Some(vec![("u".to_string(), T0 + 864_000.0, Value::Number(4.0))])
+    );
+    let devices: Vec<&str> = before.0.iter().map(|(d, _)| d.as_str()).collect();
+    assert_eq!(devices, ["both", "new"]);
+    let after = listing(&store(dir.path()));
+    assert_eq!(after, before);
+}
