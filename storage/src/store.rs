@@ -1490,7 +1490,7 @@ impl Reader {
 
     /// One page of devices over every shard. A shard's summary is locked only while up to
     /// `LISTING_CHUNK_DEVICES` of the page's devices are picked (`wanted`) and copied out
-    /// (`copy`), then let go before the next chunk (which starts after the last name copied):
+    /// (`copy`), then let go before the next chunk (which starts after the last name looked at):
     /// the shard's commits wait for at most one chunk, never for the merge. A device in several
     /// shards (another shard count before a restart, or a device whose address changed) is
     /// `merge`d into one entry.
