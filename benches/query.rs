@@ -22,6 +22,10 @@
 //! per shard every 10 ms, whose latency is measured while the sealing threads work).
 //! A store already sealed (reused) is only measured sealed. The figures are printed as Markdown
 //! tables for benches/RESULTS.md.
+//!
+//! The fleet-wide aggregate (`/v1/aggregate`: `usage` averaged over every device, the whole
+//! range) is measured in process (wall and CPU time, 1 and 2 threads) and through sluiced (its
+//! CPU time from /proc), against one `Reader::scan` per device (the baseline).
 
 use std::io::{Read as _, Write as _};
 use std::net::{TcpListener, TcpStream};
@@ -183,9 +187,90 @@ fn seal(dir: &Path, points: u64) -> (f64, Latencies, Latencies) {
     (elapsed, latency_summary(during), latency_summary(after))
 }
 
+/// CPU seconds of a clock (`CLOCK_THREAD_CPUTIME_ID`, `CLOCK_PROCESS_CPUTIME_ID`).
+fn cpu_seconds(clock: libc::clockid_t) -> f64 {
+    let mut time = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid clock id and a pointer to a timespec we own.
+    let rc = unsafe { libc::clock_gettime(clock, &mut time) };
+    assert_eq!(rc, 0, "clock_gettime");
+    time.tv_sec as f64 + time.tv_nsec as f64 * 1e-9
+}
+
+/// The fleet aggregate of one question, in this process.
+struct FleetFigures {
+    label: String,
+    threads: usize,
+    points: u64,
+    /// The first round (the store's files mapped but not yet touched by this process), then the
+    /// best of the next rounds: wall seconds, and CPU seconds of every thread of the process.
+    first_wall: f64,
+    first_cpu: f64,
+    wall: f64,
+    cpu: f64,
+}
+
+impl FleetFigures {
+    fn row(&self) -> String {
+        let per_core = self.points as f64 / self.cpu / 1e6;
+        format!(
+            "{} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} | **{per_core:.0}** |",
+            self.label,
+            self.threads,
+            self.first_wall * 1e3,
+            self.first_cpu * 1e3,
+            self.wall * 1e3,
+            self.cpu * 1e3,
+            self.points as f64 / self.wall / 1e6,
+        )
+    }
+}
+
+/// The fleet-wide aggregate (`Reader::fleet` then `FleetScan::aggregate`: what `/v1/aggregate`
+/// computes) of `usage` over every device and the whole dataset, in this process, on 1 and 2
+/// threads, with buckets of 1 h (a frame or block falls in one bucket: the times are not read)
+/// and of 1 min (every point's time is read and bucketed).
+fn fleet_rates(store: &Store, devices: u64, points: u64) -> Vec<FleetFigures> {
+    let reader = store.reader();
+    let mut figures = Vec::new();
+    for (step, threads) in [(3600.0, 1), (60.0, 1), (3600.0, 2)] {
+        let mut rounds = Vec::new();
+        for _ in 0..4 {
+            let (wall, cpu) = (Instant::now(), cpu_seconds(libc::CLOCK_PROCESS_CPUTIME_ID));
+            let scan = reader.fleet("usage", "").unwrap();
+            let answer = scan
+                .aggregate(T0, dataset_end(points), step, threads)
+                .unwrap();
+            let cpu = cpu_seconds(libc::CLOCK_PROCESS_CPUTIME_ID) - cpu;
+            assert_eq!(answer.points, devices * points);
+            assert_eq!(answer.devices, devices);
+            std::hint::black_box(&answer);
+            rounds.push((wall.elapsed().as_secs_f64(), cpu));
+        }
+        let best = rounds[1..]
+            .iter()
+            .copied()
+            .min_by(|a, b| a.0.total_cmp(&b.0))
+            .unwrap();
+        figures.push(FleetFigures {
+            label: format!("avg per {}", if step == 3600.0 { "1 h" } else { "1 min" }),
+            threads,
+            points: devices * points,
+            first_wall: rounds[0].0,
+            first_cpu: rounds[0].1,
+            wall: best.0,
+            cpu: best.1,
+        });
+    }
+    figures
+}
+
 /// Full-scan aggregate in this process, one thread: one series over the whole range (of an
-/// unsealed store: every record of every block of its shard is looked at).
-fn scan_rate(dir: &Path, points: u64) -> (u64, f64, f64) {
+/// unsealed store: every record of every block of its shard is looked at). Returns (records
+/// looked at, seconds, seconds to open the store, the fleet aggregate's figures).
+fn scan_rate(dir: &Path, devices: u64, points: u64) -> (u64, f64, f64, Vec<FleetFigures>) {
     let started = Instant::now();
     let (store, report) = Store::open(StoreConfig {
         dir: dir.to_path_buf(),
@@ -217,7 +302,12 @@ fn scan_rate(dir: &Path, points: u64) -> (u64, f64, f64) {
         best = best.min(started.elapsed().as_secs_f64());
         records = scan.records_scanned();
     }
-    (records, best, recovery_s)
+    (
+        records,
+        best,
+        recovery_s,
+        fleet_rates(&store, devices, points),
+    )
 }
 
 /// Full-scan aggregate of every record: the sum and count of every device's series over the
@@ -473,11 +563,11 @@ fn main() {
     let mut unsealed = None;
     let mut seal_figures = None;
     if !sealed_marker(&dir).exists() {
-        let scan = scan_rate(&dir, points);
+        let scan = scan_rate(&dir, devices, points);
         unsealed = Some((questions(&dir, devices, points, false), scan));
         seal_figures = Some(seal(&dir, points));
     }
-    let scan = scan_rate(&dir, points);
+    let scan = scan_rate(&dir, devices, points);
     let all = scan_all_rate(&dir, devices, points);
     let sealed = questions(&dir, devices, points, true);
     println!(
@@ -519,13 +609,13 @@ fn main() {
             f.median_ms, f.p90_ms, f.headers_ms, f.bytes
         );
     }
-    if let Some((_, (records, seconds, open_s))) = &unsealed {
+    if let Some((_, (records, seconds, open_s, _))) = &unsealed {
         println!(
             "\nunsealed: one series, whole range, in process, one thread: {records} records looked at in {seconds:.4} s = {:.1} M records/s (in-process open {open_s:.1} s)",
             *records as f64 / seconds / 1e6
         );
     }
-    let (records, seconds, open_s) = scan;
+    let (records, seconds, open_s, fleet) = scan;
     println!(
         "sealed: one series, whole range, in process, one thread: {records} records looked at in {:.3} ms (in-process open {open_s:.1} s)",
         seconds * 1e3
@@ -537,6 +627,56 @@ fn main() {
         all.0 as f64 / all.1 / 1e6
     );
     println!("{extra}");
+    println!(
+        "\nfleet aggregate of `usage` over all {devices} devices, whole range ({} points), in process (`Reader::fleet` + `FleetScan::aggregate`); first round, then best of 3; CPU time of the whole process:\n",
+        devices * points
+    );
+    println!("| store | question | threads | first wall ms | first CPU ms | wall ms | CPU ms | M points/s (wall) | M points/s per core (CPU) |");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    if let Some((_, (_, _, _, figures))) = &unsealed {
+        for f in figures {
+            println!("| unsealed | {}", f.row());
+        }
+    }
+    for f in &fleet {
+        println!("| sealed | {}", f.row());
+    }
+    println!(
+        "\nbaseline, sealed, one `Reader::scan` per device: {:.1} M points/s; fleet aggregate, 1 thread, 1 h buckets: {:.0} M points/s per core ({:.1}x)",
+        all.0 as f64 / all.1 / 1e6,
+        fleet[0].points as f64 / fleet[0].cpu / 1e6,
+        (fleet[0].points as f64 / fleet[0].cpu) / (all.0 as f64 / all.1)
+    );
+    if let Some(((_, unsealed_extra), (records, seconds, _, _))) = &unsealed {
+        println!(
+            "unsealed, one `Reader::scan` per device would look at {records} records per device: {:.0} s for {devices} devices at the one-series rate above",
+            seconds * devices as f64
+        );
+        println!(
+            "unsealed: {}",
+            unsealed_extra
+                .lines()
+                .filter(|l| l.contains("aggregate"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+    }
+}
+
+/// Fleet aggregates computed through sluiced per pass.
+const AGGREGATE_REQUESTS: usize = 10;
+
+/// CPU seconds (user and system) a process used so far, from `/proc/<pid>/stat`.
+fn process_cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which is in parentheses): state is field 3, utime 14,
+    // stime 15.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks / per_second
 }
 
 /// A question and its figures.
@@ -659,10 +799,48 @@ fn questions(dir: &Path, devices: u64, points: u64, with_304: bool) -> (Vec<Row>
         }),
     ));
 
+    let fleet = |to: f64| format!("/v1/aggregate?name=usage&step=1h&agg=avg&from={T0}&to={to}");
+    rows.push((
+        "fleet aggregate, avg per 1 h over every device, whole range, cache hit".into(),
+        measure(&agent, &base, whole, |_| fleet(end)),
+    ));
+    // The fleet aggregate computed: each request misses the result cache (`to` moves by a
+    // second past the data's end: the same points), sluiced's CPU time read from /proc.
+    let pid = _daemon.0.id();
+    let cpu = process_cpu_seconds(pid);
+    let mut walls = Vec::new();
+    for i in 0..AGGREGATE_REQUESTS {
+        let started = Instant::now();
+        let body = agent
+            .get(&format!("{base}{}", fleet(end + 1.0 + i as f64)))
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap();
+        walls.push(started.elapsed().as_secs_f64());
+        assert!(
+            body.contains(&format!("\"points\":{}", devices * points)),
+            "{body}"
+        );
+    }
+    let cpu = (process_cpu_seconds(pid) - cpu) / AGGREGATE_REQUESTS as f64;
+    walls.sort_by(f64::total_cmp);
+    let wall = walls[walls.len() / 2];
+    let total = (devices * points) as f64;
     let mut extra = format!(
         "sluiced ready after {ready_s:.1} s; lastpoint, all devices (`/v1/latest`), first request (cache miss): {:.2} ms, {} bytes",
         latest_cold.0, latest_cold.1
     );
+    extra.push_str(&format!(
+        "\nfleet aggregate through sluiced (`{}`, {AGGREGATE_REQUESTS} requests missing the result cache): median {:.1} ms (first {:.1} ms, max {:.1} ms) = {:.0} M points/s; sluiced CPU {:.1} ms per request = {:.0} M points/s per core",
+        fleet(end),
+        wall * 1e3,
+        walls[0] * 1e3,
+        walls[walls.len() - 1] * 1e3,
+        total / wall / 1e6,
+        cpu * 1e3,
+        total / cpu / 1e6
+    ));
     if !with_304 {
         return (rows, extra);
     }

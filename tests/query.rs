@@ -639,3 +639,190 @@ fn large_listings_go_gzip_compressed_to_clients_that_accept_it() {
     assert_eq!(status, 200);
     assert_ne!(headers[0].as_ref(), Some(&gz_tag));
 }
+
+/// Buckets of the union of the devices' `/v1/series` points: start -> (count, numbers, sum,
+/// min, max).
+fn buckets_of_series(
+    daemon: &Daemon,
+    devices: &[&str],
+    name: &str,
+    range: &str,
+    step: f64,
+) -> std::collections::BTreeMap<i64, (u64, u64, f64, f64, f64)> {
+    let mut buckets = std::collections::BTreeMap::new();
+    for device in devices {
+        let answer = get(
+            daemon,
+            &format!("/v1/series?device={device}&name={name}{range}"),
+            None,
+        );
+        if answer.status == 404 {
+            continue;
+        }
+        for point in json(&answer)["points"].as_array().unwrap() {
+            let time = point[0].as_f64().unwrap();
+            let bucket = buckets.entry((time / step).floor() as i64).or_insert((
+                0,
+                0,
+                0.0,
+                f64::INFINITY,
+                f64::NEG_INFINITY,
+            ));
+            bucket.0 += 1;
+            if let Some(n) = point[1].as_f64() {
+                bucket.1 += 1;
+                bucket.2 += n;
+                bucket.3 = bucket.3.min(n);
+                bucket.4 = bucket.4.max(n);
+            }
+        }
+    }
+    buckets
+}
+
+#[test]
+fn aggregates_over_every_device_agree_with_their_series_and_revalidate() {
+    let mut first = Daemon::start(&[]);
+    let mut client = Client::new(first.coap);
+    let devices = ["dev-a1", "dev-a2", "gw-1", "other"];
+    for (i, device) in devices.iter().enumerate() {
+        let i = i as i64;
+        post(
+            &mut client,
+            device,
+            &[
+                ("temp", T0 + i, 1.0 + i as f64),
+                ("temp", T0 + 59, 2.5),
+                // The same time twice: both count, as in /v1/series.
+                ("temp", T0 + 60 + i, 4.0),
+                ("temp", T0 + 60 + i, -4.0 * i as f64),
+                ("temp", T0 + 3700, 8.0),
+                ("hum", T0 + 10, 50.0),
+            ],
+        );
+    }
+    // A string value: counted by `count`, skipped by the numeric aggregates.
+    let payload = format!(r#"[{{"n":"temp","t":{},"vs":"high"}}]"#, T0 + 61);
+    assert_eq!(
+        code(&client.post("/t/gw-1", JSON, payload.as_bytes())),
+        "2.04"
+    );
+    let range = format!("&from={T0}&to={}", T0 + 7200);
+    // `first_hour`: points of `temp` in the first hour, of any type.
+    let check = |daemon: &Daemon, first_hour: u64| {
+        for (prefix, agg, step) in [
+            ("", "avg", 60.0),
+            ("dev-", "sum", 60.0),
+            ("", "count", 3600.0),
+            ("gw-", "count", 1.0),
+            ("", "min", 30.0),
+            ("dev-a", "max", 86400.0),
+        ] {
+            let path =
+                format!("/v1/aggregate?name=temp&prefix={prefix}&step={step}&agg={agg}{range}");
+            let answer = get(daemon, &path, None);
+            assert_eq!(answer.status, 200, "{path}: {}", answer.body);
+            let got = json(&answer);
+            assert_eq!(got["agg"], agg);
+            assert_eq!(got["step"], step);
+            let matching: Vec<&str> = devices
+                .iter()
+                .copied()
+                .filter(|d| d.starts_with(prefix))
+                .collect();
+            let expected = buckets_of_series(daemon, &matching, "temp", &range, step);
+            let want: Vec<(f64, f64)> = expected
+                .iter()
+                .filter(|(_, b)| agg == "count" || b.1 > 0)
+                .map(|(k, b)| {
+                    let value = match agg {
+                        "avg" => b.2 / b.1 as f64,
+                        "sum" => b.2,
+                        "min" => b.3,
+                        "max" => b.4,
+                        _ => b.0 as f64,
+                    };
+                    (*k as f64 * step, value)
+                })
+                .collect();
+            let buckets: Vec<(f64, f64)> = got["buckets"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| (b[0].as_f64().unwrap(), b[1].as_f64().unwrap()))
+                .collect();
+            assert_eq!(buckets.len(), want.len(), "{path}: {buckets:?} != {want:?}");
+            for (g, w) in buckets.iter().zip(&want) {
+                assert_eq!(g.0, w.0, "{path}");
+                assert!((g.1 - w.1).abs() < 1e-9, "{path}: {g:?} != {w:?}");
+            }
+            let points: u64 = expected
+                .values()
+                .map(|b| if agg == "count" { b.0 } else { b.1 })
+                .sum();
+            assert_eq!(got["points"], points, "{path}");
+            assert_eq!(got["devices"], matching.len(), "{path}");
+        }
+        let csv = get(
+            daemon,
+            &format!("/v1/aggregate?name=temp&step=1h&agg=count&format=csv{range}"),
+            None,
+        );
+        assert_eq!(csv.content_type.as_deref(), Some("text/csv; charset=utf-8"));
+        assert_eq!(
+            csv.body,
+            format!("time,value\n{T0},{first_hour}\n{},4\n", T0 + 3600)
+        );
+    };
+    check(&first, 17);
+
+    // ETag and 304; another series' commit leaves the tag alone, one of `temp` changes it.
+    let path = format!("/v1/aggregate?name=temp&step=60&agg=avg{range}");
+    let answer = get(&first, &path, None);
+    let etag = answer.etag.clone().unwrap();
+    assert_eq!(answer.cache_control.as_deref(), Some("no-cache"));
+    assert_eq!(get(&first, &path, Some(&etag)).status, 304);
+    post(&mut client, "dev-a1", &[("hum", T0 + 20, 1.0)]);
+    assert_eq!(get(&first, &path, Some(&etag)).status, 304);
+    post(&mut client, "dev-a1", &[("temp", T0 + 20, 1.0)]);
+    let changed = get(&first, &path, Some(&etag));
+    assert_eq!(changed.status, 200);
+    assert_ne!(changed.etag.as_deref(), Some(etag.as_str()));
+
+    // Bad parameters: 400 naming them; no matching series: 404.
+    for (query, parameter) in [
+        ("step=60&agg=avg", "name"),
+        ("name=temp&agg=avg", "step"),
+        ("name=temp&step=60", "agg"),
+        ("name=temp&step=60&agg=last", "agg"),
+        ("name=temp&step=60&agg=avg&format=ndjson", "format"),
+        ("name=temp&step=60&agg=avg&device=dev-a1", "device"),
+        ("name=temp&step=60&agg=avg&from=later", "from"),
+        // Two partitions of data in 1 ms steps: 7.2 million buckets.
+        ("name=temp&step=0.001&agg=avg", "step"),
+    ] {
+        let answer = get(&first, &format!("/v1/aggregate?{query}"), None);
+        assert_eq!(answer.status, 400, "{query}: {}", answer.body);
+        let message = json(&answer)["error"].as_str().unwrap().to_string();
+        assert!(
+            message.contains(&format!("`{parameter}`")),
+            "{query}: {message}"
+        );
+    }
+    for query in [
+        "name=nothing&step=60&agg=avg",
+        "name=temp&prefix=zz&step=60&agg=avg",
+    ] {
+        let answer = get(&first, &format!("/v1/aggregate?{query}"), None);
+        assert_eq!(answer.status, 404, "{query}: {}", answer.body);
+    }
+    assert!(first
+        .get("/metrics")
+        .1
+        .contains("sluice_query_latency_seconds_count{endpoint=\"aggregate\"}"));
+
+    // After a restart the answers are the same.
+    first.stop();
+    let second = Daemon::start_in(&first.data_dir, &[]);
+    check(&second, 18);
+}

@@ -15,7 +15,9 @@ use axum::Router;
 use bytes::Bytes;
 use hdrhistogram::Histogram;
 use serde_json::{json, Value as Json};
-use sluice_storage::{DevicePage, Reader, StoreError, Value};
+use sluice_storage::{
+    DevicePage, FleetAggregate, FleetError, Reader, StoreError, Value, FLEET_BUCKETS_MAX,
+};
 
 use crate::cache::{Answer, QueryCache};
 use crate::dashboard;
@@ -34,6 +36,10 @@ const STREAM_CHUNKS_IN_FLIGHT: usize = 4;
 /// every stream in flight holds its copy.
 const STREAM_COPY_BYTES_MAX: usize = 1 << 20;
 
+/// Fleet-wide aggregates (`/v1/aggregate`) computed at once: each reads the store on up to
+/// [`sluice_storage::FLEET_THREADS_MAX`] threads and holds its buckets meanwhile; more wait.
+const AGGREGATES_IN_FLIGHT: usize = 2;
+
 /// The query endpoints, each with its own latency summary.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Endpoint {
@@ -41,14 +47,16 @@ enum Endpoint {
     DeviceLatest,
     Latest,
     Series,
+    Aggregate,
 }
 
 impl Endpoint {
-    const ALL: [Endpoint; 4] = [
+    const ALL: [Endpoint; 5] = [
         Endpoint::Devices,
         Endpoint::DeviceLatest,
         Endpoint::Latest,
         Endpoint::Series,
+        Endpoint::Aggregate,
     ];
 
     fn label(self) -> &'static str {
@@ -57,6 +65,7 @@ impl Endpoint {
             Endpoint::DeviceLatest => "device_latest",
             Endpoint::Latest => "latest",
             Endpoint::Series => "series",
+            Endpoint::Aggregate => "aggregate",
         }
     }
 }
@@ -69,8 +78,10 @@ pub struct AppState {
     /// A shutdown signal came: `/readyz` answers 503 while the drain period runs.
     pub draining: AtomicBool,
     /// Request to the last byte handed to the connection, per endpoint.
-    query_latency_us: [Mutex<Histogram<u64>>; 4],
+    query_latency_us: [Mutex<Histogram<u64>>; Endpoint::ALL.len()],
     cache: QueryCache,
+    /// Permits to compute a fleet-wide aggregate ([`AGGREGATES_IN_FLIGHT`]).
+    aggregates: tokio::sync::Semaphore,
     /// Differs between runs of the daemon, so no ETag outlives the process that made it (a torn
     /// tail cut at recovery may change an answer without changing its point count).
     run_nonce: u64,
@@ -100,6 +111,7 @@ impl AppState {
             draining: AtomicBool::new(false),
             query_latency_us: std::array::from_fn(|_| Mutex::new(metrics::latency_histogram())),
             cache: QueryCache::default(),
+            aggregates: tokio::sync::Semaphore::new(AGGREGATES_IN_FLIGHT),
             run_nonce: ahash::RandomState::new().hash_one(std::process::id()),
             sealed: Mutex::new(None),
         }
@@ -218,6 +230,7 @@ pub fn router(state: Arc<AppState>, peers: Option<Arc<crate::peers::Peers>>) -> 
         .route("/v1/devices/{device}/latest", get(device_latest))
         .route("/v1/latest", get(latest))
         .route("/v1/series", get(series))
+        .route("/v1/aggregate", get(aggregate))
         .route("/v1/stats", get(stats))
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -654,27 +667,13 @@ fn parse_series_query(mut params: Params<'_>, now: fn() -> f64) -> Result<Series
     {
         return Err(format!("`name`: `{name}` is given more than once"));
     }
-    let from = match params.get("from") {
-        Some(t) => parse_time("from", t, now)?,
-        None => f64::NEG_INFINITY,
-    };
-    let to = match params.get("to") {
-        Some(t) => parse_time("to", t, now)?,
-        None => f64::INFINITY,
-    };
-    if from >= to {
-        return Err("`from` must be before `to`".to_string());
-    }
+    let (from, to) = parse_range(&params, now)?;
     let bucket = match (params.get("step"), params.get("agg")) {
         (None, None) => None,
         (Some(_), None) => return Err("`step` needs `agg`".to_string()),
         (None, Some(_)) => return Err("`agg` needs `step`".to_string()),
         (Some(step), Some(agg)) => {
-            let seconds = parse_duration(step).map_err(|_| {
-                format!(
-                    "`step`: `{step}` is not a positive number of seconds or a duration like 5m"
-                )
-            })?;
+            let seconds = parse_step(step)?;
             let agg = match agg {
                 "avg" => Aggregate::Avg,
                 "min" => Aggregate::Min,
@@ -726,6 +725,29 @@ fn parse_series_query(mut params: Params<'_>, now: fn() -> f64) -> Result<Series
         limit: params.limit()?,
         cursor,
         above,
+    })
+}
+
+/// `from` (inclusive, default: no bound) and `to` (exclusive, default: no bound), `from` before
+/// `to`.
+fn parse_range(params: &Params<'_>, now: fn() -> f64) -> Result<(f64, f64), String> {
+    let from = match params.get("from") {
+        Some(t) => parse_time("from", t, now)?,
+        None => f64::NEG_INFINITY,
+    };
+    let to = match params.get("to") {
+        Some(t) => parse_time("to", t, now)?,
+        None => f64::INFINITY,
+    };
+    if from >= to {
+        return Err("`from` must be before `to`".to_string());
+    }
+    Ok((from, to))
+}
+
+fn parse_step(step: &str) -> Result<f64, String> {
+    parse_duration(step).map_err(|_| {
+        format!("`step`: `{step}` is not a positive number of seconds or a duration like 5m")
     })
 }
 
@@ -1464,6 +1486,240 @@ fn write_series(
 }
 
 // ---------------------------------------------------------------------------------------------
+// Fleet-wide aggregates
+
+const AGGREGATE_PARAMETERS: [&str; 7] = ["name", "prefix", "from", "to", "step", "agg", "format"];
+
+/// A validated `/v1/aggregate` query.
+#[derive(Debug, Clone, PartialEq)]
+struct AggregateQuery {
+    name: String,
+    prefix: String,
+    from: f64,
+    to: f64,
+    step: f64,
+    /// `step` as given, for error messages.
+    step_text: String,
+    agg: Aggregate,
+    format: Format,
+}
+
+impl AggregateQuery {
+    /// The normalised query: the result cache's key and the ETag's input.
+    fn key(&self) -> Vec<u8> {
+        let mut key = Vec::with_capacity(48 + self.name.len() + self.prefix.len());
+        key.push(b'A');
+        key_str(&mut key, &self.name);
+        key_str(&mut key, &self.prefix);
+        key_u64(&mut key, self.from.to_bits());
+        key_u64(&mut key, self.to.to_bits());
+        key_u64(&mut key, self.step.to_bits());
+        key.push(self.agg as u8);
+        key.push(self.format as u8);
+        key
+    }
+}
+
+/// `now` is called only for a time given as `now` or `now-DURATION`.
+fn parse_aggregate_query(params: Params<'_>, now: fn() -> f64) -> Result<AggregateQuery, String> {
+    let name = match params.get("name") {
+        Some(name) if !name.is_empty() => name.to_string(),
+        _ => return Err("`name` is required".to_string()),
+    };
+    let (from, to) = parse_range(&params, now)?;
+    let Some(step_text) = params.get("step") else {
+        return Err("`step` is required".to_string());
+    };
+    let step = parse_step(step_text)?;
+    let agg = match params.get("agg") {
+        None => return Err("`agg` is required".to_string()),
+        Some("avg") => Aggregate::Avg,
+        Some("min") => Aggregate::Min,
+        Some("max") => Aggregate::Max,
+        Some("sum") => Aggregate::Sum,
+        Some("count") => Aggregate::Count,
+        Some(other) => {
+            return Err(format!(
+                "`agg`: `{other}` is not one of avg, min, max, sum, count (the latest value of each device is /v1/latest)"
+            ))
+        }
+    };
+    let format = match params.get("format") {
+        None | Some("json") => Format::Json,
+        Some("csv") => Format::Csv,
+        Some(other) => return Err(format!("`format`: `{other}` is not one of json, csv")),
+    };
+    Ok(AggregateQuery {
+        name,
+        prefix: params.get("prefix").unwrap_or("").to_string(),
+        from,
+        to,
+        step,
+        step_text: step_text.to_string(),
+        agg,
+        format,
+    })
+}
+
+async fn aggregate(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    let started = Instant::now();
+    let response = aggregate_response(&state, request).await;
+    state.record_query(Endpoint::Aggregate, started);
+    response
+}
+
+async fn aggregate_response(state: &Arc<AppState>, request: Request) -> Response {
+    let query = match Params::parse(request.uri().query(), &AGGREGATE_PARAMETERS, None)
+        .and_then(|params| parse_aggregate_query(params, now_seconds))
+    {
+        Ok(query) => query,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
+    };
+    // Finding the matching series walks every shard's series index: off the async threads.
+    let reader = state.reader.clone();
+    let (name, prefix) = (query.name.clone(), query.prefix.clone());
+    let scan = match tokio::task::spawn_blocking(move || reader.fleet(&name, &prefix)).await {
+        Ok(Some(scan)) => scan,
+        Ok(None) if query.prefix.is_empty() => {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!("no device has a series `{}`", query.name),
+            )
+        }
+        Ok(None) => {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "no device with prefix `{}` has a series `{}`",
+                    query.prefix, query.name
+                ),
+            )
+        }
+        Err(e) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("query failed: {e}"),
+            )
+        }
+    };
+    let key = query.key();
+    let version = scan.version();
+    let etag = state.etag(&key, version);
+    let sealed = query.to <= state.sealed_before();
+    if not_modified(request.headers(), &etag) {
+        return not_modified_response(&etag, sealed);
+    }
+    if let Some(answer) = state.cache.get(&key, version) {
+        return answer_response(&etag, sealed, answer);
+    }
+    let Ok(_permit) = state.aggregates.acquire().await else {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "query failed: shutting down".to_string(),
+        );
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (from, to, step) = (query.from, query.to, query.step);
+    let computed =
+        tokio::task::spawn_blocking(move || scan.aggregate(from, to, step, threads)).await;
+    match computed {
+        Ok(Ok(found)) => {
+            let answer = aggregate_answer(&query, &found);
+            state.cache.insert(key, version, answer.clone());
+            answer_response(&etag, sealed, answer)
+        }
+        Ok(Err(FleetError::TooManyBuckets { buckets })) => error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "`step`: {} makes {buckets} buckets over the range, at most {FLEET_BUCKETS_MAX}: give a larger step or a narrower range",
+                query.step_text
+            ),
+        ),
+        Ok(Err(FleetError::StepTooSmall)) => error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "`step`: {} is too small for times this far from the epoch",
+                query.step_text
+            ),
+        ),
+        Ok(Err(FleetError::Store(e))) => {
+            tracing::error!(error = %e, name = %query.name, "aggregate query failed");
+            error(StatusCode::INTERNAL_SERVER_ERROR, format!("store: {e}"))
+        }
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("query failed: {e}"),
+        ),
+    }
+}
+
+/// The answer's body: JSON (the query, `devices`, `points`, `buckets`) or CSV (`time,value`).
+fn aggregate_answer(query: &AggregateQuery, found: &FleetAggregate) -> Answer {
+    use std::io::Write as _;
+    let numeric = query.agg != Aggregate::Count;
+    let values = found.buckets.iter().filter_map(|bucket| {
+        let value = match query.agg {
+            Aggregate::Count => bucket.count as f64,
+            _ if bucket.numbers == 0 => return None,
+            Aggregate::Avg => bucket.sum / bucket.numbers as f64,
+            Aggregate::Min => bucket.min,
+            Aggregate::Max => bucket.max,
+            Aggregate::Sum | Aggregate::Last => bucket.sum,
+        };
+        Some((bucket.start, value))
+    });
+    let mut body = Vec::with_capacity(128 + 40 * found.buckets.len());
+    match query.format {
+        Format::Json => {
+            body.extend_from_slice(b"{\"name\":");
+            write_json(&mut body, &query.name);
+            body.extend_from_slice(b",\"prefix\":");
+            write_json(&mut body, &query.prefix);
+            body.extend_from_slice(b",\"step\":");
+            write_json(&mut body, &query.step);
+            body.extend_from_slice(b",\"agg\":");
+            write_json(&mut body, query.agg.name());
+            body.extend_from_slice(b",\"devices\":");
+            let devices = if numeric {
+                found.devices_with_numbers
+            } else {
+                found.devices
+            };
+            write_json(&mut body, &devices);
+            body.extend_from_slice(b",\"points\":");
+            write_json(
+                &mut body,
+                &if numeric { found.numbers } else { found.points },
+            );
+            body.extend_from_slice(b",\"buckets\":[");
+            for (i, (start, value)) in values.enumerate() {
+                if i > 0 {
+                    body.push(b',');
+                }
+                body.push(b'[');
+                write_json(&mut body, &start);
+                body.push(b',');
+                write_json(&mut body, &value);
+                body.push(b']');
+            }
+            body.extend_from_slice(b"]}");
+        }
+        Format::Csv | Format::Ndjson => {
+            body.extend_from_slice(b"time,value\n");
+            for (start, value) in values {
+                let _ = writeln!(body, "{start},{value}");
+            }
+        }
+    }
+    Answer {
+        content_type: query.format.content_type(),
+        body: Bytes::from(body),
+        next: None,
+        gzip: None,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Measurements and health
 
 async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
@@ -1529,6 +1785,44 @@ mod tests {
         assert!(err("device=d&name=t&above=high").contains("`above`"));
         assert!(err("device=d&device=e&name=t").contains("`device`"));
         assert!(err("device=d&name=t&name=t").contains("`name`"));
+    }
+
+    fn parse_aggregate(query: &str) -> Result<AggregateQuery, String> {
+        let params = Params::parse(Some(query), &AGGREGATE_PARAMETERS, None)?;
+        parse_aggregate_query(params, || 1_000_000.0)
+    }
+
+    #[test]
+    fn aggregate_query_names_the_bad_parameter() {
+        let err = |q: &str| parse_aggregate(q).unwrap_err();
+        assert!(err("step=1h&agg=avg").contains("`name`"));
+        assert!(err("name=&step=1h&agg=avg").contains("`name`"));
+        assert!(err("name=t&agg=avg").contains("`step`"));
+        assert!(err("name=t&step=1h").contains("`agg`"));
+        assert!(err("name=t&step=0&agg=avg").contains("`step`"));
+        assert!(err("name=t&step=1h&agg=last").contains("`agg`"));
+        assert!(err("name=t&step=1h&agg=avg&format=ndjson").contains("`format`"));
+        assert!(err("name=t&step=1h&agg=avg&device=d").contains("`device`"));
+        assert!(err("name=t&name=u&step=1h&agg=avg").contains("`name`"));
+        assert!(err("name=t&step=1h&agg=avg&from=5&to=5").contains("`from`"));
+        let q = parse_aggregate("name=usage&prefix=host-&step=5m&agg=max&from=now-1h&format=csv")
+            .unwrap();
+        assert_eq!(
+            (q.name.as_str(), q.prefix.as_str(), q.step, q.agg, q.format),
+            ("usage", "host-", 300.0, Aggregate::Max, Format::Csv)
+        );
+        assert_eq!((q.from, q.to), (1_000_000.0 - 3600.0, f64::INFINITY));
+        let key = |q: &str| parse_aggregate(q).unwrap().key();
+        assert_eq!(key("name=t&step=60&agg=sum"), key("agg=sum&step=1m&name=t"));
+        assert_ne!(key("name=t&step=60&agg=sum"), key("name=t&step=60&agg=min"));
+        assert_ne!(
+            key("name=t&step=60&agg=sum"),
+            key("name=t&prefix=a&step=60&agg=sum")
+        );
+        assert_ne!(
+            key("name=ta&step=60&agg=sum"),
+            key("name=t&prefix=a&step=60&agg=sum")
+        );
     }
 
     #[test]

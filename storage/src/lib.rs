@@ -8,11 +8,14 @@
 //!   as a group under the configured [`Durability`].
 //! - [`Reader`] (cheap to clone, Send + Sync) answers queries from committed data only: the
 //!   device/latest summary from memory, series points through mmap.
+//! - [`Reader::fleet`] and [`FleetScan::aggregate`]: one series name aggregated over every
+//!   device in time buckets, in one pass over the store.
 //! - [`inspect`] and [`verify`] are offline tools.
 //! - Every file operation goes through a [`Backend`]: [`Fs`] in production, the simulated and
 //!   failing disks of [`sim`] in tests ([`Store::open_with`]).
 
 mod backend;
+mod fleet;
 mod format;
 mod sealed;
 pub mod sim;
@@ -24,6 +27,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 pub use backend::{Backend, DirEntry, FileBytes, Fs, StorageFile};
+pub use fleet::{
+    FleetAggregate, FleetBucket, FleetError, FleetScan, FLEET_BUCKETS_MAX, FLEET_THREADS_MAX,
+};
 pub use store::{
     DevicePage, DeviceSummary, LatestValues, Reader, Retention, RetentionReport, SeriesScan, Store,
     LISTING_CHUNK_DEVICES, RECOVERED_EXCHANGES_MAX, SCAN_CHUNK_POINTS_MAX,

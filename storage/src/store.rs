@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 
 use crate::backend::{self, Backend, FileBytes, Fs};
 
+use crate::fleet::{self, FleetScan};
 use crate::format::{self, ArchivedStoredValue, FileHeader, FileKind, Scan, FILE_HEADER_BYTES};
 use crate::sealed::Sealed;
 use crate::writer::{self, ShardWriter};
@@ -1655,6 +1656,26 @@ impl Reader {
             ranges,
             points_max: SCAN_CHUNK_POINTS_MAX,
             records_scanned: 0,
+        })
+    }
+
+    /// The series called `name` of every device whose id starts with `prefix` (every device for
+    /// an empty prefix), over every shard, ready for a fleet-wide aggregate; None when no shard
+    /// has one. Walks each shard's series index under its summary lock (one shard at a time).
+    pub fn fleet(&self, name: &str, prefix: &str) -> Option<FleetScan> {
+        let mut shards = Vec::new();
+        let mut version = 0u64;
+        for shard in self.shards() {
+            if let Some((found, changes)) = fleet::find_series(&shard, name, prefix) {
+                shards.push(found);
+                version = version.wrapping_add(changes);
+            }
+        }
+        (!shards.is_empty()).then(|| FleetScan {
+            backend: self.inner.backend.clone(),
+            name: name.to_string(),
+            shards,
+            version,
         })
     }
 
