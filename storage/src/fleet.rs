@@ -85,35 +85,45 @@ pub(crate) struct FleetShard {
     pub wanted: Vec<u8>,
 }
 
+/// Series ids looked at per lock of a shard's summary while finding the matching series (a
+/// commit of the shard waits for at most this many, not for the whole fleet).
+const FIND_CHUNK_SERIES: usize = 8192;
+
 /// Finds the matching series of a shard: `wanted` (indexed by id) and the sum of their change
-/// counters. None when the shard has none.
+/// counters. None when the shard has none. The summary is locked for [`FIND_CHUNK_SERIES`] ids
+/// at a time: ids are never reused, so a chunk's ids are the same series in the next lock;
+/// a series added meanwhile is not in the aggregate (its points were committed after it
+/// started), and changes to a chunk already read only make the version older than the answer.
 pub(crate) fn find_series(
     shard: &Arc<ShardShared>,
     name: &str,
     prefix: &str,
 ) -> Option<(FleetShard, u64)> {
-    let summary = lock(&shard.summary);
-    let mut wanted = vec![0u8; summary.series.len()];
+    let known = lock(&shard.summary).series.len();
+    let mut wanted = vec![0u8; known];
     let mut version = 0u64;
     let mut any = false;
-    for (id, series) in summary.series.iter().enumerate() {
-        let Some(series) = series else { continue };
-        if series.name != name {
-            continue;
+    for first in (0..known).step_by(FIND_CHUNK_SERIES) {
+        let summary = lock(&shard.summary);
+        let end = (first + FIND_CHUNK_SERIES).min(known);
+        for (id, series) in summary.series[first..end].iter().enumerate() {
+            let Some(series) = series else { continue };
+            if series.name != name {
+                continue;
+            }
+            if !prefix.is_empty()
+                && !summary
+                    .device_states
+                    .get(series.device as usize)
+                    .is_some_and(|device| device.name.starts_with(prefix))
+            {
+                continue;
+            }
+            wanted[first + id] = WANTED;
+            version = version.wrapping_add(series.changes);
+            any = true;
         }
-        if !prefix.is_empty()
-            && !summary
-                .device_states
-                .get(series.device as usize)
-                .is_some_and(|device| device.name.starts_with(prefix))
-        {
-            continue;
-        }
-        wanted[id] = WANTED;
-        version = version.wrapping_add(series.changes);
-        any = true;
     }
-    drop(summary);
     any.then(|| {
         (
             FleetShard {
