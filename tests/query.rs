@@ -821,6 +821,33 @@ fn aggregates_over_every_device_agree_with_their_series_and_revalidate() {
         .1
         .contains("sluice_query_latency_seconds_count{endpoint=\"aggregate\"}"));
 
+    // `sluice query aggregate` asks the same.
+    let output = common::sluice(&[
+        "query",
+        "--http",
+        &first.http.to_string(),
+        "aggregate",
+        "temp",
+        "--step",
+        "1h",
+        "--agg",
+        "count",
+        "--prefix",
+        "dev-",
+        "--from",
+        &T0.to_string(),
+        "--to",
+        &(T0 + 7200).to_string(),
+        "--format",
+        "csv",
+    ]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert_eq!(
+        stdout,
+        "time,value\n2025-11-23T12:00:00Z,9\n2025-11-23T13:00:00Z,2\n"
+    );
+
     // After a restart the answers are the same.
     first.stop();
     let second = Daemon::start_in(&first.data_dir, &[]);

@@ -66,6 +66,26 @@ enum What {
         #[arg(long, requires = "chart")]
         width: Option<usize>,
     },
+    /// One series name aggregated over every device (or those whose id starts with --prefix),
+    /// in buckets
+    Aggregate {
+        name: String,
+        /// Bucket width, e.g. 60, 5m, 1h
+        #[arg(long)]
+        step: String,
+        /// Aggregate per bucket: avg, min, max, sum, count
+        #[arg(long)]
+        agg: String,
+        /// Only devices whose id starts with this
+        #[arg(long)]
+        prefix: Option<String>,
+        /// Start (inclusive): unix seconds or RFC 3339
+        #[arg(long)]
+        from: Option<String>,
+        /// End (exclusive): unix seconds or RFC 3339
+        #[arg(long)]
+        to: Option<String>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -105,6 +125,26 @@ pub fn run(args: QueryArgs) -> anyhow::Result<bool> {
                 }
             }
             ("/v1/series".into(), query)
+        }
+        What::Aggregate {
+            name,
+            step,
+            agg,
+            prefix,
+            from,
+            to,
+        } => {
+            let mut query = vec![
+                ("name", name.clone()),
+                ("step", step.clone()),
+                ("agg", agg.clone()),
+            ];
+            for (key, value) in [("prefix", prefix), ("from", from), ("to", to)] {
+                if let Some(value) = value {
+                    query.push((key, value.clone()));
+                }
+            }
+            ("/v1/aggregate".into(), query)
         }
     };
     let (body, partial) = match &args.nodes {
@@ -157,6 +197,9 @@ fn ask_nodes(
         What::Devices { .. } => cluster.devices(&query),
         What::Latest { device } => cluster.device_latest(device),
         What::Series { .. } => cluster.series(&query),
+        What::Aggregate { .. } => {
+            bail!("--nodes: `aggregate` is not merged over nodes; ask each node with --http")
+        }
     };
     let merged = match result {
         Ok(merged) => merged,
@@ -295,6 +338,15 @@ fn rows(what: &What, json: &Json) -> (Vec<&'static str>, Vec<Vec<String>>) {
         What::Series { .. } => (
             vec!["TIME", "VALUE"],
             json["points"]
+                .as_array()
+                .unwrap_or(&empty)
+                .iter()
+                .map(|p| vec![time(&p[0]), value(&p[1])])
+                .collect(),
+        ),
+        What::Aggregate { .. } => (
+            vec!["TIME", "VALUE"],
+            json["buckets"]
                 .as_array()
                 .unwrap_or(&empty)
                 .iter()
