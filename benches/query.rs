@@ -63,6 +63,21 @@ fn device_name(device: u64) -> String {
     format!("host-{device}")
 }
 
+/// The bench's store in `dir` (1 h partitions, as written), with this grace period and durability.
+fn open_store(
+    dir: &Path,
+    grace_secs: u64,
+    durability: Durability,
+) -> (Store, sluice_storage::RecoveryReport) {
+    Store::open(StoreConfig {
+        dir: dir.to_path_buf(),
+        partition_secs: 3600,
+        partition_grace_secs: grace_secs,
+        durability,
+    })
+    .expect("open store")
+}
+
 fn load(dir: &Path, devices: u64, points: u64) {
     let marker = dir.join("bench-dataset");
     let expected = format!("{devices} {points}\n");
@@ -71,13 +86,7 @@ fn load(dir: &Path, devices: u64, points: u64) {
         return;
     }
     let _ = std::fs::remove_dir_all(dir);
-    let (store, _) = Store::open(StoreConfig {
-        dir: dir.to_path_buf(),
-        partition_secs: 3600,
-        partition_grace_secs: u64::MAX,
-        durability: Durability::Os,
-    })
-    .expect("open store");
+    let (store, _) = open_store(dir, u64::MAX, Durability::Os);
     let mut writers: Vec<_> = (0..SHARDS).map(|s| store.writer(s).unwrap()).collect();
     let names: Vec<String> = (0..devices).map(device_name).collect();
     let started = Instant::now();
@@ -140,13 +149,7 @@ fn latency_summary(mut latencies: Vec<f64>) -> Latencies {
 /// and rename the finished sealed files into place. Returns (seconds until every partition of the
 /// dataset was sealed, commit latencies meanwhile, commit latencies for 3 s after).
 fn seal(dir: &Path, points: u64) -> (f64, Latencies, Latencies) {
-    let (store, _) = Store::open(StoreConfig {
-        dir: dir.to_path_buf(),
-        partition_secs: 3600,
-        partition_grace_secs: GRACE_SECS,
-        durability: Durability::Fsync,
-    })
-    .expect("open store");
+    let (store, _) = open_store(dir, GRACE_SECS, Durability::Fsync);
     let data_end = ((T0 + points as f64 * INTERVAL_S) / 3600.0).ceil() * 3600.0;
     let reader = store.reader();
     let mut writers: Vec<_> = (0..SHARDS).map(|s| store.writer(s).unwrap()).collect();
@@ -272,13 +275,7 @@ fn fleet_rates(store: &Store, devices: u64, points: u64) -> Vec<FleetFigures> {
 /// looked at, seconds, seconds to open the store, the fleet aggregate's figures).
 fn scan_rate(dir: &Path, devices: u64, points: u64) -> (u64, f64, f64, Vec<FleetFigures>) {
     let started = Instant::now();
-    let (store, report) = Store::open(StoreConfig {
-        dir: dir.to_path_buf(),
-        partition_secs: 3600,
-        partition_grace_secs: u64::MAX,
-        durability: Durability::Os,
-    })
-    .expect("open store");
+    let (store, report) = open_store(dir, u64::MAX, Durability::Os);
     let recovery_s = started.elapsed().as_secs_f64();
     eprintln!("in-process open: {report} in {recovery_s:.1} s");
     let reader = store.reader();
@@ -314,13 +311,7 @@ fn scan_rate(dir: &Path, devices: u64, points: u64) -> (u64, f64, f64, Vec<Fleet
 /// whole range (one `Reader::scan` per device), in this process, one thread. Returns (points,
 /// seconds).
 fn scan_all_rate(dir: &Path, devices: u64, points: u64) -> (u64, f64) {
-    let (store, _) = Store::open(StoreConfig {
-        dir: dir.to_path_buf(),
-        partition_secs: 3600,
-        partition_grace_secs: u64::MAX,
-        durability: Durability::Os,
-    })
-    .expect("open store");
+    let (store, _) = open_store(dir, u64::MAX, Durability::Os);
     let reader = store.reader();
     let mut best = f64::INFINITY;
     let mut total = 0;
