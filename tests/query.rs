@@ -63,6 +63,17 @@ fn json(answer: &Answer) -> Json {
     serde_json::from_str(&answer.body).unwrap_or_else(|e| panic!("{e}: {}", answer.body))
 }
 
+/// `path` is answered 400 with a JSON error naming `parameter` (in backquotes).
+fn assert_refused(daemon: &Daemon, path: &str, parameter: &str) {
+    let answer = get(daemon, path, None);
+    assert_eq!(answer.status, 400, "{path}: {}", answer.body);
+    let message = json(&answer)["error"].as_str().unwrap().to_string();
+    assert!(
+        message.contains(&format!("`{parameter}`")),
+        "{path}: {message}"
+    );
+}
+
 #[test]
 fn series_answers_raw_bucketed_several_names_in_json_csv_and_ndjson() {
     let daemon = Daemon::start(&[]);
@@ -177,13 +188,7 @@ fn bad_parameters_get_400_naming_them_and_unknown_series_404() {
         ("/v1/devices?limit=0", "limit"),
         ("/v1/latest?colour=red", "colour"),
     ] {
-        let answer = get(&daemon, query, None);
-        assert_eq!(answer.status, 400, "{query}: {}", answer.body);
-        let message = json(&answer)["error"].as_str().unwrap().to_string();
-        assert!(
-            message.contains(&format!("`{parameter}`")),
-            "{query}: {message}"
-        );
+        assert_refused(&daemon, query, parameter);
     }
     for query in [
         "/v1/series?device=dev-b&name=nothing",
@@ -801,13 +806,7 @@ fn aggregates_over_every_device_agree_with_their_series_and_revalidate() {
         // Two partitions of data in 1 ms steps: 7.2 million buckets.
         ("name=temp&step=0.001&agg=avg", "step"),
     ] {
-        let answer = get(&first, &format!("/v1/aggregate?{query}"), None);
-        assert_eq!(answer.status, 400, "{query}: {}", answer.body);
-        let message = json(&answer)["error"].as_str().unwrap().to_string();
-        assert!(
-            message.contains(&format!("`{parameter}`")),
-            "{query}: {message}"
-        );
+        assert_refused(&first, &format!("/v1/aggregate?{query}"), parameter);
     }
     for query in [
         "name=nothing&step=60&agg=avg",
