@@ -966,7 +966,7 @@ pub(crate) fn recover_shard(
                     });
                     continue;
                 }
-                Err(reason) if files.segment => {
+                Err(_) if files.segment => {
                     // Media corruption of a sealed file whose segment is still there: the
                     // segment is used, and sealed again.
                     report.seals_discarded += 1;
@@ -975,7 +975,6 @@ pub(crate) fn recover_shard(
                             .remove_file(&sealed)
                             .map_err(|error| StoreError::io("remove", &sealed, error))?;
                     }
-                    let _ = reason;
                 }
                 Err(reason) => {
                     return Err(StoreError::Corrupt {
