@@ -34,6 +34,30 @@ pub struct SegmentInspection {
 }
 
 impl SegmentInspection {
+    /// A file of `shard` before it is read: its size, nothing counted yet.
+    fn new(shard: u32, window_start: i64, seq: u64, path: PathBuf) -> SegmentInspection {
+        let file_bytes = std::fs::metadata(&path)
+            .map(|metadata| metadata.len())
+            .unwrap_or(0);
+        SegmentInspection {
+            shard,
+            window_start,
+            partition_secs: 0,
+            seq,
+            path,
+            file_bytes,
+            blocks: 0,
+            points: 0,
+            commits: 0,
+            exchanges: 0,
+            min_time: None,
+            max_time: None,
+            torn_bytes: 0,
+            corrupt_regions: 0,
+            sealed: false,
+        }
+    }
+
     pub fn bytes_per_point(&self) -> Option<f64> {
         (self.points > 0).then(|| self.file_bytes as f64 / self.points as f64)
     }
@@ -431,25 +455,7 @@ fn walk(dir: &Path, repair: bool) -> Result<(Inspection, VerifyReport), StoreErr
             if files.sealed {
                 report.files += 1;
                 let sealed = store::sealed_path(&path);
-                let mut segment = SegmentInspection {
-                    shard,
-                    window_start: window,
-                    partition_secs: 0,
-                    seq,
-                    path: sealed.clone(),
-                    file_bytes: std::fs::metadata(&sealed)
-                        .map(|metadata| metadata.len())
-                        .unwrap_or(0),
-                    blocks: 0,
-                    points: 0,
-                    commits: 0,
-                    exchanges: 0,
-                    min_time: None,
-                    max_time: None,
-                    torn_bytes: 0,
-                    corrupt_regions: 0,
-                    sealed: false,
-                };
+                let mut segment = SegmentInspection::new(shard, window, seq, sealed.clone());
                 walk_sealed(
                     &sealed,
                     shard,
@@ -481,26 +487,7 @@ fn walk(dir: &Path, repair: bool) -> Result<(Inspection, VerifyReport), StoreErr
                 }
             }
             report.files += 1;
-            let file_bytes = std::fs::metadata(&path)
-                .map(|metadata| metadata.len())
-                .unwrap_or(0);
-            let mut segment = SegmentInspection {
-                shard,
-                window_start: window,
-                partition_secs: 0,
-                seq,
-                path: path.clone(),
-                file_bytes,
-                blocks: 0,
-                points: 0,
-                commits: 0,
-                exchanges: 0,
-                min_time: None,
-                max_time: None,
-                torn_bytes: 0,
-                corrupt_regions: 0,
-                sealed: false,
-            };
+            let mut segment = SegmentInspection::new(shard, window, seq, path.clone());
             match store::load_file(&Fs, &path, FileKind::Segment) {
                 Err(error) => add_problem(
                     &mut report,
