@@ -133,6 +133,15 @@ proptest! {
     }
 }
 
+/// `bytes` with each (position, byte) of `damage` written past the 48-byte file header.
+fn damaged(mut bytes: Vec<u8>, damage: &[(prop::sample::Index, u8)]) -> Vec<u8> {
+    for (index, byte) in damage {
+        let at = index.index(bytes.len() - 48) + 48;
+        bytes[at] = *byte;
+    }
+    bytes
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 512, .. ProptestConfig::default() })]
 
@@ -155,11 +164,7 @@ proptest! {
     fn damaged_segments_with_rewritten_checksums_never_panic(
         damage in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
     ) {
-        let mut bytes = valid_segment();
-        for (index, byte) in damage {
-            let at = index.index(bytes.len() - 48) + 48;
-            bytes[at] = byte;
-        }
+        let bytes = damaged(valid_segment(), &damage);
         let _ = sluice_storage::fuzz_segment_checksummed(&bytes);
     }
 }
@@ -174,11 +179,7 @@ proptest! {
     fn damaged_sealed_files_with_rewritten_checksums_never_panic(
         damage in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
     ) {
-        let mut bytes = valid_sealed();
-        for (index, byte) in damage {
-            let at = index.index(bytes.len() - 48) + 48;
-            bytes[at] = byte;
-        }
+        let bytes = damaged(valid_sealed(), &damage);
         let _ = sluice_storage::fuzz_sealed_checksummed(&bytes);
     }
 
