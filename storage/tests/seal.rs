@@ -572,6 +572,16 @@ fn v2_expected() -> Vec<(String, String, Points)> {
     expected
 }
 
+/// The version 2 fixture's configuration: 1 h partitions, every window due at once.
+fn v2_config(dir: &Path) -> StoreConfig {
+    StoreConfig {
+        dir: dir.to_path_buf(),
+        partition_secs: HOUR,
+        partition_grace_secs: 0,
+        durability: Durability::Fsync,
+    }
+}
+
 fn v2_check(store: &Store, context: &str) {
     for (device, name, expected) in v2_expected() {
         assert_eq!(
@@ -585,12 +595,7 @@ fn v2_check(store: &Store, context: &str) {
 #[test]
 fn a_store_of_format_version_2_opens_reads_and_is_sealed_series_major() {
     let dir = v2_store();
-    let config = StoreConfig {
-        dir: dir.path().to_path_buf(),
-        partition_secs: HOUR,
-        partition_grace_secs: 0,
-        durability: Durability::Fsync,
-    };
+    let config = v2_config(dir.path());
     {
         let (store, report) = Store::open(config.clone()).unwrap();
         // Its four version 2 seal indexes are removed: those segments are unsealed again.
@@ -639,12 +644,7 @@ fn a_commit_split_between_a_sealed_file_and_an_open_segment_stays_complete() {
     // window 12 h (with its record). Sealing only the late segment leaves the last commit with
     // a block in a sealed file and a block and its record in a segment: it is complete.
     let dir = v2_store();
-    let config = StoreConfig {
-        dir: dir.path().to_path_buf(),
-        partition_secs: HOUR,
-        partition_grace_secs: 0,
-        durability: Durability::Fsync,
-    };
+    let config = v2_config(dir.path());
     {
         let (store, _) = Store::open(config.clone()).unwrap();
         let mut writer = store.writer(0).unwrap();
