@@ -179,13 +179,7 @@ impl FleetScan {
         if buckets > FLEET_BUCKETS_MAX as u64 {
             return Err(FleetError::TooManyBuckets { buckets });
         }
-        let layout = Layout {
-            from,
-            to,
-            step,
-            first,
-            buckets: buckets as usize,
-        };
+        let layout = Layout::new(from, to, step, first, buckets as usize);
         // Larger files first, so that threads finish together.
         items.sort_by_key(|(_, segment)| {
             std::cmp::Reverse(segment.published_len.load(Ordering::Relaxed))
@@ -345,6 +339,54 @@ struct Layout {
     step: f64,
     first: f64,
     buckets: usize,
+    /// `buckets + 1` edges: `edges[k]` is the least time whose bucket number is at least
+    /// `first + k` (NaN where the search gave up: that edge is never used), so bucket `k` is
+    /// `[edges[k], edges[k + 1])`.
+    edges: Vec<f64>,
+}
+
+impl Layout {
+    fn new(from: f64, to: f64, step: f64, first: f64, buckets: usize) -> Layout {
+        let edges = (0..=buckets)
+            .map(|k| edge(first + k as f64, step))
+            .collect();
+        Layout {
+            from,
+            to,
+            step,
+            first,
+            buckets,
+            edges,
+        }
+    }
+}
+
+/// How far (in representable steps) the least time of a bucket is looked for from
+/// `number * step`, which is a few rounding errors from it.
+const BUCKET_EDGE_NUDGES: usize = 64;
+
+/// The least time whose bucket number (`floor(t / step)`) is at least `number`; NaN if not
+/// found within [`BUCKET_EDGE_NUDGES`] steps. Division by a positive number is monotonic in
+/// IEEE arithmetic, so the times of bucket numbers at least `number` are every time from one on.
+fn edge(number: f64, step: f64) -> f64 {
+    let mut time = number * step;
+    if bucket_number(time, step) >= number {
+        for _ in 0..BUCKET_EDGE_NUDGES {
+            let below = time.next_down();
+            if bucket_number(below, step) < number {
+                return time;
+            }
+            time = below;
+        }
+    } else {
+        for _ in 0..BUCKET_EDGE_NUDGES {
+            time = time.next_up();
+            if bucket_number(time, step) >= number {
+                return time;
+            }
+        }
+    }
+    f64::NAN
 }
 
 /// Running aggregate of one bucket.
@@ -396,6 +438,10 @@ impl Acc {
 
     /// Adds every value of a column; false if one has a tag that is no value.
     fn add_all(&mut self, values: &[u8]) -> bool {
+        if let Some(numbers) = numbers_only(values) {
+            self.merge(&numbers);
+            return true;
+        }
         let mut lanes = Lanes::new();
         let mut quads = values.chunks_exact(LANES * VALUE_BYTES);
         for quad in &mut quads {
@@ -409,6 +455,53 @@ impl Acc {
         }
         lanes.into(self)
     }
+}
+
+/// The aggregate of a column of values that are all numbers (None: one is not, and the caller
+/// takes the general path). Every number is read as if it were one and the tags are checked once
+/// at the end, so the loop has no branch and no select: runs of a series are nearly always all
+/// numbers, and this is the loop a full scan spends its time in.
+#[inline(always)]
+fn numbers_only(values: &[u8]) -> Option<Acc> {
+    let mut tags = 0u8;
+    let mut sum = [0.0f64; LANES];
+    let mut min = [f64::INFINITY; LANES];
+    let mut max = [f64::NEG_INFINITY; LANES];
+    let mut quads = values.chunks_exact(LANES * VALUE_BYTES);
+    for quad in &mut quads {
+        for lane in 0..LANES {
+            let value = &quad[lane * VALUE_BYTES..(lane + 1) * VALUE_BYTES];
+            tags |= value[0];
+            let number = f64::from_le_bytes(value[8..16].try_into().expect("8 bytes"));
+            sum[lane] += number;
+            // NaN compares false: never the least or greatest.
+            min[lane] = if number < min[lane] {
+                number
+            } else {
+                min[lane]
+            };
+            max[lane] = if number > max[lane] {
+                number
+            } else {
+                max[lane]
+            };
+        }
+    }
+    for value in quads.remainder().chunks_exact(VALUE_BYTES) {
+        tags |= value[0];
+        let number = f64::from_le_bytes(value[8..16].try_into().expect("8 bytes"));
+        sum[0] += number;
+        min[0] = if number < min[0] { number } else { min[0] };
+        max[0] = if number > max[0] { number } else { max[0] };
+    }
+    let count = (values.len() / VALUE_BYTES) as u64;
+    (tags == NUMBER_TAG).then(|| Acc {
+        count,
+        numbers: count,
+        sum: (sum[0] + sum[1]) + (sum[2] + sum[3]),
+        min: min.iter().copied().fold(f64::INFINITY, f64::min),
+        max: max.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+    })
 }
 
 /// Accumulators of a run of values that all go to one bucket, in [`LANES`] independent lanes
@@ -479,31 +572,25 @@ impl Lanes {
 }
 
 /// Which bucket a time falls in: the exact `floor(t / step)` (a division) only when the time
-/// leaves the range of times known to share the bucket of the last one. Division by a positive
-/// number is monotonic in IEEE arithmetic, so when two times fall in bucket `k`, every time
-/// between them does too: the range is two such times, checked with the exact function.
-struct Bucketer {
+/// leaves the bucket of the last one, whose edges are known (a NaN edge is never inside).
+struct Bucketer<'a> {
     step: f64,
     first: f64,
-    buckets: usize,
-    /// Times in `[low, high]` fall in bucket `index` (empty range: none known yet).
+    edges: &'a [f64],
+    /// Times in `[low, high)` fall in bucket `index` (NaN: none known yet).
     low: f64,
     high: f64,
     index: usize,
 }
 
-/// How far (in representable steps) the cached range's ends are moved inwards at most, looking
-/// for times whose bucket is that of the range.
-const BUCKET_EDGE_NUDGES: usize = 8;
-
-impl Bucketer {
-    fn new(layout: &Layout) -> Bucketer {
+impl<'a> Bucketer<'a> {
+    fn new(layout: &'a Layout) -> Bucketer<'a> {
         Bucketer {
             step: layout.step,
             first: layout.first,
-            buckets: layout.buckets,
-            low: f64::INFINITY,
-            high: f64::NEG_INFINITY,
+            edges: &layout.edges,
+            low: f64::NAN,
+            high: f64::NAN,
             index: 0,
         }
     }
@@ -512,46 +599,32 @@ impl Bucketer {
     /// partition's window never is).
     #[inline(always)]
     fn index(&mut self, time: f64) -> Option<usize> {
-        if time >= self.low && time <= self.high {
+        if time >= self.low && time < self.high {
             return Some(self.index);
+        }
+        // The next bucket, where a run of ascending times goes on.
+        if time >= self.high {
+            if let Some(&high) = self.edges.get(self.index + 2) {
+                if time < high {
+                    self.index += 1;
+                    self.low = self.high;
+                    self.high = high;
+                    return Some(self.index);
+                }
+            }
         }
         self.locate(time)
     }
 
     #[cold]
     fn locate(&mut self, time: f64) -> Option<usize> {
-        let number = bucket_number(time, self.step);
-        let offset = number - self.first;
-        if !(offset >= 0.0 && offset < self.buckets as f64) {
+        let offset = bucket_number(time, self.step) - self.first;
+        if !(offset >= 0.0 && offset < (self.edges.len() - 1) as f64) {
             return None;
         }
         let index = offset as usize;
-        // The bucket's ends as computed, moved inwards until their bucket is this one (falling
-        // back to `time` itself, whose bucket it is).
-        let (mut low, mut high) = (number * self.step, ((number + 1.0) * self.step).next_down());
-        let (mut low_known, mut high_known) = (false, false);
-        for _ in 0..BUCKET_EDGE_NUDGES {
-            if low > time || bucket_number(low, self.step) == number {
-                low_known = low <= time;
-                break;
-            }
-            low = low.next_up();
-        }
-        for _ in 0..BUCKET_EDGE_NUDGES {
-            if high < time || bucket_number(high, self.step) == number {
-                high_known = high >= time;
-                break;
-            }
-            high = high.next_down();
-        }
-        if !low_known {
-            low = time;
-        }
-        if !high_known {
-            high = time;
-        }
-        self.low = low;
-        self.high = high;
+        self.low = self.edges[index];
+        self.high = self.edges[index + 1];
         self.index = index;
         Some(index)
     }
@@ -563,7 +636,7 @@ struct Worker<'a> {
     buckets: Vec<Acc>,
     /// Per shard, per series id: `WANTED` plus `HAS_POINT`/`HAS_NUMBER` once it contributed.
     seen: Vec<Vec<u8>>,
-    bucketer: Bucketer,
+    bucketer: Bucketer<'a>,
 }
 
 impl<'a> Worker<'a> {
@@ -708,36 +781,12 @@ impl<'a> Worker<'a> {
             let mut valid = true;
             if single {
                 let index = self.bucketer.index(block.min_time).expect("checked");
-                let mut lanes = Lanes::new();
-                let mut add = |lane: usize, series: &[u8], value: &[u8]| {
-                    let id = u32::from_le_bytes(series.try_into().expect("4 bytes")) as usize;
-                    let Some(state) = seen.get_mut(id) else {
-                        return;
-                    };
-                    if *state & WANTED != 0 {
-                        let tag = lanes.add(lane, value.try_into().expect("16 bytes"));
-                        *state |= HAS_POINT | if tag == NUMBER_TAG { HAS_NUMBER } else { 0 };
-                    }
-                };
-                let mut series = columns.series.chunks_exact(LANES * 4);
-                let mut values = columns.values.chunks_exact(LANES * VALUE_BYTES);
-                for (ids, quad) in (&mut series).zip(&mut values) {
-                    for lane in 0..LANES {
-                        add(
-                            lane,
-                            &ids[lane * 4..(lane + 1) * 4],
-                            &quad[lane * VALUE_BYTES..(lane + 1) * VALUE_BYTES],
-                        );
-                    }
-                }
-                for (id, value) in series
-                    .remainder()
-                    .chunks_exact(4)
-                    .zip(values.remainder().chunks_exact(VALUE_BYTES))
-                {
-                    add(0, id, value);
-                }
-                valid &= lanes.into(&mut self.buckets[index]);
+                valid &= add_wanted(
+                    &mut self.buckets[index],
+                    seen,
+                    columns.series,
+                    columns.values,
+                );
             } else {
                 let mut acc = Acc::EMPTY;
                 let mut open: Option<usize> = None;
@@ -793,6 +842,44 @@ impl<'a> Worker<'a> {
     }
 }
 
+/// Adds the values of the wanted series of an unsealed block (its series and value columns),
+/// which all fall in one bucket, to `acc`, and marks what each series contributed in `seen`;
+/// false for a value with an unknown tag. A function of its own: inlined into the reading
+/// loop, its accumulators did not all stay in registers (a fifth slower).
+#[inline(never)]
+fn add_wanted(acc: &mut Acc, seen: &mut [u8], series: &[u8], values: &[u8]) -> bool {
+    let mut lanes = Lanes::new();
+    let mut add = |lane: usize, series: &[u8], value: &[u8]| {
+        let id = u32::from_le_bytes(series.try_into().expect("4 bytes")) as usize;
+        let Some(state) = seen.get_mut(id) else {
+            return;
+        };
+        if *state & WANTED != 0 {
+            let tag = lanes.add(lane, value.try_into().expect("16 bytes"));
+            *state |= HAS_POINT | if tag == NUMBER_TAG { HAS_NUMBER } else { 0 };
+        }
+    };
+    let mut series = series.chunks_exact(LANES * 4);
+    let mut values = values.chunks_exact(LANES * VALUE_BYTES);
+    for (ids, quad) in (&mut series).zip(&mut values) {
+        for lane in 0..LANES {
+            add(
+                lane,
+                &ids[lane * 4..(lane + 1) * 4],
+                &quad[lane * VALUE_BYTES..(lane + 1) * VALUE_BYTES],
+            );
+        }
+    }
+    for (id, value) in series
+        .remainder()
+        .chunks_exact(4)
+        .zip(values.remainder().chunks_exact(VALUE_BYTES))
+    {
+        add(0, id, value);
+    }
+    lanes.into(acc)
+}
+
 /// How many frames ahead of the one it reads the aggregate asks the CPU to fetch.
 const PREFETCH_FRAMES_AHEAD: usize = 8;
 
@@ -802,8 +889,13 @@ fn prefetch(map: &[u8], block: &BlockMeta) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        let start = (block.payload_offset as usize).min(map.len());
-        let end = (start + block.payload_len as usize).min(map.len());
+        // The value column and the root: an archive ends with them (a column's strings and
+        // bytes come before its entries, the root last), and the times are read only when a
+        // frame spans buckets.
+        let tail =
+            (block.count as usize * VALUE_BYTES + ROOT_BYTES + 8).min(block.payload_len as usize);
+        let end = ((block.payload_offset + block.payload_len as u64) as usize).min(map.len());
+        let start = end.saturating_sub(tail);
         for offset in (start..end).step_by(64) {
             // SAFETY: a prefetch is a hint that never faults and changes nothing observable;
             // the address is inside the map anyway; SSE is part of every x86_64 target.
@@ -817,9 +909,10 @@ fn prefetch(map: &[u8], block: &BlockMeta) {
 /// Adds the points of one series' frame (times and values columns) in `[from, to)` to their
 /// buckets; returns what the series contributed (`HAS_POINT`, `HAS_NUMBER`), None for a value
 /// with an unknown tag.
+#[inline(never)]
 fn add_run(
     buckets: &mut [Acc],
-    bucketer: &mut Bucketer,
+    bucketer: &mut Bucketer<'_>,
     layout: &Layout,
     block: &BlockMeta,
     times: &[u8],
@@ -841,28 +934,35 @@ fn add_run(
         close(&mut buckets[index], &acc);
         return valid.then_some(contributed);
     }
-    let mut acc = Acc::EMPTY;
+    // A frame's times ascend: its points fall in runs of one bucket, each added as a column.
+    // A run ends at the first time outside the bucket's known range or `[from, to)`, so times in
+    // any order (which a valid frame never has) still land in their own buckets.
+    let time = |i: usize| f64::from_le_bytes(times[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+    let count = (times.len() / 8).min(values.len() / VALUE_BYTES);
     let mut valid = true;
-    let mut open: Option<usize> = None;
-    for (time, value) in times.chunks_exact(8).zip(values.chunks_exact(VALUE_BYTES)) {
-        let time = f64::from_le_bytes(time.try_into().expect("8 bytes"));
-        if !(time >= from && time < to) {
-            continue;
-        }
-        let Some(index) = bucketer.index(time) else {
+    let mut i = 0;
+    while i < count {
+        let first = time(i);
+        let index = (first >= from && first < to)
+            .then(|| bucketer.index(first))
+            .flatten();
+        let Some(index) = index else {
+            i += 1;
             continue;
         };
-        if open != Some(index) {
-            if let Some(open) = open {
-                close(&mut buckets[open], &acc);
+        let (low, high) = (bucketer.low.max(from), bucketer.high);
+        let mut end = i + 1;
+        while end < count {
+            let next = time(end);
+            if !(next >= low && next < high && next < to) {
+                break;
             }
-            acc = Acc::EMPTY;
-            open = Some(index);
+            end += 1;
         }
-        valid &= acc.add(value.try_into().expect("16 bytes"));
-    }
-    if let Some(open) = open {
-        close(&mut buckets[open], &acc);
+        let mut acc = Acc::EMPTY;
+        valid &= acc.add_all(&values[i * VALUE_BYTES..end * VALUE_BYTES]);
+        close(&mut buckets[index], &acc);
+        i = end;
     }
     valid.then_some(contributed)
 }
@@ -1058,6 +1158,57 @@ mod tests {
         }
     }
 
+    /// A column of 16-byte values: (tag, number).
+    fn column_of(values: &[(u8, f64)]) -> Vec<u8> {
+        values
+            .iter()
+            .flat_map(|(tag, number)| {
+                let mut value = [0u8; VALUE_BYTES];
+                value[0] = *tag;
+                value[8..].copy_from_slice(&number.to_le_bytes());
+                value
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_numbers_only_path_agrees_with_adding_one_by_one() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        let special = [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, -0.0, 1e300];
+        for len in 0..40 {
+            let mut values: Vec<(u8, f64)> = (0..len)
+                .map(|_| match rng.random_range(0..8) {
+                    0 => (NUMBER_TAG, special[rng.random_range(0..special.len())]),
+                    _ => (NUMBER_TAG, rng.random_range(-100..100) as f64),
+                })
+                .collect();
+            let mut one_by_one = Acc::EMPTY;
+            for value in column_of(&values).chunks_exact(VALUE_BYTES) {
+                assert!(one_by_one.add(value.try_into().unwrap()));
+            }
+            let all = numbers_only(&column_of(&values)).expect("numbers only");
+            assert_eq!(all.count, one_by_one.count);
+            assert_eq!(all.numbers, one_by_one.numbers);
+            assert_eq!(all.min.to_bits(), one_by_one.min.to_bits(), "{values:?}");
+            assert_eq!(all.max.to_bits(), one_by_one.max.to_bits(), "{values:?}");
+            assert!(
+                all.sum == one_by_one.sum || (all.sum.is_nan() && one_by_one.sum.is_nan()),
+                "{values:?}"
+            );
+            // One value that is not a number sends the column to the general path.
+            if len > 0 {
+                let at = rng.random_range(0..len);
+                values[at].0 = rng.random_range(1..=DATA_TAG + 1);
+                assert!(numbers_only(&column_of(&values)).is_none());
+                let mut acc = Acc::EMPTY;
+                assert_eq!(acc.add_all(&column_of(&values)), values[at].0 <= DATA_TAG);
+                assert_eq!(acc.count, len as u64);
+                assert_eq!(acc.numbers, len as u64 - 1);
+            }
+        }
+    }
+
     #[test]
     fn floor_is_f64_floor() {
         use rand::{Rng, SeedableRng};
@@ -1104,13 +1255,21 @@ mod tests {
                 _ => 7.0 / 3.0,
             };
             let low = rng.random_range(-2e9..2e9);
-            let layout = Layout {
-                from: f64::NEG_INFINITY,
-                to: f64::INFINITY,
+            let layout = Layout::new(
+                f64::NEG_INFINITY,
+                f64::INFINITY,
                 step,
-                first: bucket_number(low, step),
-                buckets: 1000,
-            };
+                bucket_number(low, step),
+                1000,
+            );
+            for (k, edge) in layout.edges.iter().enumerate() {
+                let number = layout.first + k as f64;
+                assert!(bucket_number(*edge, step) >= number, "{edge} / {step}");
+                assert!(
+                    bucket_number(edge.next_down(), step) < number,
+                    "{edge} / {step}"
+                );
+            }
             let mut bucketer = Bucketer::new(&layout);
             let mut time = low;
             for _ in 0..500 {
