@@ -16,7 +16,8 @@ use bytes::Bytes;
 use hdrhistogram::Histogram;
 use serde_json::{json, Value as Json};
 use sluice_storage::{
-    DevicePage, FleetAggregate, FleetError, Reader, StoreError, Value, FLEET_BUCKETS_MAX,
+    DevicePage, FleetAggregate, FleetError, ListedDevice, Reader, StoreError, Value,
+    FLEET_BUCKETS_MAX,
 };
 
 use crate::cache::{Answer, QueryCache};
@@ -758,6 +759,16 @@ fn now_seconds() -> f64 {
 // ---------------------------------------------------------------------------------------------
 // Devices and latest values
 
+/// Appends a value as JSON, as [`value_json`] renders it.
+fn write_value(body: &mut Vec<u8>, value: &Value) {
+    match value {
+        Value::Number(n) => write_json(body, n),
+        Value::Bool(b) => write_json(body, b),
+        Value::String(s) => write_json(body, s),
+        Value::Data(d) => write_json(body, &base64url(d)),
+    }
+}
+
 fn value_json(value: &Value) -> Json {
     match value {
         Value::Number(n) => json!(n),
@@ -869,6 +880,38 @@ async fn listing(state: Arc<AppState>, endpoint: Endpoint, request: Request) -> 
     response
 }
 
+/// A listing's body as its page visits the devices: at most `limit` entries, and the cursor of
+/// the next page when one more device follows.
+struct ListingBody {
+    body: Vec<u8>,
+    listed: usize,
+    limit: usize,
+    /// The last entry's device, once `limit` are listed.
+    last: Option<String>,
+    next: Option<String>,
+}
+
+impl ListingBody {
+    /// Starts the entry of a device (`{"device":NAME`) and returns the body to finish it in;
+    /// None for the device after the last: the page has a next one.
+    fn entry(&mut self, views: &[ListedDevice]) -> Option<&mut Vec<u8>> {
+        if self.listed == self.limit {
+            self.next = self.last.take();
+            return None;
+        }
+        if self.listed > 0 {
+            self.body.push(b',');
+        }
+        self.listed += 1;
+        if self.listed == self.limit {
+            self.last = Some(views[0].name().to_string());
+        }
+        self.body.extend_from_slice(b"{\"device\":");
+        write_json(&mut self.body, views[0].name());
+        Some(&mut self.body)
+    }
+}
+
 fn build_listing(
     reader: &Reader,
     endpoint: Endpoint,
@@ -883,54 +926,53 @@ fn build_listing(
         after,
         limit: limit.saturating_add(1),
     };
-    // Written directly, not through a serde_json::Value tree: a fleet-wide listing is one entry
-    // per device, 64 bytes each for 100,000 devices.
-    let mut body = Vec::new();
-    body.extend_from_slice(b"{\"devices\":[");
-    let mut next = None;
+    // Written from the summaries as the page visits them, not copied out first: a fleet-wide
+    // listing is one entry per device, 64 bytes each for 100,000 devices.
+    let mut out = ListingBody {
+        body: b"{\"devices\":[".to_vec(),
+        listed: 0,
+        limit,
+        last: None,
+        next: None,
+    };
     if endpoint == Endpoint::Devices {
-        let devices = reader.devices_page(&page);
-        for (i, d) in devices.iter().take(limit).enumerate() {
-            if i > 0 {
-                body.push(b',');
-            }
-            body.extend_from_slice(b"{\"device\":");
-            write_json(&mut body, &d.device);
-            body.extend_from_slice(b",\"last_seen\":");
-            write_json(&mut body, &d.last_seen);
-            body.extend_from_slice(b",\"points\":");
-            write_json(&mut body, &d.points);
-            body.push(b'}');
-        }
-        if devices.len() > limit {
-            next = Some(devices[limit - 1].device.clone());
-        }
+        reader.visit_page(
+            &page,
+            |device| device.points() > 0,
+            |views| {
+                let Some(body) = out.entry(views) else { return };
+                body.extend_from_slice(b",\"last_seen\":");
+                write_json(body, &ListedDevice::last_seen_over(views));
+                body.extend_from_slice(b",\"points\":");
+                write_json(body, &ListedDevice::points_over(views));
+                body.push(b'}');
+            },
+        );
     } else {
-        let devices = reader.latest_page(&page);
-        for (i, (device, series)) in devices.iter().take(limit).enumerate() {
-            if i > 0 {
-                body.push(b',');
-            }
-            body.extend_from_slice(b"{\"device\":");
-            write_json(&mut body, device);
-            body.extend_from_slice(b",\"series\":{");
-            for (j, (name, time, value)) in series.iter().enumerate() {
-                if j > 0 {
+        reader.visit_page(
+            &page,
+            |device| device.has_latest(),
+            |views| {
+                let Some(body) = out.entry(views) else { return };
+                body.extend_from_slice(b",\"series\":{");
+                let mut first = true;
+                ListedDevice::latest_over(views, |name, time, value| {
+                    if !first {
+                        body.push(b',');
+                    }
+                    first = false;
+                    write_json(body, name);
+                    body.extend_from_slice(b":[");
+                    write_json(body, &time);
                     body.push(b',');
-                }
-                write_json(&mut body, name);
-                body.extend_from_slice(b":[");
-                write_json(&mut body, time);
-                body.push(b',');
-                write_json(&mut body, &value_json(value));
-                body.push(b']');
-            }
-            body.extend_from_slice(b"}}");
-        }
-        if devices.len() > limit {
-            next = Some(devices[limit - 1].0.clone());
-        }
+                    write_value(body, value);
+                    body.push(b']');
+                });
+                body.extend_from_slice(b"}}");
+            },
+        );
     }
+    let ListingBody { mut body, next, .. } = out;
     body.push(b']');
     if let Some(cursor) = &next {
         body.extend_from_slice(b",\"next\":");
@@ -1764,6 +1806,26 @@ mod tests {
     fn parse(query: &str) -> Result<SeriesQuery<'_>, String> {
         let params = Params::parse(Some(query), &SERIES_PARAMETERS, Some("name"))?;
         parse_series_query(params, || 1_000_000.0)
+    }
+
+    #[test]
+    fn listings_write_values_as_the_series_answers_do() {
+        for value in [
+            Value::Number(21.5),
+            Value::Number(f64::NAN),
+            Value::Number(-0.0),
+            Value::Bool(true),
+            Value::String("a \"quoted\" \u{1} line\n".to_string()),
+            Value::Data(vec![0, 255, 7]),
+        ] {
+            let mut written = Vec::new();
+            write_value(&mut written, &value);
+            assert_eq!(
+                String::from_utf8(written).unwrap(),
+                value_json(&value).to_string(),
+                "{value:?}"
+            );
+        }
     }
 
     #[test]

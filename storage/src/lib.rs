@@ -31,8 +31,8 @@ pub use fleet::{
     FleetAggregate, FleetBucket, FleetError, FleetScan, FLEET_BUCKETS_MAX, FLEET_THREADS_MAX,
 };
 pub use store::{
-    DevicePage, DeviceSummary, LatestValues, Reader, Retention, RetentionReport, SeriesScan, Store,
-    LISTING_CHUNK_DEVICES, RECOVERED_EXCHANGES_MAX, SCAN_CHUNK_POINTS_MAX,
+    DevicePage, DeviceSummary, LatestValues, ListedDevice, Reader, Retention, RetentionReport,
+    SeriesScan, Store, LISTING_CHUNK_DEVICES, RECOVERED_EXCHANGES_MAX, SCAN_CHUNK_POINTS_MAX,
 };
 pub use tools::{inspect, verify, Inspection, SegmentInspection, VerifyProblem, VerifyReport};
 pub use writer::{

@@ -1363,6 +1363,78 @@ pub struct DeviceSummary {
 /// The latest (time, value) of each series of a device, by series name.
 pub type LatestValues = Vec<(String, f64, Value)>;
 
+/// A device in one shard, as a listing sees it (while the shard's summary is locked).
+pub struct ListedDevice<'a> {
+    summary: &'a Summary,
+    state: &'a DeviceState,
+}
+
+impl<'a> ListedDevice<'a> {
+    pub fn name(&self) -> &'a str {
+        &self.state.name
+    }
+
+    /// Greatest reading time of the device in this shard (unix seconds).
+    pub fn last_seen(&self) -> f64 {
+        self.state.last_seen
+    }
+
+    /// Points of the device in this shard.
+    pub fn points(&self) -> u64 {
+        self.state.points
+    }
+
+    /// Whether a series of the device has a latest value in this shard.
+    pub fn has_latest(&self) -> bool {
+        self.latest().next().is_some()
+    }
+
+    /// The series of the device with a latest value in this shard, by name: (name, time,
+    /// value).
+    pub fn latest(&self) -> impl Iterator<Item = (&'a str, f64, &'a Value)> + 'a {
+        let summary = self.summary;
+        self.state.series.iter().filter_map(move |(name, &id)| {
+            let latest = summary.get(id)?.latest.as_ref()?;
+            Some((name.as_str(), latest.time, &latest.value))
+        })
+    }
+
+    /// The points of one device over its views.
+    pub fn points_over(views: &[ListedDevice]) -> u64 {
+        views.iter().map(ListedDevice::points).sum()
+    }
+
+    /// The greatest reading time of one device over its views.
+    pub fn last_seen_over(views: &[ListedDevice]) -> f64 {
+        views
+            .iter()
+            .map(ListedDevice::last_seen)
+            .fold(f64::NEG_INFINITY, f64::max)
+    }
+
+    /// Calls `each` with the latest value of each series of one device over its views, by
+    /// series name: on a tie of names the newer time wins, and on a tie of times the later
+    /// shard, as within one shard.
+    pub fn latest_over(views: &[ListedDevice<'a>], mut each: impl FnMut(&'a str, f64, &'a Value)) {
+        if let [view] = views {
+            for (name, time, value) in view.latest() {
+                each(name, time, value);
+            }
+            return;
+        }
+        let mut merged: BTreeMap<&'a str, (f64, &'a Value)> = BTreeMap::new();
+        for (name, time, value) in views.iter().flat_map(ListedDevice::latest) {
+            let entry = merged.entry(name).or_insert((time, value));
+            if time >= entry.0 {
+                *entry = (time, value);
+            }
+        }
+        for (name, (time, value)) in merged {
+            each(name, time, value);
+        }
+    }
+}
+
 /// Which devices a listing covers: names starting with `prefix`, sorting after `after` (the
 /// last device of the previous page), at most `limit` of them, in ascending order.
 #[derive(Clone, Copy, Debug)]
@@ -1421,135 +1493,115 @@ impl Reader {
     /// The devices of `page` with at least one stored point (points summed and last seen the
     /// greatest over the shards).
     pub fn devices_page(&self, page: &DevicePage) -> Vec<DeviceSummary> {
-        self.page(
+        let mut devices = Vec::new();
+        self.visit_page(
             page,
-            |_, state| state.points > 0,
-            |_, device, state| DeviceSummary {
-                device: device.to_string(),
-                last_seen: state.last_seen,
-                points: state.points,
+            |device| device.points() > 0,
+            |views| {
+                devices.push(DeviceSummary {
+                    device: views[0].name().to_string(),
+                    last_seen: ListedDevice::last_seen_over(views),
+                    points: ListedDevice::points_over(views),
+                })
             },
-            |merged, other| {
-                merged.points += other.points;
-                merged.last_seen = merged.last_seen.max(other.last_seen);
-            },
-        )
-        .into_iter()
-        .map(|(_, summary)| summary)
-        .collect()
+        );
+        devices
     }
 
     /// The devices of `page` with a committed point, each with the latest value of each of its
     /// series (by name; over the shards the newest wins).
     pub fn latest_page(&self, page: &DevicePage) -> Vec<(String, LatestValues)> {
-        self.page(
+        let mut devices = Vec::new();
+        self.visit_page(
             page,
-            |summary, state| {
-                state.series.values().any(|&id| {
-                    summary
-                        .get(id)
-                        .is_some_and(|series| series.latest.is_some())
-                })
+            |device| device.has_latest(),
+            |views| {
+                let mut latest = LatestValues::new();
+                ListedDevice::latest_over(views, |name, time, value| {
+                    latest.push((name.to_string(), time, value.clone()))
+                });
+                devices.push((views[0].name().to_string(), latest));
             },
-            |summary, _, state| {
-                state
-                    .series
-                    .iter()
-                    .filter_map(|(name, &id)| {
-                        let latest = summary.get(id)?.latest.as_ref()?;
-                        Some((name.clone(), latest.time, latest.value.clone()))
-                    })
-                    .collect::<LatestValues>()
-            },
-            |merged, other| {
-                // Both are sorted by name; on a tie of names the newer time wins, and on a tie
-                // of times the later shard, as for one device.
-                let mine = std::mem::take(merged);
-                let mut mine = mine.into_iter().peekable();
-                let mut theirs = other.into_iter().peekable();
-                loop {
-                    let next = match (mine.peek(), theirs.peek()) {
-                        (None, None) => break,
-                        (Some(_), None) => mine.next(),
-                        (None, Some(_)) => theirs.next(),
-                        (Some(a), Some(b)) => match a.0.cmp(&b.0) {
-                            std::cmp::Ordering::Less => mine.next(),
-                            std::cmp::Ordering::Greater => theirs.next(),
-                            std::cmp::Ordering::Equal => {
-                                let a = mine.next().expect("peeked");
-                                let b = theirs.next().expect("peeked");
-                                Some(if b.1 >= a.1 { b } else { a })
-                            }
-                        },
-                    };
-                    merged.extend(next);
-                }
-            },
-        )
+        );
+        devices
     }
 
-    /// One page of devices over every shard. A shard's summary is locked only while up to
-    /// `LISTING_CHUNK_DEVICES` of the page's devices are picked (`wanted`) and copied out
-    /// (`copy`), then let go before the next chunk (which starts after the last name looked at):
-    /// the shard's commits wait for at most one chunk, never for the merge. A device in several
-    /// shards (another shard count before a restart, or a device whose address changed) is
-    /// `merge`d into one entry.
-    fn page<T>(
+    /// Visits the devices of `page` in name order, each once, with its views in the shards that
+    /// hold it and where it is `wanted` (in shard order); a device wanted in no shard is skipped
+    /// and does not count toward `page.limit`. A listing writes its answer from the views
+    /// directly, copying nothing out of the summaries. The shards' summaries are locked together
+    /// (in shard order) for up to [`LISTING_CHUNK_DEVICES`] names at a time, then let go before
+    /// the next chunk, which starts after the last name looked at: a shard's commits wait for at
+    /// most one chunk. A device in several shards (another shard count before a restart, or a
+    /// device whose address changed) has one view in each.
+    pub fn visit_page(
         &self,
         page: &DevicePage,
-        wanted: impl Fn(&Summary, &DeviceState) -> bool,
-        copy: impl Fn(&Summary, &str, &DeviceState) -> T,
-        merge: impl Fn(&mut T, T),
-    ) -> Vec<(String, T)> {
-        let mut all: Vec<(String, T)> = Vec::new();
-        for shard in self.shards() {
-            let first = all.len();
-            // The last name the chunk before looked at (copied or not).
-            let mut resume: Option<String> = None;
-            loop {
-                let mut guard = lock(&shard.summary);
+        wanted: impl Fn(&ListedDevice) -> bool,
+        mut visit: impl FnMut(&[ListedDevice]),
+    ) {
+        let shards = self.shards();
+        let mut visited = 0;
+        // The last name the chunk before looked at (visited or not).
+        let mut resume: Option<String> = None;
+        while visited < page.limit {
+            let mut guards: Vec<MutexGuard<Summary>> =
+                shards.iter().map(|shard| lock(&shard.summary)).collect();
+            for guard in &mut guards {
                 guard.devices_by_name();
-                let summary = &*guard;
-                let name = |&index: &u32| summary.device_states[index as usize].name.as_str();
-                // The chunk starts at the first name with the prefix, or after the cursor (the
-                // page's, or the last name of the chunk before) if that is further on; names
-                // with the prefix are contiguous in name order.
-                let by_name = &summary.by_name;
-                let mut start = by_name.partition_point(|index| name(index) < page.prefix);
-                if let Some(after) = resume.as_deref().or(page.after) {
-                    start = start.max(by_name.partition_point(|index| name(index) <= after));
-                }
-                let remaining = page.limit - (all.len() - first);
-                let (mut looked_at, mut last) = (0, None);
-                all.extend(
-                    by_name[start..]
-                        .iter()
-                        .map(|index| &summary.device_states[*index as usize])
-                        .take_while(|state| state.name.starts_with(page.prefix))
-                        .take(LISTING_CHUNK_DEVICES)
-                        .inspect(|state| (looked_at, last) = (looked_at + 1, Some(&state.name)))
-                        .filter(|state| wanted(summary, state))
-                        .take(remaining)
-                        .map(|state| (state.name.clone(), copy(summary, &state.name, state))),
-                );
-                if looked_at < LISTING_CHUNK_DEVICES || all.len() - first == page.limit {
-                    break;
-                }
-                resume = last.cloned();
             }
-        }
-        // Stable: of two shards' entries for one device, the earlier shard's comes first.
-        all.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut merged: Vec<(String, T)> = Vec::with_capacity(all.len().min(page.limit));
-        for (device, value) in all {
-            let full = merged.len() == page.limit;
-            match merged.last_mut() {
-                Some((last, into)) if *last == device => merge(into, value),
-                _ if full => break,
-                _ => merged.push((device, value)),
+            let summaries: Vec<&Summary> = guards.iter().map(|guard| &**guard).collect();
+            // Per shard, the position in name order of its next name: the first with the
+            // prefix, or the first after the cursor (the page's, or the chunk before's last
+            // name) if that is further on; names with the prefix are contiguous in name order.
+            let mut next: Vec<usize> = summaries
+                .iter()
+                .map(|summary| {
+                    let name = |&index: &u32| summary.device_states[index as usize].name.as_str();
+                    let by_name = &summary.by_name;
+                    let mut start = by_name.partition_point(|index| name(index) < page.prefix);
+                    if let Some(after) = resume.as_deref().or(page.after) {
+                        start = start.max(by_name.partition_point(|index| name(index) <= after));
+                    }
+                    start
+                })
+                .collect();
+            let state = |shard: usize, position: usize| -> Option<&DeviceState> {
+                let summary = summaries[shard];
+                let state = &summary.device_states[*summary.by_name.get(position)? as usize];
+                state.name.starts_with(page.prefix).then_some(state)
+            };
+            let mut views: Vec<ListedDevice> = Vec::with_capacity(shards.len());
+            let mut last: Option<&str> = None;
+            let mut looked_at = 0;
+            while looked_at < LISTING_CHUNK_DEVICES && visited < page.limit {
+                let Some(name) = (0..summaries.len())
+                    .filter_map(|shard| state(shard, next[shard]))
+                    .map(|state| state.name.as_str())
+                    .min()
+                else {
+                    // Every shard's devices with the prefix looked at.
+                    return;
+                };
+                views.clear();
+                for (shard, summary) in summaries.iter().enumerate() {
+                    if let Some(state) = state(shard, next[shard]).filter(|s| s.name == name) {
+                        next[shard] += 1;
+                        let view = ListedDevice { summary, state };
+                        if wanted(&view) {
+                            views.push(view);
+                        }
+                    }
+                }
+                if !views.is_empty() {
+                    visit(&views);
+                    visited += 1;
+                }
+                looked_at += 1;
+                last = Some(name);
             }
+            resume = last.map(str::to_string);
         }
-        merged
     }
 
     pub fn latest(&self, device: &str) -> Option<Vec<(String, f64, Value)>> {
