@@ -1378,14 +1378,17 @@ impl ShardWriter {
         if published.is_none() {
             return Ok(false);
         }
-        if self
+        let open = self
             .open
             .get(&segment.window_start)
             .is_some_and(|open| Arc::ptr_eq(&open.shared, &segment))
-        {
-            self.open.remove(&segment.window_start);
-        }
+            .then(|| self.open.remove(&segment.window_start))
+            .flatten();
         self.inner.generation.fetch_add(1, Ordering::AcqRel);
+        // The segment file is removed: its last handle frees its blocks, off this thread.
+        if let Some(sealer) = &self.sealer {
+            sealer.release(Box::new((open, segment)));
+        }
         Ok(true)
     }
 

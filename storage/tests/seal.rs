@@ -680,7 +680,7 @@ fn walk(dir: &Path) -> Vec<String> {
 /// Whatever the interleaving, every reading is there exactly once, live and after a restart,
 /// and in the end the old window holds only sealed files.
 #[test]
-fn commits_seal_on_the_sealing_thread_and_a_late_reading_meanwhile_is_kept() {
+fn commits_seal_on_the_sealing_thread_a_late_reading_meanwhile_is_kept_and_the_segment_let_go() {
     let dir = tempfile::tempdir().unwrap();
     let old = window_of(now()) as f64 - 3.0 * HOUR as f64;
     let old_dir = window_dir(dir.path(), old);
@@ -742,6 +742,33 @@ fn commits_seal_on_the_sealing_thread_and_a_late_reading_meanwhile_is_kept() {
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
+    }
+    // The writer handed the removed segment's handles to the sealing thread, which let them go:
+    // no descriptor or map of this process still holds the deleted file.
+    let held = || -> Vec<String> {
+        let mut held: Vec<String> = std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+            .map(|target| target.to_string_lossy().into_owned())
+            .chain(
+                std::fs::read_to_string("/proc/self/maps")
+                    .unwrap()
+                    .lines()
+                    .map(str::to_string),
+            )
+            .filter(|line| line.contains(&*old_dir.to_string_lossy()) && line.contains("(deleted)"))
+            .collect();
+        held.dedup();
+        held
+    };
+    let released = Instant::now();
+    while !held().is_empty() {
+        assert!(
+            released.elapsed() < DUE_WAIT_MAX,
+            "the sealed segment's file is still held: {:?}",
+            held()
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
     drop(writer);
     drop(store);
