@@ -2,6 +2,7 @@
 //! metrics. The API is documented in `docs/http-api.md`.
 
 use std::borrow::Cow;
+use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -841,7 +842,14 @@ async fn listing(state: Arc<AppState>, endpoint: Endpoint, request: Request) -> 
                         let (prefix, after) = (prefix.to_string(), after.map(str::to_string));
                         let built = tokio::task::spawn_blocking(move || {
                             let mut answer = cached.unwrap_or_else(|| {
-                                build_listing(&reader, endpoint, &prefix, limit, after.as_deref())
+                                build_listing(
+                                    &reader,
+                                    endpoint,
+                                    &prefix,
+                                    limit,
+                                    after.as_deref(),
+                                    LISTING_BODY_BYTES_MAX,
+                                )
                             });
                             if wants_gzip && answer.body.len() >= GZIP_MIN_BYTES {
                                 answer.gzip = Some(gzip(&answer.body));
@@ -880,32 +888,38 @@ async fn listing(state: Arc<AppState>, endpoint: Endpoint, request: Request) -> 
     response
 }
 
-/// A listing's body as its page visits the devices: at most `limit` entries, and the cursor of
-/// the next page when one more device follows.
+/// A listing's body as its page visits the devices: at most `limit` entries, ending early (with
+/// a next page) once it holds [`LISTING_BODY_BYTES_MAX`], and the cursor of the next page when
+/// one more device follows.
 struct ListingBody {
     body: Vec<u8>,
     listed: usize,
     limit: usize,
-    /// The last entry's device, once `limit` are listed.
-    last: Option<String>,
+    /// [`LISTING_BODY_BYTES_MAX`] (less in tests).
+    body_max: usize,
+    /// The last entry's device.
+    last: String,
     next: Option<String>,
 }
 
+/// The most a listing's answer holds before it ends its page early: a page of devices whose
+/// latest values are large (up to 1 MiB each) is cut into several, each named by `next`.
+const LISTING_BODY_BYTES_MAX: usize = 64 << 20;
+
 impl ListingBody {
     /// Starts the entry of a device (`{"device":NAME`) and returns the body to finish it in;
-    /// None for the device after the last: the page has a next one.
+    /// None for the device after the last of the page: the page has a next one.
     fn entry(&mut self, views: &[ListedDevice]) -> Option<&mut Vec<u8>> {
-        if self.listed == self.limit {
-            self.next = self.last.take();
+        if self.listed == self.limit || self.body.len() >= self.body_max {
+            self.next = Some(self.last.clone());
             return None;
         }
         if self.listed > 0 {
             self.body.push(b',');
         }
         self.listed += 1;
-        if self.listed == self.limit {
-            self.last = Some(views[0].name().to_string());
-        }
+        self.last.clear();
+        self.last.push_str(views[0].name());
         self.body.extend_from_slice(b"{\"device\":");
         write_json(&mut self.body, views[0].name());
         Some(&mut self.body)
@@ -918,6 +932,7 @@ fn build_listing(
     prefix: &str,
     limit: Option<usize>,
     after: Option<&str>,
+    body_max: usize,
 ) -> Answer {
     let limit = limit.unwrap_or(usize::MAX);
     // One more than asked tells whether there is a next page.
@@ -932,7 +947,8 @@ fn build_listing(
         body: b"{\"devices\":[".to_vec(),
         listed: 0,
         limit,
-        last: None,
+        body_max,
+        last: String::new(),
         next: None,
     };
     if endpoint == Endpoint::Devices {
@@ -940,12 +956,16 @@ fn build_listing(
             &page,
             |device| device.points() > 0,
             |views| {
-                let Some(body) = out.entry(views) else { return };
+                let Some(body) = out.entry(views) else {
+                    return ControlFlow::Break(());
+                };
+                let start = body.len();
                 body.extend_from_slice(b",\"last_seen\":");
                 write_json(body, &ListedDevice::last_seen_over(views));
                 body.extend_from_slice(b",\"points\":");
                 write_json(body, &ListedDevice::points_over(views));
                 body.push(b'}');
+                ControlFlow::Continue(body.len() - start)
             },
         );
     } else {
@@ -953,7 +973,10 @@ fn build_listing(
             &page,
             |device| device.has_latest(),
             |views| {
-                let Some(body) = out.entry(views) else { return };
+                let Some(body) = out.entry(views) else {
+                    return ControlFlow::Break(());
+                };
+                let start = body.len();
                 body.extend_from_slice(b",\"series\":{");
                 let mut first = true;
                 ListedDevice::latest_over(views, |name, time, value| {
@@ -969,6 +992,7 @@ fn build_listing(
                     body.push(b']');
                 });
                 body.extend_from_slice(b"}}");
+                ControlFlow::Continue(body.len() - start)
             },
         );
     }
@@ -1806,6 +1830,65 @@ mod tests {
     fn parse(query: &str) -> Result<SeriesQuery<'_>, String> {
         let params = Params::parse(Some(query), &SERIES_PARAMETERS, Some("name"))?;
         parse_series_query(params, || 1_000_000.0)
+    }
+
+    /// A listing whose answer would pass its byte bound ends its page early with a `next`
+    /// cursor; following the cursors lists every device once, in order, for both listings.
+    #[test]
+    fn a_listing_past_its_byte_bound_ends_its_page_with_a_next_cursor() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = sluice_storage::Store::open(sluice_storage::StoreConfig {
+            dir: dir.path().to_path_buf(),
+            partition_secs: 3600,
+            partition_grace_secs: 900,
+            durability: sluice_storage::Durability::Os,
+        })
+        .unwrap();
+        let mut writers = [store.writer(0).unwrap(), store.writer(1).unwrap()];
+        let devices: Vec<String> = (0..25).map(|i| format!("d-{i:02}")).collect();
+        let text = "x".repeat(200);
+        for (i, device) in devices.iter().enumerate() {
+            let value = sluice_storage::ValueRef::String(&text);
+            writers[i % 2].append(device, "blob", 1.0e9, value).unwrap();
+        }
+        for writer in &mut writers {
+            writer.commit().unwrap();
+        }
+        let reader = store.reader();
+        for endpoint in [Endpoint::Latest, Endpoint::Devices] {
+            let mut listed = Vec::new();
+            let mut pages = 0;
+            let mut cursor: Option<String> = None;
+            loop {
+                pages += 1;
+                assert!(pages <= devices.len(), "{endpoint:?}: pages never end");
+                let answer = build_listing(&reader, endpoint, "d-", None, cursor.as_deref(), 400);
+                let body: Json = serde_json::from_slice(&answer.body).unwrap();
+                let page = body["devices"].as_array().unwrap();
+                assert!(!page.is_empty());
+                // At most one entry past the bound.
+                let entry = page[0].to_string().len();
+                assert!(
+                    answer.body.len() <= 1000 + 2 * entry + 64,
+                    "{}",
+                    answer.body.len()
+                );
+                listed.extend(
+                    page.iter()
+                        .map(|d| d["device"].as_str().unwrap().to_string()),
+                );
+                match body.get("next") {
+                    Some(next) => {
+                        assert_eq!(next.as_str(), listed.last().map(String::as_str));
+                        assert!(answer.next.is_some());
+                        cursor = Some(next.as_str().unwrap().to_string());
+                    }
+                    None => break,
+                }
+            }
+            assert_eq!(listed, devices, "{endpoint:?}");
+            assert!(pages > 2, "{endpoint:?}: {pages} pages");
+        }
     }
 
     #[test]

@@ -32,7 +32,8 @@ pub use fleet::{
 };
 pub use store::{
     DevicePage, DeviceSummary, LatestValues, ListedDevice, Reader, Retention, RetentionReport,
-    SeriesScan, Store, LISTING_CHUNK_DEVICES, RECOVERED_EXCHANGES_MAX, SCAN_CHUNK_POINTS_MAX,
+    SeriesScan, Store, LISTING_CHUNK_BYTES, LISTING_CHUNK_DEVICES, RECOVERED_EXCHANGES_MAX,
+    SCAN_CHUNK_POINTS_MAX,
 };
 pub use tools::{inspect, verify, Inspection, SegmentInspection, VerifyProblem, VerifyReport};
 pub use writer::{

@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
+use std::ops::ControlFlow;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -1502,7 +1503,8 @@ impl Reader {
                     device: views[0].name().to_string(),
                     last_seen: ListedDevice::last_seen_over(views),
                     points: ListedDevice::points_over(views),
-                })
+                });
+                ControlFlow::Continue(views[0].name().len())
             },
         );
         devices
@@ -1517,10 +1519,18 @@ impl Reader {
             |device| device.has_latest(),
             |views| {
                 let mut latest = LatestValues::new();
+                let mut copied = views[0].name().len();
                 ListedDevice::latest_over(views, |name, time, value| {
+                    copied += name.len()
+                        + match value {
+                            Value::String(text) => text.len(),
+                            Value::Data(data) => data.len(),
+                            Value::Number(_) | Value::Bool(_) => 8,
+                        };
                     latest.push((name.to_string(), time, value.clone()))
                 });
                 devices.push((views[0].name().to_string(), latest));
+                ControlFlow::Continue(copied)
             },
         );
         devices
@@ -1529,16 +1539,17 @@ impl Reader {
     /// Visits the devices of `page` in name order, each once, with its views in the shards that
     /// hold it and where it is `wanted` (in shard order); a device wanted in no shard is skipped
     /// and does not count toward `page.limit`. A listing writes its answer from the views
-    /// directly, copying nothing out of the summaries. The shards' summaries are locked together
-    /// (in shard order) for up to [`LISTING_CHUNK_DEVICES`] names at a time, then let go before
-    /// the next chunk, which starts after the last name looked at: a shard's commits wait for at
-    /// most one chunk. A device in several shards (another shard count before a restart, or a
-    /// device whose address changed) has one view in each.
+    /// directly, copying nothing out of the summaries; `visit` says how many bytes it wrote, or
+    /// stops the page. The shards' summaries are locked together (in shard order) for up to
+    /// [`LISTING_CHUNK_DEVICES`] names or [`LISTING_CHUNK_BYTES`] written at a time, then let go
+    /// before the next chunk, which starts after the last name looked at: a shard's commits wait
+    /// for at most one chunk. A device in several shards (another shard count before a restart,
+    /// or a device whose address changed) has one view in each.
     pub fn visit_page(
         &self,
         page: &DevicePage,
         wanted: impl Fn(&ListedDevice) -> bool,
-        mut visit: impl FnMut(&[ListedDevice]),
+        mut visit: impl FnMut(&[ListedDevice]) -> ControlFlow<(), usize>,
     ) {
         let shards = self.shards();
         let mut visited = 0;
@@ -1573,8 +1584,11 @@ impl Reader {
             };
             let mut views: Vec<ListedDevice> = Vec::with_capacity(shards.len());
             let mut last: Option<&str> = None;
-            let mut looked_at = 0;
-            while looked_at < LISTING_CHUNK_DEVICES && visited < page.limit {
+            let (mut looked_at, mut bytes) = (0, 0);
+            while looked_at < LISTING_CHUNK_DEVICES
+                && bytes < LISTING_CHUNK_BYTES
+                && visited < page.limit
+            {
                 let Some(name) = (0..summaries.len())
                     .filter_map(|shard| state(shard, next[shard]))
                     .map(|state| state.name.as_str())
@@ -1594,7 +1608,10 @@ impl Reader {
                     }
                 }
                 if !views.is_empty() {
-                    visit(&views);
+                    match visit(&views) {
+                        ControlFlow::Continue(written) => bytes += written,
+                        ControlFlow::Break(()) => return,
+                    }
                     visited += 1;
                 }
                 looked_at += 1;
@@ -1885,6 +1902,10 @@ pub const SCAN_CHUNK_POINTS_MAX: usize = 256 * 1024;
 
 /// Devices a listing (`/v1/devices`, `/v1/latest`) looks at per lock of a shard's summary.
 pub const LISTING_CHUNK_DEVICES: usize = 1024;
+
+/// Bytes a listing writes per lock of the shards' summaries (a chunk ends early when its
+/// devices hold large values: a value is up to `VALUE_BYTES_MAX`, 1 MiB).
+pub const LISTING_CHUNK_BYTES: usize = 1 << 20;
 
 /// A series scan in progress (see [`Reader::scan`]).
 pub struct SeriesScan {

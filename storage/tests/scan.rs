@@ -211,6 +211,55 @@ proptest::proptest! {
     }
 }
 
+/// Devices whose latest values are large end a listing's chunk by bytes
+/// (`LISTING_CHUNK_BYTES`) long before `LISTING_CHUNK_DEVICES`: the listing resumes after the
+/// last device of each chunk, over both shards, and misses or repeats none.
+#[test]
+fn listings_of_large_values_resume_after_each_chunk_of_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path());
+    let reader = store.reader();
+    let mut writers = [store.writer(0).unwrap(), store.writer(1).unwrap()];
+    let big = 100 * 1024;
+    let devices = 3 * sluice_storage::LISTING_CHUNK_BYTES / big;
+    let value = |i: usize| format!("{i:06}").repeat(big / 6);
+    for i in 0..devices {
+        writers[i % 2]
+            .append(
+                &format!("d-{i:03}"),
+                "blob",
+                T0,
+                ValueRef::String(&value(i)),
+            )
+            .unwrap();
+    }
+    for writer in &mut writers {
+        writer.commit().unwrap();
+    }
+    let expected: Vec<(String, sluice_storage::LatestValues)> = (0..devices)
+        .map(|i| {
+            (
+                format!("d-{i:03}"),
+                vec![("blob".to_string(), T0, Value::String(value(i)))],
+            )
+        })
+        .collect();
+    assert_eq!(reader.latest_page(&DevicePage::ALL), expected);
+    let mut paged = Vec::new();
+    let mut after: Option<String> = None;
+    for _ in 0..devices {
+        let page = reader.latest_page(&DevicePage {
+            prefix: "d-",
+            after: after.as_deref(),
+            limit: 7,
+        });
+        let Some((last, _)) = page.last() else { break };
+        after = Some(last.clone());
+        paged.extend(page);
+    }
+    assert_eq!(paged, expected);
+}
+
 /// A listing longer than one chunk of a shard's summary (`LISTING_CHUNK_DEVICES`), with runs of
 /// devices that have no points left (retention dropped them) longer than a chunk: every page
 /// and the whole listing hold exactly the devices with points, in order.
