@@ -118,7 +118,8 @@ struct Device {
 }
 
 #[test]
-fn retransmissions_after_a_crash_and_a_shard_count_change_are_answered_again_not_stored_twice() {
+fn retransmissions_after_a_crash_and_a_shard_count_change_are_answered_again_and_a_reused_message_id_is_new(
+) {
     let temp = tempfile::tempdir().unwrap();
     let data_dir = temp.path().join("data");
     let mut daemon = start(&data_dir, 2, &[]);
@@ -143,6 +144,23 @@ fn retransmissions_after_a_crash_and_a_shard_count_change_are_answered_again_not
     }
     assert_eq!(daemon.points("kill-0", "seq").len(), 20, "stored once each");
     assert_eq!(daemon.metric("sluice_duplicates_total"), 20.0);
+    // A new request that reuses a restored exchange's peer and Message ID with another token
+    // (another device behind the same NAT port, or this one restarted): stored, not taken for a
+    // retransmission.
+    let mut reused = Packet::from_bytes(&reading(0, 21)).unwrap();
+    reused.header.message_id = 5;
+    reused.set_token(vec![0xee, 0x21]);
+    let reused = reused.to_bytes_unlimited().unwrap();
+    let ack = exchange(&socket, daemon.coap, &reused, EXCHANGE_GIVE_UP).expect("ACK");
+    let ack = Packet::from_bytes(&ack).unwrap();
+    assert_eq!(code(&ack), "2.04");
+    assert_eq!(ack.get_token(), &[0xee, 0x21][..]);
+    assert_eq!(
+        daemon.points("kill-0", "seq").len(),
+        21,
+        "the new reading is stored"
+    );
+    assert_eq!(daemon.metric("sluice_message_id_reuses_total"), 1.0);
     assert!(
         daemon.log_text().contains("exchanges restored"),
         "{}",

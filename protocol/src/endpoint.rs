@@ -291,7 +291,7 @@ enum Remembered<'a> {
 }
 
 /// The fingerprint of an exchange restored from the store, whose request bytes are not kept:
-/// any request with its peer and Message ID counts as its retransmission.
+/// a request with its peer, Message ID and token counts as its retransmission.
 const UNKNOWN_FINGERPRINT: u64 = 0;
 
 /// Responses up to this size are kept inside the dedup entry: a 2.04 is at most 4 (header) + 8
@@ -600,7 +600,7 @@ impl Endpoint {
         let key = (peer, message_id);
         let session = identity.map_or(PLAIN, |identity| identity.session);
         let fingerprint = self.fingerprint(datagram);
-        match self.remembered(now, key, session, fingerprint) {
+        match self.remembered(now, key, session, fingerprint, message.token) {
             Remembered::Duplicate(entry) => {
                 let stored = entry.response.as_slice();
                 let reply = confirmable && entry.state == DedupState::Done && !stored.is_empty();
@@ -1006,15 +1006,17 @@ impl Endpoint {
         self.dedup.hasher().hash_one(datagram).max(1)
     }
 
-    /// Whether a request from `key` over `session` with `fingerprint` is a retransmission of a
-    /// remembered exchange (within its lifetime, same DTLS session, same bytes), or reuses its
-    /// peer and Message ID with other bytes.
+    /// Whether a request from `key` over `session` with `fingerprint` and `token` is a
+    /// retransmission of a remembered exchange (within its lifetime, same DTLS session, same
+    /// bytes; for a restored exchange, whose bytes are unknown, the token its response holds),
+    /// or reuses its peer and Message ID with other bytes.
     fn remembered(
         &self,
         now: Instant,
         key: DedupKey,
         session: u64,
         fingerprint: u64,
+        token: &[u8],
     ) -> Remembered<'_> {
         let Some(entry) = self.dedup.get(&key) else {
             return Remembered::No;
@@ -1024,7 +1026,15 @@ impl Endpoint {
         if !same_scope || now.saturating_duration_since(entry.inserted) >= lifetime {
             return Remembered::No;
         }
-        if entry.fingerprint != UNKNOWN_FINGERPRINT && entry.fingerprint != fingerprint {
+        let other = if entry.fingerprint == UNKNOWN_FINGERPRINT {
+            // A retransmission carries the request's token, which the stored response echoes
+            // (RFC 7252 §5.3.1); without a response (No-Response) the token is not known.
+            !entry.response.as_slice().is_empty()
+                && entry.token[..usize::from(entry.token_len)] != *token
+        } else {
+            entry.fingerprint != fingerprint
+        };
+        if other {
             return Remembered::Reused;
         }
         Remembered::Duplicate(entry)

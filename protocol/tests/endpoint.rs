@@ -204,9 +204,11 @@ fn another_request_reusing_peer_and_message_id_is_stored_not_answered_from_the_t
 }
 
 #[test]
-fn a_restored_exchange_answers_any_request_with_its_peer_and_message_id() {
-    // The store keeps the response of an exchange, not the request's bytes: after a restart, a
-    // request with the peer and Message ID of a recovered exchange counts as its retransmission.
+fn a_restored_exchange_answers_its_token_and_takes_another_token_as_a_new_request() {
+    // The store keeps the response of an exchange (which echoes the request's token), not the
+    // request's bytes: after a restart, a request with the peer, Message ID and token of a
+    // recovered exchange counts as its retransmission; with another token it is a new request
+    // (another device behind the same NAT port, a device that restarted and reused the ID).
     let mut h = Harness::new();
     let packet = post(MessageType::Confirmable, 11, &["t", "dev-1"], BODY);
     let Outcome::Store(exchange) = h.send(&packet) else {
@@ -226,6 +228,15 @@ fn a_restored_exchange_answers_any_request_with_its_peer_and_message_id() {
     let other = post(MessageType::Confirmable, 11, &["t", "dev-1"], b"[]");
     assert!(matches!(restarted.send(&other), Outcome::Reply));
     assert_eq!(restarted.response, ack);
+    assert!(restarted.readings.is_empty());
+    let mut reused = post(MessageType::Confirmable, 11, &["t", "dev-9"], BODY);
+    reused.set_token(vec![0x77, 0x01]);
+    let Outcome::Store(new) = restarted.send(&reused) else {
+        panic!("another token is a new request")
+    };
+    assert_eq!(new.message_id, 11);
+    assert_eq!(restarted.readings.len(), 1);
+    assert_eq!(restarted.endpoint.counters().message_id_reuses, 1);
 }
 
 #[test]

@@ -47,12 +47,19 @@ impl Endpoint {
         }
         let message_id = u16::from_be_bytes([datagram[2], datagram[3]]);
         let fingerprint = self.fingerprint(datagram);
+        // The token as the header gives it (none if the length is not one of RFC 7252's).
+        let token_len = usize::from(datagram[0] & 0x0f);
+        let token = datagram
+            .get(4..4 + token_len)
+            .filter(|_| token_len <= 8)
+            .unwrap_or(&[]);
         matches!(
             self.remembered(
                 now,
                 (peer, message_id),
                 session.unwrap_or(PLAIN),
-                fingerprint
+                fingerprint,
+                token
             ),
             Remembered::Duplicate(_)
         )
@@ -93,7 +100,7 @@ impl Endpoint {
         let session = session.unwrap_or(PLAIN);
         let fingerprint = self.fingerprint(datagram);
         if let Remembered::Duplicate(_) =
-            self.remembered(now, (peer, message_id), session, fingerprint)
+            self.remembered(now, (peer, message_id), session, fingerprint, request.token)
         {
             return false;
         }
