@@ -1306,12 +1306,12 @@ impl Encoder<'_> {
         match self.query.format {
             Format::Json => {
                 self.buffer.extend_from_slice(b"{\"device\":");
-                json_into(&mut self.buffer, &json!(self.query.device));
+                write_json(&mut self.buffer, &self.query.device);
                 if let Some((step, agg)) = self.query.bucket {
                     self.buffer.extend_from_slice(b",\"step\":");
-                    json_into(&mut self.buffer, &json!(step));
+                    write_json(&mut self.buffer, &step);
                     self.buffer.extend_from_slice(b",\"agg\":");
-                    json_into(&mut self.buffer, &json!(agg.name()));
+                    write_json(&mut self.buffer, &agg.name());
                 }
                 if self.several() {
                     self.buffer.extend_from_slice(b",\"series\":[");
@@ -1345,7 +1345,7 @@ impl Encoder<'_> {
                 self.buffer.push(b',');
             }
             self.buffer.extend_from_slice(b"\"name\":");
-            json_into(&mut self.buffer, &json!(name));
+            write_json(&mut self.buffer, &name);
             self.buffer.extend_from_slice(b",\"points\":[");
         }
     }
@@ -1372,9 +1372,9 @@ impl Encoder<'_> {
                     self.buffer.push(b',');
                 }
                 self.buffer.push(b'[');
-                json_into(&mut self.buffer, &json!(time));
+                write_json(&mut self.buffer, &time);
                 self.buffer.push(b',');
-                json_into(&mut self.buffer, &value_json(value));
+                write_value(&mut self.buffer, value);
                 self.buffer.push(b']');
             }
             Format::Csv => {
@@ -1397,7 +1397,7 @@ impl Encoder<'_> {
                 } else {
                     json!({ "time": time, "value": value_json(value) })
                 };
-                json_into(&mut self.buffer, &line);
+                write_json(&mut self.buffer, &line);
                 self.buffer.push(b'\n');
             }
         }
@@ -1419,7 +1419,7 @@ impl Encoder<'_> {
             }
             if let Some(cursor) = next {
                 self.buffer.extend_from_slice(b",\"next\":");
-                json_into(&mut self.buffer, &json!(cursor.encode()));
+                write_json(&mut self.buffer, &cursor.encode());
             }
             self.buffer.extend_from_slice(b"}");
         }
@@ -1432,10 +1432,6 @@ impl Encoder<'_> {
         }
         self.buffer.clear();
     }
-}
-
-fn json_into(buffer: &mut Vec<u8>, value: &Json) {
-    serde_json::to_writer(buffer, value).expect("writing JSON to memory cannot fail");
 }
 
 fn csv_field(text: &str) -> String {
