@@ -439,8 +439,7 @@ impl Acc {
     /// Adds every value of a column; false if one has a tag that is no value.
     fn add_all(&mut self, values: &[u8]) -> bool {
         if let Some(numbers) = numbers_only(values) {
-            self.merge(&numbers);
-            return true;
+            return numbers.into(self);
         }
         let mut lanes = Lanes::new();
         let mut quads = values.chunks_exact(LANES * VALUE_BYTES);
@@ -457,51 +456,42 @@ impl Acc {
     }
 }
 
-/// The aggregate of a column of values that are all numbers (None: one is not, and the caller
+/// The lanes of a column of values that are all numbers (None: one is not, and the caller
 /// takes the general path). Every number is read as if it were one and the tags are checked once
 /// at the end, so the loop has no branch and no select: runs of a series are nearly always all
 /// numbers, and this is the loop a full scan spends its time in.
 #[inline(always)]
-fn numbers_only(values: &[u8]) -> Option<Acc> {
+fn numbers_only(values: &[u8]) -> Option<Lanes> {
+    let mut lanes = Lanes::new();
     let mut tags = 0u8;
-    let mut sum = [0.0f64; LANES];
-    let mut min = [f64::INFINITY; LANES];
-    let mut max = [f64::NEG_INFINITY; LANES];
+    let mut add = |lane: usize, value: &[u8]| {
+        tags |= value[0];
+        let number = f64::from_le_bytes(value[8..16].try_into().expect("8 bytes"));
+        lanes.sum[lane] += number;
+        // NaN compares false: never the least or greatest.
+        lanes.min[lane] = if number < lanes.min[lane] {
+            number
+        } else {
+            lanes.min[lane]
+        };
+        lanes.max[lane] = if number > lanes.max[lane] {
+            number
+        } else {
+            lanes.max[lane]
+        };
+    };
     let mut quads = values.chunks_exact(LANES * VALUE_BYTES);
     for quad in &mut quads {
         for lane in 0..LANES {
-            let value = &quad[lane * VALUE_BYTES..(lane + 1) * VALUE_BYTES];
-            tags |= value[0];
-            let number = f64::from_le_bytes(value[8..16].try_into().expect("8 bytes"));
-            sum[lane] += number;
-            // NaN compares false: never the least or greatest.
-            min[lane] = if number < min[lane] {
-                number
-            } else {
-                min[lane]
-            };
-            max[lane] = if number > max[lane] {
-                number
-            } else {
-                max[lane]
-            };
+            add(lane, &quad[lane * VALUE_BYTES..(lane + 1) * VALUE_BYTES]);
         }
     }
     for value in quads.remainder().chunks_exact(VALUE_BYTES) {
-        tags |= value[0];
-        let number = f64::from_le_bytes(value[8..16].try_into().expect("8 bytes"));
-        sum[0] += number;
-        min[0] = if number < min[0] { number } else { min[0] };
-        max[0] = if number > max[0] { number } else { max[0] };
+        add(0, value);
     }
-    let count = (values.len() / VALUE_BYTES) as u64;
-    (tags == NUMBER_TAG).then(|| Acc {
-        count,
-        numbers: count,
-        sum: (sum[0] + sum[1]) + (sum[2] + sum[3]),
-        min: min.iter().copied().fold(f64::INFINITY, f64::min),
-        max: max.iter().copied().fold(f64::NEG_INFINITY, f64::max),
-    })
+    lanes.count = (values.len() / VALUE_BYTES) as u64;
+    lanes.numbers = lanes.count;
+    (tags == NUMBER_TAG).then_some(lanes)
 }
 
 /// Accumulators of a run of values that all go to one bucket, in [`LANES`] independent lanes
@@ -1193,7 +1183,10 @@ mod tests {
             for value in column_of(&values).chunks_exact(VALUE_BYTES) {
                 assert!(one_by_one.add(value.try_into().unwrap()));
             }
-            let all = numbers_only(&column_of(&values)).expect("numbers only");
+            let mut all = Acc::EMPTY;
+            assert!(numbers_only(&column_of(&values))
+                .expect("numbers only")
+                .into(&mut all));
             assert_eq!(all.count, one_by_one.count);
             assert_eq!(all.numbers, one_by_one.numbers);
             // Equal as numbers: of a zero's two signs, which one a least or greatest zero
